@@ -1,0 +1,109 @@
+"""The ``mmlit`` command: ``fit|validate|test --config recipe.yaml`` (LightningCLI), ``tasks``, ``data``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from mmlit.callbacks import Throughput
+from mmlit.data import MultiTaskDataModule
+from mmlit.loggers import WandbLogger
+from mmlit.module import MultiTaskModule
+
+__all__ = ["MMLitCLI", "main"]
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _tasks_of(model: MultiTaskModule) -> dict:
+    return dict(model.tasks)
+
+
+def _checkpoint_dir(root: str | None) -> str:
+    return str(Path(root or ".") / "checkpoints")
+
+
+class _SaveConfigToLoggers(SaveConfigCallback):
+    """Saves the resolved recipe as ``config.yaml`` in the run folder and sends it to every logger."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"recipe": config})
+
+
+class MMLitCLI(LightningCLI):
+    """LightningCLI with mmlit's links and defaults: the data module reads the model's tasks, checkpoints
+    go to ``{trainer.default_root_dir}/checkpoints`` (``--ckpt_path last`` resumes from there), and every
+    checkpoint is loaded with ``weights_only=True``."""
+
+    def __init__(self, args=None, run: bool = True):
+        super().__init__(MultiTaskModule, MultiTaskDataModule, save_config_callback=_SaveConfigToLoggers,
+                         save_config_kwargs={"overwrite": True}, args=args, run=run,
+                         parser_kwargs={"default_env": False})
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate", "test")}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Throughput, "throughput")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.link_arguments("model", "data.tasks", compute_fn=_tasks_of, apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if "weights_only" in config and config.get("weights_only") is None:
+            config.weights_only = True  # no code runs from a checkpoint
+
+    def after_fit(self) -> None:
+        self._report()
+
+    def _report(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        lines = [f"run folder:  {trainer.default_root_dir}"]
+        if trainer.checkpoint_callback and trainer.checkpoint_callback.last_model_path:
+            lines.append(f"checkpoint:  {trainer.checkpoint_callback.last_model_path}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger.run_folder() is not None:
+                how = f"offline; upload with `wandb sync {logger.run_folder()}`" if logger.is_offline else "online"
+                lines.append(f"W&B run:     {logger.run_folder()} ({how})")
+            elif logger.log_dir:
+                lines.append(f"{type(logger).__name__}: {logger.log_dir}")
+        print("\n".join(lines), flush=True)
+
+
+def _tasks_command(argv: list[str]) -> int:
+    from mmlit.registry import get_task, list_tasks
+
+    argparse.ArgumentParser(prog="mmlit tasks", description="List the registered tasks.").parse_args(argv)
+    for name in list_tasks():
+        cls = get_task(name)
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:<22} {cls.__module__}.{cls.__qualname__:<22} {summary}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "tasks":
+        return _tasks_command(argv[1:])
+    if argv and argv[0] == "data":
+        from mmlit.data.tools import main as data_main
+
+        return data_main(argv[1:])
+    MMLitCLI(args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

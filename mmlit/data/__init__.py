@@ -1,0 +1,10 @@
+"""Data: Sort-of-CLEVR shards, safe decoding, per-task streams and the DataModule."""
+
+from mmlit.data.datamodule import MultiTaskDataModule
+from mmlit.data.decode import SampleError, UnsafeSampleError, decode_sample, sample_field, sample_image
+from mmlit.data.stream import Mixture, TaskStream, resolve_shards
+
+__all__ = [
+    "Mixture", "MultiTaskDataModule", "SampleError", "TaskStream", "UnsafeSampleError",
+    "decode_sample", "resolve_shards", "sample_field", "sample_image",
+]

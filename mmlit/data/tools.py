@@ -1,0 +1,97 @@
+"""``mmlit data ...``: make Sort-of-CLEVR shards, train a tokenizer on shards' text, inspect shards."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from typing import Iterator
+
+import webdataset as wds
+
+from mmlit.data import sort_of_clevr
+from mmlit.data.decode import decode_sample
+from mmlit.data.stream import resolve_shards
+from mmlit.text import train_tokenizer
+
+__all__ = ["main", "iter_texts"]
+
+
+def _strings(value) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def iter_texts(urls: list[str]) -> Iterator[str]:
+    """Every text in the shards: ``.txt`` entries and every string inside ``.json`` entries."""
+    for sample in wds.tarfile_samples({"url": url} for url in urls):
+        sample = {k: v for k, v in sample.items() if k.startswith("__") or k.rsplit(".", 1)[-1] in ("txt", "json")}
+        for key, value in decode_sample(sample).items():
+            if not key.startswith("__"):
+                yield from _strings(value)
+
+
+def _sort_of_clevr(args: argparse.Namespace) -> None:
+    sizes = dict(sort_of_clevr.PRESETS[args.preset])
+    for split in sort_of_clevr.SPLITS:
+        if getattr(args, split) is not None:
+            sizes[split] = getattr(args, split)
+    shards = sort_of_clevr.write_dataset(args.out, sizes, seed=args.seed, shard_size=args.shard_size,
+                                         image_format=args.format)
+    for split, paths in shards.items():
+        print(f"{split}: {sizes[split]} images in {len(paths)} shard(s): {paths[0]} ... {paths[-1]}")
+
+
+def _tokenizer(args: argparse.Namespace) -> None:
+    urls = resolve_shards(args.shards, "--shards")
+    tokenizer = train_tokenizer(iter_texts(urls), args.out, vocab_size=args.vocab_size)
+    print(f"tokenizer with {tokenizer.get_vocab_size()} tokens written to {args.out}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    urls = resolve_shards(args.shards, "--shards")
+    counts, entries = collections.Counter(), collections.Counter()
+    first = None
+    for sample in wds.tarfile_samples({"url": url} for url in urls):
+        counts[sample["__url__"]] += 1
+        entries.update(k for k in sample if not k.startswith("__"))
+        first = first or sample
+    for url, n in counts.items():
+        print(f"{url}: {n} samples")
+    print(f"total: {sum(counts.values())} samples; entries: {dict(entries)}")
+    if first is not None:
+        decoded = decode_sample(first)
+        print("first sample:", json.dumps({k: (v if isinstance(v, (str, int, float, dict, list)) else type(v).__name__)
+                                           for k, v in decoded.items()}, default=str)[:2000])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmlit data", description="Data tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    soc = sub.add_parser("sort-of-clevr", help="generate Sort-of-CLEVR shards (train/val/test)")
+    soc.add_argument("--out", default="data/sort_of_clevr")
+    soc.add_argument("--preset", choices=sorted(sort_of_clevr.PRESETS), default="quickstart",
+                     help="split sizes: quickstart (4000/250/250) or full (9600/200/200, 10,000 images)")
+    for split in sort_of_clevr.SPLITS:
+        soc.add_argument(f"--{split}", type=int, default=None, help=f"images in {split} (overrides the preset)")
+    soc.add_argument("--seed", type=int, default=0)
+    soc.add_argument("--shard-size", type=int, default=500, help="samples per shard")
+    soc.add_argument("--format", choices=("png", "jpg"), default="png")
+    soc.set_defaults(run=_sort_of_clevr)
+    tok = sub.add_parser("tokenizer", help="train a WordPiece tokenizer on the shards' text")
+    tok.add_argument("--shards", required=True, help="shard pattern, e.g. 'data/sort_of_clevr/train-{000000..000007}.tar'")
+    tok.add_argument("--out", required=True, help="where to write tokenizer.json")
+    tok.add_argument("--vocab-size", type=int, default=2000)
+    tok.set_defaults(run=_tokenizer)
+    ins = sub.add_parser("inspect", help="count samples and entries in shards")
+    ins.add_argument("--shards", required=True)
+    ins.set_defaults(run=_inspect)
+    args = parser.parse_args(argv)
+    args.run(args)
+    return 0

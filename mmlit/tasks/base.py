@@ -1,0 +1,121 @@
+"""The task contract: a task is an ``nn.Module`` that owns its data contract, head, loss and metrics.
+
+A task class declares the sample fields it reads, turns a decoded sample into examples
+(``prepare``, run in DataLoader workers), builds its head from the backbone's sizes (``build``),
+returns its loss and outputs for a batch (``forward``) and keeps its torchmetrics. Tasks are
+registered with ``@register_task("name")``; adding one edits no core file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+from torchmetrics import MetricCollection
+
+from mmlit.text import BOS, EOS, PAD
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from mmlit.models import Backbone
+
+__all__ = ["Shards", "Task", "collate_examples"]
+
+_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+
+
+@dataclass
+class Shards:
+    """Shard URLs or brace/glob patterns of one task, per split (``data/x/train-{000000..000007}.tar``)."""
+
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+
+
+def collate_examples(examples: list[dict]) -> dict[str, Any]:
+    """Tensors are stacked, lists of token ids padded with ``PAD``, numbers and bools made tensors."""
+    batch: dict[str, Any] = {}
+    for key in examples[0]:
+        values = [e[key] for e in examples]
+        first = values[0]
+        if isinstance(first, torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(first, list):
+            ids = torch.full((len(values), max(map(len, values))), PAD, dtype=torch.long)
+            for row, seq in enumerate(values):
+                ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            batch[key] = ids
+        elif isinstance(first, (bool, int, float)):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+class Task(nn.Module):
+    """Base of every task. Subclasses set ``fields`` and implement ``build``, ``prepare``, ``forward``,
+    ``metrics`` and ``update_metrics``.
+
+    Args:
+        shards: the task's shards per split.
+        batch_size: examples per batch (per rank).
+    """
+
+    task_name: ClassVar[str]  # set by @register_task
+    fields: ClassVar[tuple[str, ...]] = ()  # sample entries prepare reads; "image" means any image format
+
+    def __init__(self, shards: Shards, batch_size: int = 32):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.shards, self.batch_size = shards, batch_size
+        self.name = getattr(self, "task_name", type(self).__name__.lower())
+        self.image_size: int | None = None
+        self.max_length: int | None = None
+
+    def build(self, backbone: Backbone) -> None:
+        """Create the head for ``backbone``; subclasses call ``super().build(backbone)`` first."""
+        self.image_size = backbone.image_encoder.image_size
+        self.max_length = backbone.max_length
+
+    def prepare(self, sample: dict, tokenizer: Tokenizer) -> Iterator[dict]:
+        """Yield the examples of one decoded sample (none to drop it)."""
+        raise NotImplementedError
+
+    def collate(self, examples: list[dict]) -> dict[str, Any]:
+        return collate_examples(examples)
+
+    def forward(self, backbone: Backbone, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The loss (key ``loss``) and whatever ``update_metrics`` needs."""
+        raise NotImplementedError
+
+    def metrics(self) -> MetricCollection:
+        """A fresh collection of this task's metrics (one is made per evaluation stage)."""
+        raise NotImplementedError
+
+    def update_metrics(self, metrics: MetricCollection, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # Helpers for prepare(), shared by the tasks.
+    def image_tensor(self, image: Image.Image) -> torch.Tensor:
+        """RGB image -> (3, S, S) float tensor, resized to the encoder's size, ImageNet-normalised."""
+        if self.image_size is not None and image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return (pixels.float() / 255.0 - _MEAN) / _STD
+
+    def token_ids(self, tokenizer: Tokenizer, text: str, *, bos_eos: bool = False) -> list[int]:
+        """Token ids of ``text``, cut to the text encoder's ``max_length``."""
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        limit = self.max_length or len(ids) + 2
+        if bos_eos:
+            return [BOS, *ids[: limit - 2], EOS]
+        return ids[:limit]

@@ -1,0 +1,65 @@
+"""Visual question answering as classification over a fixed answer vocabulary.
+
+Data contract: an image entry and a JSON entry with ``questions``: a list of
+``{"question": str, "answer": str, "relational": bool}`` (the Sort-of-CLEVR layout of Santoro et
+al. 2017). Each question is one example. The head reads the fused (text-attends-to-image) pooled
+feature. Accuracy is reported overall and separately for relational and non-relational questions.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from mmlit.data.decode import SampleError, sample_field, sample_image
+from mmlit.data.sort_of_clevr import ANSWERS
+from mmlit.registry import register_task
+from mmlit.tasks.base import Shards, Task
+
+__all__ = ["VQA"]
+
+
+@register_task("vqa")
+class VQA(Task):
+    """Answer questions about an image (image + question -> answer class)."""
+
+    fields = ("image", "json.questions")
+
+    def __init__(self, shards: Shards, batch_size: int = 32, answers: list[str] = list(ANSWERS), hidden: int = 256):
+        super().__init__(shards, batch_size)
+        self.answers, self.hidden = list(answers), hidden
+        self._answer_index = {a: i for i, a in enumerate(self.answers)}
+
+    def build(self, backbone) -> None:
+        super().build(backbone)
+        self.head = nn.Sequential(nn.Linear(backbone.dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, len(self.answers)))
+
+    def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
+        image = self.image_tensor(sample_image(sample, self.name))
+        for q in sample_field(sample, "json.questions", self.name):
+            if q["answer"] not in self._answer_index:
+                raise SampleError(f"{sample['__url__']}: sample {sample['__key__']!r}: answer {q['answer']!r} is "
+                                  f"not in the task's answers (model.tasks.{self.name}.init_args.answers)")
+            yield {"image": image, "question": self.token_ids(tokenizer, q["question"]),
+                   "answer": self._answer_index[q["answer"]], "relational": bool(q.get("relational", False))}
+
+    def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
+        features = backbone(image=batch["image"], text=batch["question"])
+        logits = self.head(features.fused_pooled)  # (B, A)
+        return {"loss": F.cross_entropy(logits, batch["answer"]), "logits": logits}
+
+    def metrics(self) -> MetricCollection:
+        n = len(self.answers)
+        return MetricCollection({name: MulticlassAccuracy(n, average="micro") for name in ("acc", "acc_rel", "acc_nonrel")})
+
+    def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
+        pred, target, rel = outputs["logits"].argmax(-1), batch["answer"], batch["relational"]
+        metrics["acc"].update(pred, target)
+        for key, subset in (("acc_rel", rel), ("acc_nonrel", ~rel)):
+            if subset.any():  # torchmetrics cannot take an empty update
+                metrics[key].update(pred[subset], target[subset])
