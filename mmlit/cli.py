@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -32,9 +34,9 @@ class _SaveConfigToLoggers(SaveConfigCallback):
     """Saves the resolved recipe as ``config.yaml`` in the run folder and sends it to every logger."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))  # plain types only
         for logger in trainer.loggers:
-            logger.log_hyperparams({"recipe": config})
+            logger.log_hyperparams(config)
 
 
 class MMLitCLI(LightningCLI):
@@ -89,7 +91,7 @@ def _tasks_command(argv: list[str]) -> int:
     for name in list_tasks():
         cls = get_task(name)
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{name:<22} {cls.__module__}.{cls.__qualname__:<22} {summary}")
+        print(f"{name:<22} {summary}  ({cls.__module__}.{cls.__qualname__})")
     return 0
 
 

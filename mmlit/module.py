@@ -50,6 +50,14 @@ class MultiTaskModule(pl.LightningModule):
         self.eval_losses = nn.ModuleDict({
             stage: nn.ModuleDict({name: MeanMetric() for name in tasks}) for stage in _EVAL_STAGES})
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None and tokenizer.get_vocab_size() > self.backbone.vocab_size:
+            raise ValueError(
+                f"model.backbone.init_args.text_encoder.init_args.vocab_size is {self.backbone.vocab_size}, but "
+                f"data.tokenizer has {tokenizer.get_vocab_size()} tokens; raise vocab_size to at least that")
+
     def training_step(self, batch: dict[str, dict], batch_idx: int) -> torch.Tensor:
         losses = {}
         for name, task_batch in batch.items():

@@ -52,14 +52,21 @@ class Backbone(nn.Module):
         self.vocab_size = text_encoder.vocab_size
         self.max_length = text_encoder.max_length
 
-    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                fuse: bool = True) -> Features:
-        """``image`` (B, 3, H, W) and/or ``text`` ids (B, T); both and ``fuse`` -> fused features too."""
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None, fuse: bool = True,
+                image_index: torch.Tensor | None = None) -> Features:
+        """``image`` (B, 3, H, W) and/or ``text`` ids (Q, T); both and ``fuse`` -> fused features too.
+
+        ``image_index`` (Q,) pairs text ``i`` with image ``image_index[i]``, so an image asked several
+        questions is encoded once; without it, text ``i`` goes with image ``i`` (Q == B).
+        """
         out = Features()
         if image is not None:
             out.image_tokens, out.image_pooled = self.image_encoder(image)
         if text is not None:
             out.text_tokens, out.text_pooled, out.text_mask = self.text_encoder(text)
         if fuse and image is not None and text is not None:
-            out.fused_tokens, out.fused_pooled = self.fusion(out.image_tokens, out.text_tokens, out.text_mask)
+            tokens, pooled = out.image_tokens, out.image_pooled
+            if image_index is not None:
+                tokens, pooled = tokens[image_index], pooled[image_index]
+            out.fused_tokens, out.fused_pooled = self.fusion(tokens, pooled, out.text_tokens, out.text_mask)
         return out

@@ -1,7 +1,9 @@
 """Image encoders: any timm model by name, read out as a grid of tokens.
 
-The encoder takes one feature map of the timm model (``features_only``; by default the last),
-projects it to the backbone width and adds a learned position embedding, so that the fusion and
+The encoder reads one intermediate feature map of the timm model (timm's
+``forward_intermediates``; by default the last) after ``prune_intermediate_layers`` has removed
+every block after it, so no parameter is left without a gradient (which DDP would reject) and no
+compute is spent on unused stages. It projects the map to the backbone width and adds a learned position embedding, so that the fusion and
 the heads see *where* things are. Weights come only from a local file, through timm's own
 ``pretrained_cfg_overlay=dict(file=...)`` loader; nothing is fetched from a hub.
 """
@@ -9,6 +11,7 @@ the heads see *where* things are. Weights come only from a local file, through t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import timm
 import torch
@@ -21,39 +24,66 @@ class TimmImageEncoder(nn.Module):
     """A timm model's feature map as image tokens.
 
     Args:
-        model_name: any name from ``timm.list_models()`` that supports ``features_only``.
+        model_name: any name from ``timm.list_models()`` that supports ``forward_intermediates``.
         dim: width of the tokens it returns.
         image_size: height and width of the input images (fixes the number of tokens).
         feature_index: which of the model's feature maps to read (``-1``: the deepest). A shallower
             map keeps more spatial detail and skips the deeper stages' compute.
         pretrained: a local ``.safetensors`` or ``.pth`` file of timm weights for ``model_name``.
         model_kwargs: extra arguments for ``timm.create_model`` (e.g. ``{"patch_size": 8}``).
+        pooling: ``mean`` of the tokens, or ``flatten``: a linear map of all tokens in grid order (the
+            CNN+MLP baseline of Santoro et al. 2017), which keeps *where* each feature is, so a
+            fact such as "the red object is on the left" is a linear function of the pooled vector.
     """
 
     def __init__(self, model_name: str = "resnet10t", dim: int = 128, image_size: int = 75, feature_index: int = -1,
-                 pretrained: str | None = None, model_kwargs: dict | None = None):
+                 pretrained: str | None = None, model_kwargs: dict | None = None,
+                 pooling: Literal["mean", "flatten"] = "mean"):
         super().__init__()
         kwargs = dict(model_kwargs or {})
         if pretrained is not None:
             if not Path(pretrained).is_file():
                 raise FileNotFoundError(f"model.backbone.init_args.image_encoder.init_args.pretrained: no file '{pretrained}'")
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
-        try:
-            self.model = timm.create_model(model_name, features_only=True, out_indices=(feature_index,), **kwargs)
-        except RuntimeError as err:
-            if "Unknown model" in str(err):
-                raise ValueError(f"model.backbone.init_args.image_encoder.init_args.model_name: timm has no model "
-                                 f"{model_name!r}") from err
-            raise
+        key = "model.backbone.init_args.image_encoder.init_args"
+        if not timm.is_model(model_name):
+            raise ValueError(f"{key}.model_name: timm has no model {model_name!r}")
+        self.model = timm.create_model(model_name, num_classes=0, **kwargs)
+        if not hasattr(self.model, "forward_intermediates"):
+            raise ValueError(f"{key}.model_name: timm's {model_name!r} has no forward_intermediates()")
+        self.indices = self.model.prune_intermediate_layers(indices=[feature_index], prune_norm=True, prune_head=True)
         with torch.no_grad():
-            _, channels, height, width = self.model(torch.zeros(1, 3, image_size, image_size))[0].shape
+            _, channels, height, width = self._feature_map(torch.zeros(1, 3, image_size, image_size)).shape
         self.dim, self.image_size, self.grid = dim, image_size, (height, width)
         self.proj = nn.Linear(channels, dim)
-        self.pos = nn.Parameter(torch.randn(1, height * width, dim) * 0.02)
         self.norm = nn.LayerNorm(dim)
+        # Fixed 2-D sine-cosine positions (as in MAE, He et al. 2022): where a token is, is readable
+        # from the first step, which questions like "is the red object on the left?" need.
+        self.register_buffer("pos", _sincos_2d(height, width, dim), persistent=False)
+        # A per-token MLP over (feature + position) makes conjunctions such as "red AND left" that
+        # survive pooling; a plain sum of feature and position would lose them in any average.
+        self.mix = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.pooling = pooling
+        if pooling == "flatten":
+            self.pool = nn.Sequential(nn.Flatten(1), nn.Linear(height * width * dim, dim), nn.LayerNorm(dim))
+
+    def _feature_map(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_intermediates(image, indices=self.indices, intermediates_only=True)[-1]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``image`` (B, 3, H, W) -> tokens (B, N, D) and pooled (B, D)."""
-        fmap = self.model(image)[0]  # (B, C, h, w)
-        tokens = self.norm(self.proj(fmap.flatten(2).transpose(1, 2)) + self.pos)  # (B, N, D)
-        return tokens, tokens.mean(dim=1)
+        fmap = self._feature_map(image)  # (B, C, h, w)
+        tokens = self.norm(self.proj(fmap.flatten(2).transpose(1, 2))) + self.pos  # (B, N, D)
+        tokens = tokens + self.mix(tokens)
+        return tokens, self.pool(tokens) if self.pooling == "flatten" else tokens.mean(dim=1)
+
+
+def _sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
+    """(1, H*W, dim) sine-cosine embedding of (row, column); half the channels each."""
+    if dim % 4:
+        raise ValueError(f"image_encoder.dim must be a multiple of 4 for 2-D positions, got {dim}")
+    freqs = 1.0 / (10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4)))
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                                indexing="ij")
+    parts = [fn(axis.flatten()[:, None] * freqs) for axis in (rows, cols) for fn in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1)[None]

@@ -44,6 +44,10 @@ class Captioning(Task):
         self.pos = nn.Parameter(torch.randn(1, backbone.max_length, dim) * 0.02)
         layer = nn.TransformerDecoderLayer(dim, self.heads, 4 * dim, self.dropout, batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, self.depth, norm=nn.LayerNorm(dim))
+        # The whole token grid, flattened in order, is also added to every input (the image vector of
+        # Show and Tell, Vinyals et al. 2015): where each object is, is there before attention has learned.
+        grid = backbone.image_encoder.grid
+        self.image_in = nn.Sequential(nn.Flatten(1), nn.Linear(grid[0] * grid[1] * dim, dim))
         self.out = nn.Linear(dim, backbone.vocab_size)
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
@@ -55,7 +59,7 @@ class Captioning(Task):
         """memory (B, N, D), ids (B, T) -> next-token logits (B, T, V)."""
         length = ids.shape[1]
         causal = nn.Transformer.generate_square_subsequent_mask(length, device=ids.device, dtype=memory.dtype)
-        x = self.embed(ids) + self.pos[:, :length]
+        x = self.embed(ids) + self.pos[:, :length] + self.image_in(memory)[:, None]
         return self.out(self.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True))
 
     @torch.no_grad()

@@ -2,13 +2,15 @@
 
 Data contract: an image entry and a JSON entry with ``questions``: a list of
 ``{"question": str, "answer": str, "relational": bool}`` (the Sort-of-CLEVR layout of Santoro et
-al. 2017). Each question is one example. The head reads the fused (text-attends-to-image) pooled
-feature. Accuracy is reported overall and separately for relational and non-relational questions.
+al. 2017). An example is one image with its questions, so the image is encoded once however many
+questions it has; ``batch_size`` counts images. The head reads the fused (text-attends-to-image)
+pooled feature. Accuracy is reported overall and separately for relational and non-relational
+questions.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,18 +21,24 @@ from torchmetrics.classification import MulticlassAccuracy
 from mmlit.data.decode import SampleError, sample_field, sample_image
 from mmlit.data.sort_of_clevr import ANSWERS
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task
+from mmlit.tasks.base import Shards, Task, collate_examples
 
 __all__ = ["VQA"]
 
 
 @register_task("vqa")
 class VQA(Task):
-    """Answer questions about an image (image + question -> answer class)."""
+    """Answer questions about an image (image + question -> answer class).
+
+    Args:
+        answers: the answer vocabulary, one class each.
+        hidden: width of the answer MLP.
+    """
 
     fields = ("image", "json.questions")
 
-    def __init__(self, shards: Shards, batch_size: int = 32, answers: list[str] = list(ANSWERS), hidden: int = 256):
+    def __init__(self, shards: Shards, batch_size: int = 8, answers: list[str] = list(ANSWERS),
+                 hidden: int = 256):
         super().__init__(shards, batch_size)
         self.answers, self.hidden = list(answers), hidden
         self._answer_index = {a: i for i, a in enumerate(self.answers)}
@@ -40,17 +48,27 @@ class VQA(Task):
         self.head = nn.Sequential(nn.Linear(backbone.dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, len(self.answers)))
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        image = self.image_tensor(sample_image(sample, self.name))
-        for q in sample_field(sample, "json.questions", self.name):
+        questions = sample_field(sample, "json.questions", self.name)
+        for q in questions:
             if q["answer"] not in self._answer_index:
                 raise SampleError(f"{sample['__url__']}: sample {sample['__key__']!r}: answer {q['answer']!r} is "
                                   f"not in the task's answers (model.tasks.{self.name}.init_args.answers)")
-            yield {"image": image, "question": self.token_ids(tokenizer, q["question"]),
-                   "answer": self._answer_index[q["answer"]], "relational": bool(q.get("relational", False))}
+        if questions:
+            yield {"image": self.image_tensor(sample_image(sample, self.name)),
+                   "question": [self.token_ids(tokenizer, q["question"]) for q in questions],
+                   "answer": [self._answer_index[q["answer"]] for q in questions],
+                   "relational": [bool(q.get("relational", False)) for q in questions]}
+
+    def collate(self, examples: list[dict]) -> dict[str, Any]:
+        """Images (B, 3, H, W); questions flattened over images: question (Q, T), answer, relational and
+        image_index (Q,)."""
+        flat = [{"question": q, "answer": a, "relational": r, "image_index": i}
+                for i, e in enumerate(examples) for q, a, r in zip(e["question"], e["answer"], e["relational"])]
+        return {"image": torch.stack([e["image"] for e in examples]), **collate_examples(flat)}
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
-        features = backbone(image=batch["image"], text=batch["question"])
-        logits = self.head(features.fused_pooled)  # (B, A)
+        features = backbone(image=batch["image"], text=batch["question"], image_index=batch["image_index"])
+        logits = self.head(features.fused_pooled)  # (Q, A)
         return {"loss": F.cross_entropy(logits, batch["answer"]), "logits": logits}
 
     def metrics(self) -> MetricCollection:

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny Sort-of-CLEVR set with its tokenizer, and a tiny recipe over every task."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ["WANDB_MODE"] = "offline"  # tests never reach the W&B service
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from mmlit.data.sort_of_clevr import write_dataset  # noqa: E402
+from mmlit.data.tools import iter_texts  # noqa: E402
+from mmlit.registry import get_task, list_tasks  # noqa: E402
+from mmlit.text import train_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def soc(tmp_path_factory) -> dict:
+    """Sort-of-CLEVR: train 40 images in 4 shards, val 12 and test 12 in one shard each, plus a tokenizer."""
+    root = tmp_path_factory.mktemp("soc")
+    shards = write_dataset(root, {"train": 40, "val": 12, "test": 12}, seed=0, shard_size=10)
+    tokenizer = root / "tokenizer.json"
+    train_tokenizer(iter_texts(shards["train"]), tokenizer, vocab_size=200)
+    return {"root": root, "shards": shards, "tokenizer": str(tokenizer),
+            "train": str(root / "train-{000000..000003}.tar"), "val": str(root / "val-000000.tar"),
+            "test": str(root / "test-000000.tar")}
+
+
+def tiny_backbone(dim: int = 32) -> dict:
+    return {
+        "class_path": "mmlit.models.Backbone",
+        "init_args": {
+            "image_encoder": {"class_path": "mmlit.models.TimmImageEncoder",
+                              "init_args": {"model_name": "test_byobnet", "dim": dim, "image_size": 75, "feature_index": 2}},
+            "text_encoder": {"class_path": "mmlit.models.TransformerTextEncoder",
+                             "init_args": {"vocab_size": 256, "dim": dim, "depth": 1, "heads": 2, "max_length": 40}},
+            "fusion": {"class_path": "mmlit.models.CrossAttentionFusion", "init_args": {"dim": dim, "depth": 1, "heads": 2}},
+        },
+    }
+
+
+def tiny_recipe(soc: dict, root: Path, tasks: list[str] | None = None, **trainer) -> dict:
+    """A recipe over the registered tasks (all by default) that runs in seconds."""
+    task_specs = {}
+    for name in tasks or list_tasks():
+        cls = get_task(name)
+        task_specs[name] = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
+                            "init_args": {"shards": {"train": soc["train"], "val": soc["val"], "test": soc["test"]},
+                                          "batch_size": 4}}
+    return {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "log_every_n_steps": 1,
+                    "default_root_dir": str(root), "enable_progress_bar": False, "enable_model_summary": False,
+                    "logger": [{"class_path": "mmlit.loggers.WandbLogger", "init_args": {"save_dir": str(root), "name": "test"}},
+                               {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                "init_args": {"save_dir": str(root), "name": "csv"}}],
+                    **trainer},
+        "model": {"backbone": tiny_backbone(), "tasks": task_specs},
+        "data": {"tokenizer": soc["tokenizer"], "steps_per_epoch": 3, "num_workers": 0, "shuffle_buffer": 20, "seed": 0},
+    }
+
+
+def write_recipe(recipe: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path

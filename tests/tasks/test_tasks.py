@@ -1,0 +1,136 @@
+"""Every registered task, built from the registry: a task added later is tested without a new test.
+
+A task's defaults must work on the embedded Sort-of-CLEVR shards (the data contract every shipped
+task documents)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+
+from mmlit.data import TaskStream
+from mmlit.models import Backbone
+from mmlit.registry import get_task, list_tasks
+from mmlit.tasks.base import Shards, Task
+from mmlit.text import load_tokenizer
+
+from ..conftest import tiny_backbone
+
+
+def _backbone() -> Backbone:
+    parser = ArgumentParser()
+    parser.add_argument("--backbone", type=Backbone)
+    return parser.instantiate_classes(parser.parse_object({"backbone": tiny_backbone()})).backbone
+
+
+def _task_and_batch(name: str, soc: dict, train: bool = True, batch_size: int = 8):
+    torch.manual_seed(0)
+    backbone = _backbone()
+    task: Task = get_task(name)(Shards(train=soc["train"], val=soc["val"]), batch_size=batch_size)
+    task.build(backbone)
+    stream = TaskStream(task, soc["shards"]["train" if train else "val"], load_tokenizer(soc["tokenizer"]),
+                        batch_size=batch_size, train=train, seed=0, shuffle_buffer=32)
+    batch = next(iter(stream))[task.name]
+    return backbone, task, batch
+
+
+def test_builtin_tasks_are_registered():
+    assert {"vqa", "contrastive", "captioning", "image_classification", "text_classification"} <= set(list_tasks())
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_task_trains_a_batch_down(name, soc):
+    backbone, task, batch = _task_and_batch(name, soc)
+    params = list(backbone.parameters()) + list(task.parameters())
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = task(backbone, batch)["loss"]
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    head_grads = [p.grad for p in task.parameters()]
+    assert head_grads and all(g is not None for g in head_grads), "every head parameter takes part in the loss"
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_task_metrics_on_evaluation_batches(name, soc):
+    backbone, task, _ = _task_and_batch(name, soc)
+    backbone.eval(), task.eval()
+    stream = TaskStream(task, soc["shards"]["val"], load_tokenizer(soc["tokenizer"]), batch_size=5, train=False)
+    metrics = task.metrics()
+    with torch.no_grad():
+        for batch in itertools.islice(iter(stream), 3):
+            task.update_metrics(metrics, task(backbone, batch[task.name]), batch[task.name])
+    values = metrics.compute()
+    assert values, "a task reports at least one metric"
+    for key, value in values.items():
+        assert torch.isfinite(value) and 0.0 <= value.item() <= 1.0, (key, value)
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_task_declares_the_fields_it_reads(name, soc):
+    """Removing a declared field from a sample makes prepare fail with the shard and sample named."""
+    from mmlit.data import SampleError, decode_sample
+    import webdataset as wds
+
+    backbone, task, _ = _task_and_batch(name, soc)
+    sample = decode_sample(next(iter(wds.tarfile_samples([{"url": soc["shards"]["val"][0]}]))))
+    assert list(task.prepare(sample, load_tokenizer(soc["tokenizer"])))
+    assert task.fields
+    for field in task.fields:
+        head, *path = field.split(".")
+        broken = dict(sample)
+        if head == "image":
+            broken = {k: v for k, v in sample.items() if k not in ("png", "jpg")}
+        elif path:
+            import copy
+
+            broken[head] = copy.deepcopy(sample[head])
+            node = broken[head]
+            for part in path[:-1]:
+                node = node[part]
+            del node[path[-1]]
+        else:
+            del broken[head]
+        with pytest.raises(SampleError, match=rf"val-000000.tar: sample 'val0000000'"):
+            list(task.prepare(broken, load_tokenizer(soc["tokenizer"])))
+
+
+def test_vqa_splits_relational_accuracy(soc):
+    _, task, batch = _task_and_batch("vqa", soc)
+    metrics = task.metrics()
+    logits = torch.nn.functional.one_hot(batch["answer"], len(task.answers)).float()
+    logits[batch["relational"]] = logits[batch["relational"]].roll(1, dims=-1)  # wrong on relational ones
+    task.update_metrics(metrics, {"logits": logits}, batch)
+    values = metrics.compute()
+    assert values["acc_nonrel"] == 1.0 and values["acc_rel"] == 0.0
+    assert values["acc"] == pytest.approx((~batch["relational"]).float().mean().item())
+
+
+def test_retrieval_recall_is_one_for_matching_embeddings():
+    from mmlit.tasks.contrastive import RetrievalRecallAt1
+
+    metric = RetrievalRecallAt1("i2t")
+    emb = torch.eye(6)
+    metric.update(emb[:3], emb[:3])
+    metric.update(emb[3:], emb[3:].roll(1, dims=0))  # the last three are shuffled
+    assert metric.compute().item() == pytest.approx(0.5)
+
+
+def test_captioning_exact_match_and_token_accuracy(soc):
+    _, task, batch = _task_and_batch("captioning", soc, batch_size=4)
+    metrics = task.metrics()
+    generated = batch["caption"][:, 1:].clone()
+    generated[0, 0] = generated[0, 1]  # one wrong token in the first caption
+    task.update_metrics(metrics, {"generated": generated}, batch)
+    values = metrics.compute()
+    real = (batch["caption"][:, 1:] != 0).sum().item()
+    assert values["exact_match"].item() == pytest.approx(0.75)
+    assert values["token_acc"].item() == pytest.approx((real - 1) / real)

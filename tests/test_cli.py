@@ -1,0 +1,131 @@
+"""The ``mmlit`` command end to end: recipes, errors that name the recipe key, a short fit and resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mmlit.cli import main
+
+from .conftest import REPO, tiny_recipe, write_recipe
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmlit.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+def test_tasks_command_lists_every_registered_task(capsys):
+    from mmlit.registry import list_tasks
+
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == list_tasks()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_parses_and_starts_with_its_command(recipe, capsys):
+    assert recipe.read_text().splitlines()[0] == f"# mmlit fit --config recipes/{recipe.name}"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["tasks"], "a recipe declares at least one task"
+
+
+def test_recipes_stack_later_values_win(tmp_path, capsys):
+    override = write_recipe({"trainer": {"max_epochs": 3}, "data": {"num_workers": 0}}, tmp_path / "o.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(RECIPES[0]), "--config", str(override), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_epochs"] == 3 and printed["data"]["num_workers"] == 0
+
+
+def test_mistyped_key_is_a_clear_error(soc, tmp_path):
+    recipe = tiny_recipe(soc, tmp_path)
+    recipe["data"]["num_wrokers"] = 2
+    result = _run("fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml")), "--print_config")
+    assert result.returncode != 0
+    assert "num_wrokers" in result.stderr
+
+
+def test_misspelled_task_class_is_a_clear_error(soc, tmp_path):
+    recipe = tiny_recipe(soc, tmp_path, tasks=["vqa"])
+    recipe["model"]["tasks"]["vqa"]["class_path"] = "mmlit.tasks.VQAA"
+    result = _run("fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml")), "--print_config")
+    assert result.returncode != 0
+    assert "mmlit.tasks.VQAA" in result.stderr and "model.tasks" in result.stderr
+
+
+def test_missing_shards_name_the_recipe_key(soc, tmp_path):
+    recipe = tiny_recipe(soc, tmp_path, tasks=["vqa"])
+    recipe["model"]["tasks"]["vqa"]["init_args"]["shards"]["train"] = str(tmp_path / "nowhere-{000..003}.tar")
+    with pytest.raises(FileNotFoundError, match=r"model.tasks.vqa.init_args.shards.train: no shard matches"):
+        main(["fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml"))])
+
+
+def test_shard_without_the_task_fields_names_shard_and_sample(soc, tmp_path):
+    bad = tmp_path / "bad-000000.tar"
+    with tarfile.open(bad, "w") as tar:
+        for i in range(4):
+            data = b'{"caption": "red circle"}'
+            info = tarfile.TarInfo(f"s{i}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    recipe = tiny_recipe(soc, tmp_path, tasks=["image_classification"])
+    recipe["model"]["tasks"]["image_classification"]["init_args"]["shards"]["train"] = str(bad)
+    from mmlit.data import SampleError
+
+    with pytest.raises(SampleError, match=r"bad-000000.tar: sample 's\d'.*task 'image_classification' needs"):
+        main(["fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml"))])
+
+
+def test_objective_weight_for_unknown_task_names_the_key(soc, tmp_path):
+    recipe = tiny_recipe(soc, tmp_path, tasks=["vqa"])
+    recipe["model"]["objective"] = {"class_path": "mmlit.objectives.StaticWeights", "init_args": {"weights": {"vqq": 1.0}}}
+    with pytest.raises(ValueError, match=r"model.objective.init_args.weights: no task named 'vqq'"):
+        main(["fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml"))])
+
+
+@pytest.mark.slow
+def test_fit_end_to_end_then_resume_then_test(soc, tmp_path):
+    run = tmp_path / "run"
+    recipe_path = write_recipe(tiny_recipe(soc, run), tmp_path / "r.yaml")
+    result = _run("fit", "--config", str(recipe_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint:" in result.stdout and "wandb sync" in result.stdout
+
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)  # loadable without unpickling code
+    assert checkpoint["global_step"] == 3
+    assert any(k.startswith("tasks.vqa.head") for k in checkpoint["state_dict"])
+    assert (run / "config.yaml").is_file() and "tasks:" in (run / "config.yaml").read_text()
+    assert list((run / "wandb").glob("offline-run-*"))
+
+    rows = list(csv.DictReader(open(next((run / "csv").glob("version_*/metrics.csv")))))
+    keys = {k for row in rows for k, v in row.items() if v}
+    from mmlit.registry import list_tasks
+
+    for name in list_tasks():
+        assert f"train/{name}/loss" in keys and f"val/{name}/loss" in keys
+    for key in ("val/vqa/acc_rel", "val/vqa/acc_nonrel", "val/contrastive/r@1_i2t", "val/captioning/exact_match",
+                "train/perf/samples_per_s", "train/objective/weight/vqa"):
+        assert key in keys, key
+
+    resumed = _run("fit", "--config", str(recipe_path), "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+
+    tested = _run("test", "--config", str(recipe_path), "--ckpt_path", str(last))
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert "test/vqa/acc" in tested.stdout
