@@ -67,6 +67,12 @@ class WandbLogger(_LightningWandbLogger):
                          log_model=log_model and not offline, tags=tags, group=group)
         self.is_offline = offline
 
+    def finalize(self, status: str) -> None:
+        """Close the W&B run (marked failed when training failed), so the next run in this process starts clean."""
+        super().finalize(status)
+        if self._experiment is not None and status != "success":
+            self._experiment.finish(exit_code=1)
+
     def run_folder(self) -> Path | None:
         """The local folder of this run (what ``wandb sync`` takes), once the run has started."""
         if self._experiment is None or not getattr(self._experiment, "dir", None):
