@@ -149,7 +149,8 @@ def write_split(out: str | Path, split: str, count: int, *, seed: int = 0, shard
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{split}-*.tar"):
         stale.unlink()
-    with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+    # A fixed integer mtime makes shards byte-for-byte reproducible and spares readers a PAX header per file.
+    with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0) as sink:
         for index in range(count):
             sink.write(make_sample(seed, split, index, image_format))
     return sorted(str(p) for p in out.glob(f"{split}-*.tar"))

@@ -51,9 +51,14 @@ class TimmImageEncoder(nn.Module):
         self.model = timm.create_model(model_name, num_classes=0, **kwargs)
         if not hasattr(self.model, "forward_intermediates"):
             raise ValueError(f"{key}.model_name: timm's {model_name!r} has no forward_intermediates()")
+        config = self.model.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(config.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1) * 255,
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(config.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1) * 255,
+                             persistent=False)
         self.indices = self.model.prune_intermediate_layers(indices=[feature_index], prune_norm=True, prune_head=True)
         with torch.no_grad():
-            _, channels, height, width = self._feature_map(torch.zeros(1, 3, image_size, image_size)).shape
+            _, channels, height, width = self._feature_map(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)).shape
         self.dim, self.image_size, self.grid = dim, image_size, (height, width)
         self.proj = nn.Linear(channels, dim)
         self.norm = nn.LayerNorm(dim)
@@ -68,10 +73,12 @@ class TimmImageEncoder(nn.Module):
             self.pool = nn.Sequential(nn.Flatten(1), nn.Linear(height * width * dim, dim), nn.LayerNorm(dim))
 
     def _feature_map(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype == torch.uint8:  # the model's own normalisation, on the batch, on the device
+            image = (image.float() - self.mean) / self.std
         return self.model.forward_intermediates(image, indices=self.indices, intermediates_only=True)[-1]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``image`` (B, 3, H, W) -> tokens (B, N, D) and pooled (B, D)."""
+        """``image`` (B, 3, H, W), uint8 pixels or normalised floats -> tokens (B, N, D) and pooled (B, D)."""
         fmap = self._feature_map(image)  # (B, C, h, w)
         tokens = self.norm(self.proj(fmap.flatten(2).transpose(1, 2))) + self.pos  # (B, N, D)
         tokens = tokens + self.mix(tokens)

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchmetrics import MetricCollection
 
@@ -26,9 +25,6 @@ if TYPE_CHECKING:
     from mmlit.models import Backbone
 
 __all__ = ["Shards", "Task", "collate_examples"]
-
-_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
 
 
 @dataclass
@@ -106,11 +102,11 @@ class Task(nn.Module):
 
     # Helpers for prepare(), shared by the tasks.
     def image_tensor(self, image: Image.Image) -> torch.Tensor:
-        """RGB image -> (3, S, S) float tensor, resized to the encoder's size, ImageNet-normalised."""
+        """RGB image -> (3, S, S) uint8 tensor at the encoder's size. Pixels stay uint8 until the
+        encoder normalises the whole batch (4x less to copy between processes and to the GPU)."""
         if self.image_size is not None and image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return (pixels.float() / 255.0 - _MEAN) / _STD
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
     def token_ids(self, tokenizer: Tokenizer, text: str, *, bos_eos: bool = False) -> list[int]:
         """Token ids of ``text``, cut to the text encoder's ``max_length``."""

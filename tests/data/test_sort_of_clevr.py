@@ -69,3 +69,9 @@ def test_write_split_shards_and_prefix_property(tmp_path):
 
 def test_full_preset_has_10000_images():
     assert sum(soc.PRESETS["full"].values()) == 10_000
+
+
+def test_shards_are_byte_for_byte_reproducible(tmp_path):
+    first = soc.write_split(tmp_path / "a", "val", 7, shard_size=5)
+    second = soc.write_split(tmp_path / "b", "val", 7, shard_size=5)
+    assert [open(p, "rb").read() for p in first] == [open(p, "rb").read() for p in second]
