@@ -31,7 +31,22 @@ def _checkpoint_dir(root: str | None) -> str:
 
 
 class _SaveConfigToLoggers(SaveConfigCallback):
-    """Saves the resolved recipe as ``config.yaml`` in the run folder and sends it to every logger."""
+    """Saves the resolved recipe in the run folder and sends it to every logger.
+
+    ``fit`` writes ``config.yaml``, ``test`` ``config.test.yaml`` (and so on); a name already taken gets
+    a number (``config.1.yaml``), so a resumed or evaluated run never overwrites a recipe on disk.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn enum
+        stem = "config" if stage == "fit" else f"config.{stage}"
+        name, n = f"{stem}.yaml", 0
+        while (folder / name).exists():
+            n += 1
+            name = f"{stem}.{n}.yaml"
+        self.config_filename = name
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))  # plain types only
@@ -46,7 +61,7 @@ class MMLitCLI(LightningCLI):
 
     def __init__(self, args=None, run: bool = True):
         super().__init__(MultiTaskModule, MultiTaskDataModule, save_config_callback=_SaveConfigToLoggers,
-                         save_config_kwargs={"overwrite": True}, args=args, run=run,
+                         save_config_kwargs={"overwrite": False}, args=args, run=run,
                          parser_kwargs={"default_env": False})
 
     @staticmethod

@@ -84,7 +84,8 @@ class MultiTaskModule(pl.LightningModule):
         # compute() syncs across ranks; every rank calls it for every task in the same order.
         values = {}
         for name, task in self.tasks.items():
-            if getattr(task.shards, stage) is None:
+            # No batches: the task has no shards for this split, or the sanity check stopped before it.
+            if getattr(task.shards, stage) is None or self.eval_losses[stage][name].update_count == 0:
                 continue
             values[f"{stage}/{name}/loss"] = self.eval_losses[stage][name].compute()
             for key, value in self.metrics[stage][name].compute().items():

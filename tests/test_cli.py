@@ -129,6 +129,8 @@ def test_fit_end_to_end_then_resume_then_test(soc, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(last, weights_only=True)["global_step"] == 6
 
+    assert (run / "config.1.yaml").is_file(), "resuming keeps the first run's recipe"
     tested = _run("test", "--config", str(recipe_path), "--ckpt_path", str(last))
     assert tested.returncode == 0, tested.stderr[-3000:]
     assert "test/vqa/acc" in tested.stdout
+    assert (run / "config.test.yaml").is_file()

@@ -2,9 +2,9 @@
 
 from mmlit.data.datamodule import MultiTaskDataModule
 from mmlit.data.decode import SampleError, UnsafeSampleError, decode_sample, sample_field, sample_image
-from mmlit.data.stream import Mixture, TaskStream, resolve_shards
+from mmlit.data.stream import Mixture, Sequential, TaskStream, resolve_shards
 
 __all__ = [
-    "Mixture", "MultiTaskDataModule", "SampleError", "TaskStream", "UnsafeSampleError",
+    "Mixture", "MultiTaskDataModule", "SampleError", "Sequential", "TaskStream", "UnsafeSampleError",
     "decode_sample", "resolve_shards", "sample_field", "sample_image",
 ]

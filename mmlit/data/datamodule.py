@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from mmlit.data.stream import Mixture, TaskStream, resolve_shards
+from mmlit.data.stream import Mixture, Sequential, TaskStream, resolve_shards
 from mmlit.text import load_tokenizer
 
 __all__ = ["MultiTaskDataModule"]
@@ -78,14 +78,14 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=train and workers > 0,
                           prefetch_factor=4 if workers else None)
 
-    def _eval_loaders(self, split: str) -> list[DataLoader]:
-        return [self._loader(name, split) for name in self.tasks if split in self.urls.get(name, {})]
+    def _eval_loaders(self, split: str) -> Sequential:
+        return Sequential([self._loader(name, split) for name in self.tasks if split in self.urls.get(name, {})])
 
     def train_dataloader(self) -> Mixture:
         return Mixture({name: self._loader(name, "train") for name in self.tasks}, self.steps_per_epoch)
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def val_dataloader(self) -> Sequential:
         return self._eval_loaders("val")
 
-    def test_dataloader(self) -> list[DataLoader]:
+    def test_dataloader(self) -> Sequential:
         return self._eval_loaders("test")

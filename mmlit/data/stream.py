@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from mmlit.tasks.base import Task
 
-__all__ = ["resolve_shards", "TaskStream", "Mixture"]
+__all__ = ["resolve_shards", "TaskStream", "Mixture", "Sequential"]
 
 
 def resolve_shards(spec: str, key: str, *, allow_pipe: bool = False) -> list[str]:
@@ -124,3 +124,14 @@ class Mixture:
             yield step
 
 
+
+
+class Sequential:
+    """Evaluation: every task's loader in turn, as one iterable, so Lightning sees one dataloader
+    (and reports each metric once) while each batch still says which task it belongs to."""
+
+    def __init__(self, loaders: list):
+        self.loaders = loaders
+
+    def __iter__(self) -> Iterator[dict]:
+        return itertools.chain.from_iterable(self.loaders)
