@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "UNSAFE_EXTENSIONS", "UnsafeSampleError", "SampleError", "decode_sample", "sample_field", "sample_image"]
+__all__ = ["IMAGE_EXTENSIONS", "UNSAFE_EXTENSIONS", "UnsafeSampleError", "SampleError", "decode_sample", "sample_field", "sample_image",
+           "sample_location"]
 
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "pbm", "pnm", "tif", "tiff", "gif"})
 TEXT_EXTENSIONS = frozenset({"txt", "text", "caption"})
@@ -32,8 +33,13 @@ class UnsafeSampleError(SampleError):
     """A sample entry in a format whose loader could run code."""
 
 
-def _where(sample: dict) -> str:
+def sample_location(sample: dict) -> str:
+    """``shard: sample 'key'``, the prefix of every error about one sample."""
     return f"{sample.get('__url__', '<unknown shard>')}: sample {sample.get('__key__', '<no key>')!r}"
+
+
+def _entries(sample: dict) -> list[str]:
+    return sorted(k for k in sample if not k.startswith("__"))
 
 
 def _decode_entry(ext: str, data: bytes) -> Any:
@@ -61,11 +67,11 @@ def decode_sample(sample: dict) -> dict:
             continue
         ext = name.rsplit(".", 1)[-1].lower()
         if ext in UNSAFE_EXTENSIONS:
-            raise UnsafeSampleError(f"{_where(sample)}: refusing entry '{name}': .{ext} files can run code when loaded")
+            raise UnsafeSampleError(f"{sample_location(sample)}: refusing entry '{name}': .{ext} files can run code when loaded")
         try:
             decoded[name] = _decode_entry(ext, value)
         except Exception as err:
-            raise SampleError(f"{_where(sample)}: cannot decode entry '{name}': {err}") from err
+            raise SampleError(f"{sample_location(sample)}: cannot decode entry '{name}': {err}") from err
     return decoded
 
 
@@ -74,19 +80,19 @@ def sample_image(sample: dict, task: str) -> Image.Image:
     for name, value in sample.items():
         if isinstance(value, Image.Image):
             return value.convert("RGB")
-    raise SampleError(f"{_where(sample)}: task '{task}' needs an image entry (one of .png, .jpg, ...); "
-                      f"the sample has {sorted(k for k in sample if not k.startswith('__'))}")
+    raise SampleError(f"{sample_location(sample)}: task '{task}' needs an image entry (one of .png, .jpg, ...); "
+                      f"the sample has {_entries(sample)}")
 
 
 def sample_field(sample: dict, field: str, task: str) -> Any:
     """A value from the sample, with ``json.a.b`` reaching into the decoded JSON entry."""
     head, *path = field.split(".")
     if head not in sample:
-        raise SampleError(f"{_where(sample)}: task '{task}' needs the entry '.{head}'; "
-                          f"the sample has {sorted(k for k in sample if not k.startswith('__'))}")
+        raise SampleError(f"{sample_location(sample)}: task '{task}' needs the entry '.{head}'; "
+                          f"the sample has {_entries(sample)}")
     value = sample[head]
     for i, part in enumerate(path):
         if not isinstance(value, dict) or part not in value:
-            raise SampleError(f"{_where(sample)}: task '{task}' needs '{'.'.join([head, *path[:i + 1]])}', which is missing")
+            raise SampleError(f"{sample_location(sample)}: task '{task}' needs '{'.'.join([head, *path[:i + 1]])}', which is missing")
         value = value[part]
     return value

@@ -23,7 +23,7 @@ import braceexpand
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmlit.data.decode import SampleError, decode_sample
+from mmlit.data.decode import SampleError, decode_sample, sample_location
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -83,8 +83,8 @@ class TaskStream(IterableDataset):
             except SampleError:
                 raise
             except Exception as err:
-                raise SampleError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: "
-                                  f"task '{self.task.name}' failed to prepare it: {err!r}") from err
+                raise SampleError(f"{sample_location(sample)}: task '{self.task.name}' failed to prepare it: "
+                                  f"{err!r}") from err
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _slot()

@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from mmlit.data.decode import SampleError, sample_field, sample_image
+from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
 from mmlit.registry import register_task
 from mmlit.tasks.base import Shards, Task
 
@@ -40,7 +40,7 @@ class ImageClassification(Task):
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
         label = int(sample_field(sample, self.label_field, self.name))
         if not 0 <= label < self.num_classes:
-            raise SampleError(f"{sample['__url__']}: sample {sample['__key__']!r}: label {label} is outside "
+            raise SampleError(f"{sample_location(sample)}: label {label} is outside "
                               f"[0, {self.num_classes}) (model.tasks.{self.name}.init_args.num_classes)")
         yield {"image": self.image_tensor(sample_image(sample, self.name)), "label": label}
 

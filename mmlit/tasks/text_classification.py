@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from mmlit.data.decode import SampleError, sample_field
+from mmlit.data.decode import SampleError, sample_field, sample_location
 from mmlit.data.sort_of_clevr import QUESTION_TYPES
 from mmlit.registry import register_task
 from mmlit.tasks.base import Shards, Task
@@ -45,7 +45,7 @@ class TextClassification(Task):
         for item in sample_field(sample, self.items_field, self.name):
             label = item.get(self.label_key)
             if label not in self._class_index:
-                raise SampleError(f"{sample['__url__']}: sample {sample['__key__']!r}: class {label!r} is not in "
+                raise SampleError(f"{sample_location(sample)}: class {label!r} is not in "
                                   f"model.tasks.{self.name}.init_args.classes")
             yield {"text": self.token_ids(tokenizer, item[self.text_key]), "label": self._class_index[label]}
 

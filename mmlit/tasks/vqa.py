@@ -18,7 +18,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from mmlit.data.decode import SampleError, sample_field, sample_image
+from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
 from mmlit.data.sort_of_clevr import ANSWERS
 from mmlit.registry import register_task
 from mmlit.tasks.base import Shards, Task, collate_examples
@@ -51,7 +51,7 @@ class VQA(Task):
         questions = sample_field(sample, "json.questions", self.name)
         for q in questions:
             if q["answer"] not in self._answer_index:
-                raise SampleError(f"{sample['__url__']}: sample {sample['__key__']!r}: answer {q['answer']!r} is "
+                raise SampleError(f"{sample_location(sample)}: answer {q['answer']!r} is "
                                   f"not in the task's answers (model.tasks.{self.name}.init_args.answers)")
         if questions:
             yield {"image": self.image_tensor(sample_image(sample, self.name)),
