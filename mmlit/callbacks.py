@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 import lightning.pytorch as pl
-import torch
+
+from mmlit.tasks.base import batch_size_of
 
 __all__ = ["Throughput"]
 
@@ -27,7 +28,7 @@ class Throughput(pl.Callback):
         if self._start is None:  # the first step of an epoch includes worker start-up: not measured
             self._start = now
             return
-        self._samples += sum(next(len(v) for v in b.values() if isinstance(v, torch.Tensor)) for b in batch.values())
+        self._samples += sum(batch_size_of(task_batch) for task_batch in batch.values())
         if (trainer.global_step % trainer.log_every_n_steps == 0) and now > self._start:
             rate = self._samples * trainer.world_size / (now - self._start)
             pl_module.log("train/perf/samples_per_s", rate, rank_zero_only=True)

@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 
 from mmlit.models import Backbone
 from mmlit.objectives import Objective, StaticWeights
-from mmlit.tasks.base import Task
+from mmlit.tasks.base import Task, batch_size_of
 
 __all__ = ["MultiTaskModule"]
 
@@ -62,7 +62,7 @@ class MultiTaskModule(pl.LightningModule):
         losses = {}
         for name, task_batch in batch.items():
             losses[name] = self.tasks[name](self.backbone, task_batch)["loss"]
-            self.log(f"train/{name}/loss", losses[name], batch_size=_batch_size(task_batch))
+            self.log(f"train/{name}/loss", losses[name], batch_size=batch_size_of(task_batch))
         loss = self.objective(losses)
         if not torch.isfinite(loss):
             bad = ", ".join(f"train/{n}/loss={v.item():.4g}" for n, v in losses.items())
@@ -78,7 +78,7 @@ class MultiTaskModule(pl.LightningModule):
             task = self.tasks[name]
             outputs = task(self.backbone, task_batch)
             task.update_metrics(self.metrics[stage][name], outputs, task_batch)
-            self.eval_losses[stage][name].update(outputs["loss"], weight=_batch_size(task_batch))
+            self.eval_losses[stage][name].update(outputs["loss"], weight=batch_size_of(task_batch))
 
     def _eval_epoch_end(self, stage: str) -> None:
         # compute() syncs across ranks; every rank calls it for every task in the same order.
@@ -111,7 +111,3 @@ class MultiTaskModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
-
-
-def _batch_size(batch: dict) -> int:
-    return next(len(v) for v in batch.values() if isinstance(v, torch.Tensor))

@@ -65,13 +65,14 @@ class TaskStream(IterableDataset):
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
 
-    def _shards(self, slot: int, slots: int) -> Iterator[dict]:
-        """Each training pass reshuffles the shard list (same order on every rank) and deals it out."""
+    def _shards(self, slot: int, slots: int, split_samples: bool) -> Iterator[dict]:
+        """Each training pass reshuffles the shard list (same order on every rank) and deals it out,
+        or gives every shard to every reader when samples are split instead."""
         for epoch in itertools.count() if self.train else [0]:
             urls = list(self.urls)
             if self.train:
                 random.Random(self.seed * 100_003 + epoch).shuffle(urls)
-            share = urls[slot::slots] if len(urls) >= slots else urls
+            share = urls if split_samples else urls[slot::slots]
             yield from ({"url": url} for url in share)
 
     def _examples(self, samples: Iterator[dict], slot: int, slots: int, split_samples: bool) -> Iterator[dict]:
@@ -91,7 +92,7 @@ class TaskStream(IterableDataset):
         slot, slots = self.rank * workers + worker, self.world_size * workers
         # Fewer shards than readers: every reader opens every shard and keeps its share of samples.
         split_samples = len(self.urls) < slots
-        samples = wds.tarfile_samples(self._shards(slot, slots))
+        samples = wds.tarfile_samples(self._shards(slot, slots, split_samples))
         stream = self._examples(samples, slot, slots, split_samples)
         if self.train:
             stream = wds.shuffle(self.shuffle_buffer, rng=random.Random(self.seed * 1_000_003 + slot))(stream)
@@ -122,8 +123,6 @@ class Mixture:
             for it in self._iterators.values():
                 step.update(next(it))
             yield step
-
-
 
 
 class Sequential:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from mmlit.models import Backbone
 
-__all__ = ["Shards", "Task", "collate_examples"]
+__all__ = ["Shards", "Task", "batch_size_of", "collate_examples"]
 
 
 @dataclass
@@ -54,6 +54,11 @@ def collate_examples(examples: list[dict]) -> dict[str, Any]:
         else:
             batch[key] = values
     return batch
+
+
+def batch_size_of(batch: dict[str, Any]) -> int:
+    """Rows of a collated batch: the length of its first tensor (images, for VQA's image-grouped batches)."""
+    return next(len(v) for v in batch.values() if isinstance(v, torch.Tensor))
 
 
 class Task(nn.Module):
