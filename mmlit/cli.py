@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from mmlit.callbacks import Throughput
-from mmlit.data import MultiTaskDataModule
+from mmlit.data import DataMonitor, MultiTaskDataModule
 from mmlit.loggers import WandbLogger
 from mmlit.module import MultiTaskModule
 
@@ -71,6 +71,7 @@ class MMLitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_lightning_class_args(DataMonitor, "data_monitor")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.link_arguments("model", "data.tasks", compute_fn=_tasks_of, apply_on="instantiate")

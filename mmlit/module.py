@@ -83,9 +83,12 @@ class MultiTaskModule(pl.LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         # compute() syncs across ranks; every rank calls it for every task in the same order.
         values = {}
-        for name, task in self.tasks.items():
-            # No batches: the task has no shards for this split, or the sanity check stopped before it.
-            if getattr(task.shards, stage) is None or self.eval_losses[stage][name].update_count == 0:
+        # A task without batches on any rank (no shards for this split, or the sanity check stopped before it) is
+        # left out; the decision is taken over all ranks, because compute() of the others would wait for it.
+        seen = torch.tensor([float(self.eval_losses[stage][name].update_count) for name in self.tasks], device=self.device)
+        seen = self.trainer.strategy.reduce(seen, reduce_op="sum") if self._trainer is not None else seen
+        for (name, task), count in zip(self.tasks.items(), seen.tolist()):
+            if getattr(task.shards, stage) is None or count == 0:
                 continue
             values[f"{stage}/{name}/loss"] = self.eval_losses[stage][name].compute()
             for key, value in self.metrics[stage][name].compute().items():

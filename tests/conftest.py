@@ -69,3 +69,19 @@ def tiny_recipe(soc: dict, root: Path, tasks: list[str] | None = None, **trainer
 def write_recipe(recipe: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def write_tar(path: Path, samples: list[dict[str, bytes]]) -> Path:
+    """A tar shard with one member per entry: ``{"__key__": "k0", "json": b"..."}`` -> ``k0.json``."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path

@@ -1,53 +1,65 @@
-"""Per-task streams over WebDataset shards, and the mixture that zips them into training steps.
+"""Per-task streams over tar shards, and the mixture that turns them into training steps.
 
-A ``TaskStream`` reads tar shards with ``webdataset``'s tar iterator, splits them over DDP ranks
-and DataLoader workers explicitly (rank and world size are passed in, never guessed inside a
-worker), shuffles with seeds derived from ``(seed, rank, worker, pass)``, decodes with the safe
-allow-list, lets the task turn samples into examples, and batches with the task's collate.
+A ``TaskStream`` is one task's ``IterableDataset``. Its readers are the ``ranks x workers`` slots,
+and what each reads is planned from the sample counts of ``scan_shards``:
 
-Training streams repeat over their shards (reshuffled every pass), so every rank can draw as
-many batches as the epoch asks for; evaluation streams read every sample exactly once across
-all ranks and workers.
+* **epoch mode**: an epoch is one pass over every sample. The shard order is shuffled per epoch
+  (the same on every rank), the samples in that order are cut into one contiguous slice per
+  reader (sizes differ by at most one, whatever the shard sizes), and every reader cuts its
+  slice into the same number of batches, ``ceil(ceil(N / readers) / batch_size)``: full batches
+  and then smaller ones. Every sample is read exactly once and every rank yields the same
+  number of batches, so no rank waits for another.
+* **resampled mode**: each reader draws shards with replacement (seeded by epoch and reader)
+  until it has its slice of ``samples_per_epoch``, which is a global number whatever the
+  number of ranks and workers.
+
+Raw samples are shuffled in a buffer (seeded by epoch and reader) before decoding, so a stream
+can resume at any batch by reading the raw samples before it again without decoding them. The
+position is one number per task: the batches the rank's loader has delivered, which is the
+same on every rank. A sample that cannot be used is skipped and reported with its batch.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 import itertools
+import math
 import random
 from typing import TYPE_CHECKING, Iterator
-from urllib.parse import urlparse
 
-import braceexpand
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmlit.data.decode import SampleError, decode_sample, sample_location
+from mmlit.data.decode import SampleError, UnsafeSampleError, decode_sample, sample_location
+from mmlit.data.shards import ShardError, ShardIndex, iter_samples
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+    from mmlit.data.faults import FaultLog
+    from mmlit.data.mixing import TaskSampler
     from mmlit.tasks.base import Task
 
-__all__ = ["resolve_shards", "TaskStream", "Mixture", "Sequential"]
+__all__ = ["Mixture", "Sequential", "TaskStream"]
 
 
-def resolve_shards(spec: str, key: str, *, allow_pipe: bool = False) -> list[str]:
-    """Expand ``{000..009}`` braces and, for local paths, globs; fail naming ``key`` if nothing matches."""
-    urls: list[str] = []
-    for part in braceexpand.braceexpand(spec):
-        scheme = urlparse(part).scheme
-        if part.startswith("pipe:") and not allow_pipe:
-            raise ValueError(f"{key}: '{part}' runs a shell command; set data.allow_pipe: true to allow it")
-        if scheme and len(scheme) > 1:  # http://, s3://, pipe: ...; a one-letter scheme is a Windows drive
-            urls.append(part)
-            continue
-        matches = sorted(glob.glob(part)) if glob.has_magic(part) else ([part] if os.path.isfile(part) else [])
-        if not matches:
-            raise FileNotFoundError(f"{key}: no shard matches '{part}' (from '{spec}')")
-        urls.extend(matches)
-    return urls
+def _rng(*parts) -> random.Random:
+    """A generator seeded by a tuple (string seeds are hashed with SHA-512: no collisions between tuples)."""
+    return random.Random(":".join(map(str, ("mmlit", *parts))))
+
+
+def _slice(total: int, readers: int, reader: int) -> tuple[int, int]:
+    return total * reader // readers, total * (reader + 1) // readers
+
+
+def _batch_sizes(n: int, batches: int, batch_size: int) -> list[int]:
+    """``n`` samples in exactly ``batches`` batches: full ones first, and at least one sample in each
+    while samples last (a size of 0 happens only when ``n < batches``)."""
+    sizes, left = [], n
+    for i in range(batches):
+        size = max(min(batch_size, left - (batches - i - 1)), 0)
+        sizes.append(size)
+        left -= size
+    return sizes
 
 
 def _slot() -> tuple[int, int]:
@@ -56,72 +68,178 @@ def _slot() -> tuple[int, int]:
 
 
 class TaskStream(IterableDataset):
-    """Batches of one task, as ``{task_name: batch}``."""
+    """Batches of one task, as ``(task_name, batch, report)``; the report says what was read and skipped.
 
-    def __init__(self, task: Task, urls: list[str], tokenizer: Tokenizer, *, batch_size: int, train: bool,
-                 seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1):
+    Args:
+        task: the task that prepares and collates examples.
+        index: the shards and their sample counts.
+        batch_size: samples per batch (per rank).
+        train: training streams shuffle and never end; evaluation streams read every sample once.
+        samples_per_epoch: resampled mode with this many samples per epoch (all ranks together);
+            ``None`` is epoch mode.
+        start_batch: the number of batches the rank's loader delivered before (a resumed run).
+    """
+
+    def __init__(self, task: Task, index: ShardIndex, tokenizer: Tokenizer, *, batch_size: int, train: bool,
+                 samples_per_epoch: int | None = None, seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0,
+                 world_size: int = 1, allow_pipe: bool = False, start_batch: int = 0):
         super().__init__()
-        self.task, self.urls, self.tokenizer = task, urls, tokenizer
-        self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
+        self.task, self.index, self.tokenizer = task, index, tokenizer
+        self.batch_size, self.train, self.samples_per_epoch = batch_size, train, samples_per_epoch
+        self.seed, self.shuffle_buffer, self.allow_pipe = seed, shuffle_buffer, allow_pipe
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self._last: dict | None = None
 
-    def _shards(self, slot: int, slots: int, split_samples: bool) -> Iterator[dict]:
-        """Each training pass reshuffles the shard list (same order on every rank) and deals it out,
-        or gives every shard to every reader when samples are split instead."""
-        for epoch in itertools.count() if self.train else [0]:
-            urls = list(self.urls)
-            if self.train:
-                random.Random(self.seed * 100_003 + epoch).shuffle(urls)
-            share = urls if split_samples else urls[slot::slots]
-            yield from ({"url": url} for url in share)
+    @property
+    def epoch_samples(self) -> int:
+        return self.index.total if self.samples_per_epoch is None else self.samples_per_epoch
 
-    def _examples(self, samples: Iterator[dict], slot: int, slots: int, split_samples: bool) -> Iterator[dict]:
-        for index, sample in enumerate(samples):
-            if split_samples and index % slots != slot:
+    def reader_batches(self, workers: int) -> int:
+        """Batches every reader yields per epoch (a rank's loader yields ``workers`` times that)."""
+        readers = self.world_size * max(workers, 1)
+        return math.ceil(math.ceil(self.epoch_samples / readers) / self.batch_size)
+
+    # Raw samples (or placeholders for samples lost to an unreadable shard) of one reader and epoch.
+    def _read(self, url: str, start: int, stop: int) -> Iterator[dict]:
+        read = 0
+        try:
+            for sample in iter_samples(url, start, stop, allow_pipe=self.allow_pipe):
+                read += 1
+                yield sample
+        except ShardError as err:
+            for i in range(start + read, stop):
+                yield {"__fault__": err.reason, "__url__": url, "__index__": i}
+
+    def _epoch_source(self, epoch: int, reader: int, readers: int) -> Iterator[dict]:
+        order = list(range(len(self.index.urls)))
+        if self.train:
+            _rng(self.seed, "order", epoch).shuffle(order)
+        lo, hi = _slice(self.index.total, readers, reader)
+        position = 0
+        for i in order:
+            count = self.index.counts[i]
+            start, stop = max(lo - position, 0), min(hi - position, count)
+            position += count
+            if start < stop:
+                yield from self._read(self.index.urls[i], start, stop)
+            if position >= hi:
+                return
+
+    def _resampled_source(self, epoch: int, reader: int, readers: int) -> Iterator[dict]:
+        lo, hi = _slice(self.epoch_samples, readers, reader)
+        rng, need = _rng(self.seed, "resample", epoch, reader), hi - lo
+        while need > 0:
+            i = rng.randrange(len(self.index.urls))
+            take = min(need, self.index.counts[i])
+            yield from self._read(self.index.urls[i], 0, take)
+            need -= take
+
+    def _batch(self, raw: list[dict], epoch: int) -> tuple[str, dict | None, dict]:
+        examples, faults, keys = [], [], []
+        for sample in raw:
+            if "__fault__" in sample:
+                faults.append({"url": sample["__url__"], "index": sample["__index__"], "error": sample["__fault__"]})
                 continue
+            keys.append(sample["__key__"])
             try:
-                yield from self.task.prepare(decode_sample(sample), self.tokenizer)
-            except SampleError:
-                raise
+                examples.extend(list(self.task.prepare(decode_sample(sample), self.tokenizer)))
+            except UnsafeSampleError:
+                raise  # a shard that tries to run code stops the run
+            except SampleError as err:
+                faults.append({"url": sample["__url__"], "key": sample["__key__"], "error": str(err)})
             except Exception as err:
                 raise SampleError(f"{sample_location(sample)}: task '{self.task.name}' failed to prepare it: "
                                   f"{err!r}") from err
+        report = {"samples": len(raw), "faults": faults, "keys": keys, "padded": 0, "epoch": epoch}
+        if examples:
+            batch = self.task.collate(examples)
+            if self.train:
+                self._last = batch
+        elif not self.train:
+            batch = None  # evaluation skips it; the report still counts what was lost
+        elif self._last is not None:
+            # Every rank must take a batch of this task in this step; the last good one stands in.
+            batch, report["padded"] = self._last, 1
+        else:
+            raise SampleError(f"task '{self.task.name}': none of the {len(raw)} sample(s) of a batch could be used "
+                              f"and there is no earlier batch to repeat: {faults[:3]}")
+        return self.task.name, batch, report
 
-    def __iter__(self) -> Iterator[dict]:
+    def _reader_epoch(self, epoch: int, reader: int, readers: int, batches: int, skip: int) -> Iterator[tuple]:
+        if self.samples_per_epoch is None:
+            source, total = self._epoch_source(epoch, reader, readers), self.index.total
+        else:
+            source, total = self._resampled_source(epoch, reader, readers), self.samples_per_epoch
+        lo, hi = _slice(total, readers, reader)
+        if self.shuffle_buffer > 1:
+            source = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=_rng(self.seed, "shuffle", epoch, reader))(source)
+        for i, size in enumerate(_batch_sizes(hi - lo, batches, self.batch_size)):
+            raw = list(itertools.islice(source, size))
+            if i >= skip:  # batches before `skip` were delivered before a resume: read, not decoded
+                yield self._batch(raw, epoch)
+
+    def _evaluation(self, reader: int, readers: int) -> Iterator[tuple]:
+        source = self._epoch_source(0, reader, readers)
+        while raw := list(itertools.islice(source, self.batch_size)):
+            yield self._batch(raw, 0)
+
+    def __iter__(self) -> Iterator[tuple]:
         worker, workers = _slot()
-        slot, slots = self.rank * workers + worker, self.world_size * workers
-        # Fewer shards than readers: every reader opens every shard and keeps its share of samples.
-        split_samples = len(self.urls) < slots
-        samples = wds.tarfile_samples(self._shards(slot, slots, split_samples))
-        stream = self._examples(samples, slot, slots, split_samples)
-        if self.train:
-            stream = wds.shuffle(self.shuffle_buffer, rng=random.Random(self.seed * 1_000_003 + slot))(stream)
-        stream = wds.batched(self.batch_size, collation_fn=self.task.collate, partial=not self.train)(stream)
-        name = self.task.name
-        yield from ({name: batch} for batch in stream)
+        if not self.train:
+            yield from self._evaluation(self.rank * workers + worker, self.world_size * workers)
+            return
+        # The loader asks its workers for batches in turn, starting with worker 0 on every new iterator;
+        # after `start_batch` batches the next one is due from worker `start_batch % workers`.
+        logical = (worker + self.start_batch) % workers
+        delivered = max(self.start_batch - logical + workers - 1, 0) // workers
+        batches = self.reader_batches(workers)
+        epoch, skip = divmod(delivered, batches)
+        for epoch in itertools.count(epoch):
+            yield from self._reader_epoch(epoch, self.rank * workers + logical, self.world_size * workers, batches, skip)
+            skip = 0
 
 
 class Mixture:
-    """A training epoch of ``steps`` steps, each taking one batch from every task's loader.
+    """Training steps: in each, the sampler's tasks each give one batch (``{task_name: batch}``).
 
-    The loaders' iterators live across epochs (the streams repeat), so an epoch has the same
-    number of steps on every rank whatever the shard sizes.
+    An epoch is ``steps_per_epoch`` steps; the task streams run on across epochs. ``step`` is the
+    index of the next step and ``start`` the batch each task's stream starts at (both non-zero
+    after a resume).
     """
 
-    def __init__(self, loaders: dict, steps: int):
-        self.loaders, self.steps = loaders, steps
+    def __init__(self, loaders: dict, sampler: TaskSampler, steps_per_epoch: int, faults: FaultLog, *,
+                 step: int = 0, start: dict[str, int] | None = None):
+        self.loaders, self.sampler, self.steps_per_epoch, self.faults = loaders, sampler, steps_per_epoch, faults
+        self.step, self.first_step = step, step
+        self.start = {name: (start or {}).get(name, 0) for name in loaders}
+        self.pulled = dict.fromkeys(loaders, 0)
+        self.recent: dict[int, dict[str, list[str]]] = {}  # step -> sample keys per task, for the last steps
         self._iterators: dict | None = None
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps_per_epoch
+
+    def position(self, step: int) -> dict[str, int]:
+        """The batch each task's stream is at after ``step`` steps (from the schedule, not from what was pulled)."""
+        drawn = self.sampler.counts(step, begin=self.first_step)
+        return {name: self.start[name] + drawn[name] for name in self.loaders}
 
     def __iter__(self) -> Iterator[dict]:
         if self._iterators is None:
+            for name, loader in self.loaders.items():
+                loader.dataset.start_batch = self.start[name]  # read by the workers when they start
             self._iterators = {name: iter(loader) for name, loader in self.loaders.items()}
-        for _ in range(self.steps):
-            step = {}
-            for it in self._iterators.values():
-                step.update(next(it))
+        end = (self.step // self.steps_per_epoch + 1) * self.steps_per_epoch
+        while self.step < end:
+            step, keys = {}, {}
+            for name in self.sampler.tasks(self.step):
+                _, batch, report = next(self._iterators[name])
+                self.faults.add(name, "train", report)
+                self.pulled[name] += 1
+                step[name], keys[name] = batch, report["keys"]
+            self.recent[self.step] = keys
+            self.recent.pop(self.step - 16, None)
+            self.step += 1
             yield step
 
 
@@ -129,8 +247,11 @@ class Sequential:
     """Evaluation: every task's loader in turn, as one iterable, so Lightning sees one dataloader
     (and reports each metric once) while each batch still says which task it belongs to."""
 
-    def __init__(self, loaders: list):
-        self.loaders = loaders
+    def __init__(self, loaders: list, faults: FaultLog, split: str):
+        self.loaders, self.faults, self.split = loaders, faults, split
 
     def __iter__(self) -> Iterator[dict]:
-        return itertools.chain.from_iterable(self.loaders)
+        for name, batch, report in itertools.chain.from_iterable(self.loaders):
+            self.faults.add(name, self.split, report)
+            if batch is not None:
+                yield {name: batch}

@@ -7,11 +7,9 @@ import collections
 import json
 from typing import Iterator
 
-import webdataset as wds
-
 from mmlit.data import sort_of_clevr
 from mmlit.data.decode import decode_sample
-from mmlit.data.stream import resolve_shards
+from mmlit.data.shards import iter_samples, resolve_shards
 from mmlit.text import train_tokenizer
 
 __all__ = ["main", "iter_texts"]
@@ -30,7 +28,7 @@ def _strings(value) -> Iterator[str]:
 
 def iter_texts(urls: list[str]) -> Iterator[str]:
     """Every text in the shards: ``.txt`` entries and every string inside ``.json`` entries."""
-    for sample in wds.tarfile_samples({"url": url} for url in urls):
+    for sample in (s for url in urls for s in iter_samples(url)):
         sample = {k: v for k, v in sample.items() if k.startswith("__") or k.rsplit(".", 1)[-1] in ("txt", "json")}
         for key, value in decode_sample(sample).items():
             if not key.startswith("__"):
@@ -58,7 +56,7 @@ def _inspect(args: argparse.Namespace) -> None:
     urls = resolve_shards(args.shards, "--shards")
     counts, entries = collections.Counter(), collections.Counter()
     first = None
-    for sample in wds.tarfile_samples({"url": url} for url in urls):
+    for sample in (s for url in urls for s in iter_samples(url)):
         counts[sample["__url__"]] += 1
         entries.update(k for k in sample if not k.startswith("__"))
         first = first or sample

@@ -1,62 +1,149 @@
+"""Task streams: exact epochs over uneven shards for any ranks x workers, resampling, resume, faults, safety."""
+
 import io
 import itertools
-import tarfile
+import pickle
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
-from mmlit.data import SampleError, TaskStream, UnsafeSampleError, decode_sample, resolve_shards
+from mmlit.data import SampleError, TaskStream, UnsafeSampleError, decode_sample, sample_field, scan_shards
 from mmlit.tasks.base import Shards, Task, collate_examples
-from mmlit.text import load_tokenizer
+
+from ..conftest import write_tar
 
 
 class KeyTask(Task):
-    """Yields each sample's key and its number of questions, so tests can count what was read."""
+    """Yields each sample's key (and reads its ``json.i``), so tests can count what was read."""
 
     task_name = "keys"
 
     def prepare(self, sample, tokenizer):
-        yield {"key": sample["__key__"], "n": len(sample["json"]["questions"])}
+        yield {"key": sample["__key__"], "i": sample_field(sample, "json.i", self.name)}
 
 
-def _keys(stream_kwargs, urls, tokenizer, workers=0, batches=None):
-    stream = TaskStream(KeyTask(Shards()), urls, tokenizer, **stream_kwargs)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers)
-    out = []
-    for batch in itertools.islice(loader, batches):
-        out.extend(batch["keys"]["key"])
-    return out
+def _samples(n, prefix):
+    return [{"__key__": f"{prefix}{i:03d}", "json": b'{"i": %d}' % i} for i in range(n)]
 
 
-@pytest.mark.parametrize("world_size,workers", [(1, 0), (1, 2), (2, 0), (2, 2), (3, 1)])
-def test_evaluation_reads_every_sample_exactly_once(soc, world_size, workers):
-    tokenizer = load_tokenizer(soc["tokenizer"])
-    urls = soc["shards"]["train"]  # 4 shards of 10
-    seen = []
-    for rank in range(world_size):
-        seen += _keys(dict(batch_size=3, train=False, rank=rank, world_size=world_size), urls, tokenizer, workers)
-    assert sorted(seen) == [f"train{i:07d}" for i in range(40)]
+@pytest.fixture
+def uneven(tmp_path):
+    """3 shards of 10, 50 and 7 samples."""
+    urls = [str(write_tar(tmp_path / f"u-{s}.tar", _samples(n, f"u{s}_"))) for s, n in enumerate((10, 50, 7))]
+    return scan_shards(urls, "k")
 
 
-def test_evaluation_with_fewer_shards_than_readers_splits_samples(soc):
-    tokenizer = load_tokenizer(soc["tokenizer"])
-    seen = []
+def _stream(index, **kwargs):
+    kwargs.setdefault("shuffle_buffer", 8)
+    return TaskStream(KeyTask(Shards()), index, None, **kwargs)
+
+
+def _take(stream, workers, n):
+    return list(itertools.islice(DataLoader(stream, batch_size=None, num_workers=workers), n))
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 0), (2, 2), (3, 1)])
+def test_epoch_mode_reads_every_sample_once_with_equal_steps_per_rank(uneven, world, workers):
+    keys, steps = [], set()
+    for rank in range(world):
+        stream = _stream(uneven, batch_size=4, train=True, rank=rank, world_size=world, seed=3)
+        per_epoch = stream.reader_batches(workers) * max(workers, 1)
+        items = _take(stream, workers, per_epoch + 1)
+        assert [r["epoch"] for _, _, r in items] == [0] * per_epoch + [1]
+        keys += [k for _, batch, _ in items[:per_epoch] for k in batch["key"]]
+        steps.add(per_epoch)
+        assert all(len(batch["key"]) >= 1 for _, batch, _ in items)
+    assert len(steps) == 1  # every rank the same number of batches
+    assert sorted(keys) == sorted(f"u{s}_{i:03d}" for s, n in enumerate((10, 50, 7)) for i in range(n))
+
+
+def test_uneven_accounting_two_ranks_two_workers(uneven):
+    """67 samples over 4 readers: slices of 16, 17, 17, 17; 5 batches each (4+4+4+3+1 or 4+4+4+4+1)."""
+    sizes = []
     for rank in range(2):
-        seen += _keys(dict(batch_size=5, train=False, rank=rank, world_size=2), soc["shards"]["val"], tokenizer, 2)
-    assert sorted(seen) == [f"val{i:07d}" for i in range(12)]
+        items = _take(_stream(uneven, batch_size=4, train=True, rank=rank, world_size=2), 2, 10)
+        sizes.append([len(batch["key"]) for _, batch, _ in items])
+    assert sizes == [[4, 4, 4, 4, 4, 4, 3, 4, 1, 1], [4, 4, 4, 4, 4, 4, 4, 4, 1, 1]]
 
 
-def test_training_stream_repeats_reshuffles_and_is_seeded(soc):
-    tokenizer = load_tokenizer(soc["tokenizer"])
-    kwargs = dict(batch_size=4, train=True, seed=7, shuffle_buffer=16)
-    first = _keys(kwargs, soc["shards"]["train"], tokenizer, batches=25)  # 100 examples: 2.5 passes
-    again = _keys(kwargs, soc["shards"]["train"], tokenizer, batches=25)
-    other = _keys(dict(kwargs, seed=8), soc["shards"]["train"], tokenizer, batches=25)
-    assert first == again
-    assert first != other
-    assert len(first) == 100 and len(set(first)) == 40  # the stream went past one pass over 40 keys
-    assert first[:40] != sorted(first[:40])
+def test_epochs_reshuffle_and_are_seeded(uneven):
+    def epochs(seed):
+        items = _take(_stream(uneven, batch_size=5, train=True, seed=seed), 0, 2 * 14)
+        keys = [k for _, batch, _ in items for k in batch["key"]]
+        return keys[:67], keys[67:]
+
+    first, second = epochs(0)
+    assert sorted(first) == sorted(second) and first != second
+    assert epochs(0) == (first, second) and epochs(1)[0] != first
+
+
+def test_resampled_mode_has_a_global_sample_count(uneven):
+    seen = {}
+    for world, workers in [(1, 0), (2, 2)]:
+        keys = []
+        for rank in range(world):
+            stream = _stream(uneven, batch_size=4, train=True, rank=rank, world_size=world, samples_per_epoch=30)
+            per_epoch = stream.reader_batches(workers) * max(workers, 1)
+            keys += [k for _, b, r in _take(stream, workers, per_epoch) for k in b["key"]]
+        seen[(world, workers)] = keys
+        assert len(keys) == 30  # whatever the number of readers
+    again = _take(_stream(uneven, batch_size=4, train=True, samples_per_epoch=30), 0, 8)
+    assert [k for _, b, _ in again for k in b["key"]] == seen[(1, 0)]  # seeded
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("start", [1, 6, 17])
+def test_a_stream_started_at_batch_k_continues_the_uninterrupted_one(uneven, workers, start):
+    full = _take(_stream(uneven, batch_size=4, train=True, rank=1, world_size=2), workers, 30)
+    resumed = _take(_stream(uneven, batch_size=4, train=True, rank=1, world_size=2, start_batch=start), workers, 30 - start)
+    assert [b["key"] for _, b, _ in resumed] == [b["key"] for _, b, _ in full[start:]]
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 2), (3, 1)])
+def test_evaluation_reads_every_sample_exactly_once(uneven, world, workers):
+    keys = []
+    for rank in range(world):
+        keys += [k for _, b, _ in _take(_stream(uneven, batch_size=3, train=False, rank=rank, world_size=world), workers, None)
+                 for k in b["key"]]
+    assert len(keys) == 67 and len(set(keys)) == 67
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_samples_and_cut_shards_are_skipped_and_reported(tmp_path):
+    good = _samples(6, "g")
+    good[1]["png"] = b"not a png"  # undecodable image
+    good[2] = {"__key__": "g002", "txt": b"no json"}  # missing field
+    good[3]["png"] = _png()
+    whole = write_tar(tmp_path / "a.tar", good)
+    data = write_tar(tmp_path / "b.tar", _samples(8, "b")).read_bytes()
+    cut = tmp_path / "b.tar"
+    index = scan_shards([str(whole), str(cut)], "k")
+    cut.write_bytes(data[: len(data) // 2])  # cut after the scan, as if a disk or a network failed while reading
+    items = _take(_stream(index, batch_size=3, train=False), 0, None)
+    faults = [f for _, _, report in items for f in report["faults"]]
+    assert sum(report["samples"] for _, _, report in items) == 14
+    assert {f.get("key") for f in faults} >= {"g001", "g002"}
+    assert any("cannot decode entry 'png'" in f["error"] for f in faults)
+    assert any("needs the entry '.json'" in f["error"] for f in faults)
+    lost = [f for f in faults if "index" in f]
+    assert lost and all(f["url"] == str(cut) for f in lost)
+    used = [k for _, b, _ in items if b is not None for k in b["key"]]
+    assert len(used) + len(faults) == 14 and "g003" in used
+
+
+def test_training_batch_with_no_usable_sample_repeats_the_last_good_one(tmp_path):
+    samples = _samples(4, "a") + [{"__key__": f"z{i}", "txt": b"x"} for i in range(4)]
+    index = scan_shards([str(write_tar(tmp_path / "a.tar", samples))], "k")
+    items = _take(_stream(index, batch_size=4, train=True, shuffle_buffer=0), 0, 2)
+    assert items[1][2]["padded"] == 1 and len(items[1][2]["faults"]) == 4
+    assert items[1][1]["key"] == items[0][1]["key"]
 
 
 def test_collate_pads_token_lists_and_stacks_tensors():
@@ -66,49 +153,30 @@ def test_collate_pads_token_lists_and_stacks_tensors():
     assert batch["x"].shape == (2, 2) and batch["y"].tolist() == [1, 0] and batch["s"] == ["a", "b"]
 
 
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('pwned')",))
+
+
 @pytest.mark.parametrize("ext", ["pyd", "pickle", "pth", "pt"])
 def test_decoder_refuses_formats_that_run_code(ext):
-    import pickle
-
-    class Boom:
-        def __reduce__(self):
-            return (exec, ("raise SystemExit('pwned')",))
-
-    sample = {"__key__": "evil", "__url__": "evil.tar", f"{ext}": pickle.dumps(Boom())}
+    sample = {"__key__": "evil", "__url__": "evil.tar", f"{ext}": pickle.dumps(_Boom())}
     with pytest.raises(UnsafeSampleError, match=r"evil.tar: sample 'evil': refusing entry"):
         decode_sample(sample)
 
 
-def test_malicious_shard_is_refused_by_the_stream(soc, tmp_path):
-    import pickle
-
-    path = tmp_path / "evil-000000.tar"
-    with tarfile.open(path, "w") as tar:
-        for name, data in [("k0.json", b'{"questions": []}'), ("k0.pyd", pickle.dumps({"a": 1}))]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+def test_malicious_shard_is_refused_by_the_stream_not_skipped(tmp_path):
+    path = write_tar(tmp_path / "evil-000000.tar", [{"__key__": "k0", "json": b'{"i": 0}', "pyd": pickle.dumps(_Boom())}])
     with pytest.raises(UnsafeSampleError, match="refusing entry 'pyd'"):
-        _keys(dict(batch_size=1, train=False), [str(path)], load_tokenizer(soc["tokenizer"]))
+        _take(_stream(scan_shards([str(path)], "k"), batch_size=1, train=False), 0, None)
 
 
-def test_missing_field_names_shard_and_sample(soc, tmp_path):
-    path = tmp_path / "nojson-000000.tar"
-    with tarfile.open(path, "w") as tar:
-        info = tarfile.TarInfo("k7.txt")
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"hi"))
-    with pytest.raises(SampleError, match=r"nojson-000000.tar: sample 'k7'.*task 'keys'"):
-        _keys(dict(batch_size=1, train=False), [str(path)], load_tokenizer(soc["tokenizer"]))
+def test_prepare_bug_is_an_error_naming_the_sample(tmp_path):
+    class Broken(KeyTask):
+        def prepare(self, sample, tokenizer):
+            raise ZeroDivisionError("oops")
+            yield
 
-
-def test_resolve_shards(soc, tmp_path):
-    assert resolve_shards(soc["train"], "k") == soc["shards"]["train"]
-    assert resolve_shards(str(soc["root"] / "train-*.tar"), "k") == soc["shards"]["train"]
-    with pytest.raises(FileNotFoundError, match=r"model.tasks.vqa.init_args.shards.train: no shard matches"):
-        resolve_shards(str(tmp_path / "x-{000..002}.tar"), "model.tasks.vqa.init_args.shards.train")
-    with pytest.raises(ValueError, match="runs a shell command"):
-        resolve_shards("pipe:curl http://example.com/a.tar", "k")
-    assert resolve_shards("pipe:cat a.tar", "k", allow_pipe=True) == ["pipe:cat a.tar"]
-    assert resolve_shards("https://example.com/a-{0..1}.tar", "k") == ["https://example.com/a-0.tar",
-                                                                         "https://example.com/a-1.tar"]
+    index = scan_shards([str(write_tar(tmp_path / "a.tar", _samples(2, "a")))], "k")
+    with pytest.raises(SampleError, match=r"a.tar: sample 'a000': task 'keys' failed to prepare it: ZeroDivisionError"):
+        _take(TaskStream(Broken(Shards()), index, None, batch_size=2, train=False), 0, None)
