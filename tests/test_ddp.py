@@ -33,3 +33,38 @@ def test_two_rank_fit_finishes_with_identical_weights(soc, tmp_path):
     assert checkpoint["global_step"] == 6  # 3 steps per epoch on every rank, 2 epochs
     for key, value in checkpoint["state_dict"].items():
         assert torch.equal(value, rank0[key]), key  # the checkpoint holds the weights the ranks ended with
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_uneven_shards_two_ranks_two_workers_one_exact_epoch(soc, tmp_path):
+    """Shards of 10, 50 and 7 samples over 2 ranks x 2 workers: 67 samples in slices of 16-17 per reader,
+    5 batches of at most 4 per reader, so 10 steps on each rank and every sample exactly once."""
+    from mmlit.data import iter_samples
+
+    from ._ddp_helpers import read_keys
+    from .conftest import write_tar
+
+    samples = [s for url in soc["shards"]["train"] for s in iter_samples(url)][:37] + \
+              [s for url in soc["shards"]["val"] + soc["shards"]["test"] for s in iter_samples(url)][:24]
+    samples += [dict(s, __key__=f"copy{i}") for i, s in enumerate(samples[:6])]  # 67 samples, unique keys
+    shards, begin = [], 0
+    for i, size in enumerate((10, 50, 7)):
+        chunk = [{k: v for k, v in s.items() if k not in ("__url__", "__index__")} for s in samples[begin:begin + size]]
+        shards.append(str(write_tar(tmp_path / f"uneven-{i}.tar", chunk)))
+        begin += size
+    run = tmp_path / "run"
+    recipe = tiny_recipe(soc, run, tasks=["vqa"], strategy="ddp", devices=2, max_epochs=1, logger=False,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    recipe["model"]["tasks"]["vqa"]["init_args"]["shards"]["train"] = "{" + ",".join(shards) + "}"
+    recipe["data"].update(num_workers=2, steps_per_epoch=None)
+    recipe["trainer"]["callbacks"] = [{"class_path": "tests._ddp_helpers.RecordKeys", "init_args": {"dirpath": str(tmp_path / "keys")}}]
+    env = dict(os.environ, PYTHONPATH=str(REPO), PL_TORCH_DISTRIBUTED_BACKEND="gloo")
+    result = subprocess.run([sys.executable, "-m", "mmlit.cli", "fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml"))],
+                            capture_output=True, text=True, timeout=420, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    steps = [read_keys(tmp_path / "keys", rank) for rank in range(2)]
+    assert [len(s) for s in steps] == [10, 10]
+    keys = [k for rank in steps for step in rank for k in step["keys"]["vqa"]]
+    assert sorted(keys) == sorted(s["__key__"] for s in samples)  # every sample once, none twice
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10

@@ -11,7 +11,7 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 
-from mmlit.data import TaskStream
+from mmlit.data import TaskStream, iter_samples, scan_shards
 from mmlit.models import Backbone
 from mmlit.registry import get_task, list_tasks
 from mmlit.tasks.base import Shards, Task
@@ -31,9 +31,9 @@ def _task_and_batch(name: str, soc: dict, train: bool = True, batch_size: int = 
     backbone = _backbone()
     task: Task = get_task(name)(Shards(train=soc["train"], val=soc["val"]), batch_size=batch_size)
     task.build(backbone)
-    stream = TaskStream(task, soc["shards"]["train" if train else "val"], load_tokenizer(soc["tokenizer"]),
+    stream = TaskStream(task, scan_shards(soc["shards"]["train" if train else "val"], "k"), load_tokenizer(soc["tokenizer"]),
                         batch_size=batch_size, train=train, seed=0, shuffle_buffer=32)
-    batch = next(iter(stream))[task.name]
+    _, batch, _ = next(iter(stream))
     return backbone, task, batch
 
 
@@ -63,11 +63,11 @@ def test_task_trains_a_batch_down(name, soc):
 def test_task_metrics_on_evaluation_batches(name, soc):
     backbone, task, _ = _task_and_batch(name, soc)
     backbone.eval(), task.eval()
-    stream = TaskStream(task, soc["shards"]["val"], load_tokenizer(soc["tokenizer"]), batch_size=5, train=False)
+    stream = TaskStream(task, scan_shards(soc["shards"]["val"], "k"), load_tokenizer(soc["tokenizer"]), batch_size=5, train=False)
     metrics = task.metrics()
     with torch.no_grad():
-        for batch in itertools.islice(iter(stream), 3):
-            task.update_metrics(metrics, task(backbone, batch[task.name]), batch[task.name])
+        for _, batch, _ in itertools.islice(iter(stream), 3):
+            task.update_metrics(metrics, task(backbone, batch), batch)
     values = metrics.compute()
     assert values, "a task reports at least one metric"
     for key, value in values.items():
@@ -78,10 +78,9 @@ def test_task_metrics_on_evaluation_batches(name, soc):
 def test_task_declares_the_fields_it_reads(name, soc):
     """Removing a declared field from a sample makes prepare fail with the shard and sample named."""
     from mmlit.data import SampleError, decode_sample
-    import webdataset as wds
 
     backbone, task, _ = _task_and_batch(name, soc)
-    sample = decode_sample(next(iter(wds.tarfile_samples([{"url": soc["shards"]["val"][0]}]))))
+    sample = decode_sample(next(iter_samples(soc["shards"]["val"][0])))
     assert list(task.prepare(sample, load_tokenizer(soc["tokenizer"])))
     assert task.fields
     for field in task.fields:

@@ -1,0 +1,111 @@
+"""The DataModule in a run: setup checks naming recipe keys, fault files and the error budget, remote shards."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from mmlit.cli import main
+from mmlit.data import DataBudgetError, MultiTaskDataModule, RoundRobin, iter_samples
+from mmlit.registry import get_task
+from mmlit.tasks.base import Shards
+
+from ..conftest import tiny_recipe, write_recipe, write_tar
+from .test_shards import http_root  # noqa: F401 (fixture)
+
+
+def _fit(recipe, tmp_path):
+    return main(["fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml"))])
+
+
+def _faulty_shards(soc, tmp_path, broken: int) -> str:
+    """The 4 training shards, with ``broken`` images of the last one made undecodable."""
+    samples = [dict(s) for s in iter_samples(soc["shards"]["train"][3])]
+    for s in samples[:broken]:
+        s["png"] = b"\x89PNG broken"
+    write_tar(tmp_path / "faulty.tar", [{k: v for k, v in s.items() if k not in ("__url__", "__index__")} for s in samples])
+    return "{" + ",".join([*soc["shards"]["train"][:3], str(tmp_path / "faulty.tar")]) + "}"
+
+
+def _recipe(soc, tmp_path, shards: str, budget: float) -> dict:
+    recipe = tiny_recipe(soc, tmp_path / "run", tasks=["image_classification"], logger=False, max_epochs=2,
+                         num_sanity_val_steps=0)
+    recipe["model"]["tasks"]["image_classification"]["init_args"]["shards"]["train"] = shards
+    recipe["data"].update(error_budget=budget, steps_per_epoch=None, shuffle_buffer=0)
+    return recipe
+
+
+def test_skipped_samples_are_counted_written_and_training_goes_on(soc, tmp_path):
+    _fit(_recipe(soc, tmp_path, _faulty_shards(soc, tmp_path, broken=3), budget=0.1), tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "data_faults" / "rank0.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert len(train) == 6  # 3 bad samples, read in each of the 2 epochs
+    assert {x["url"] for x in train} == {str(tmp_path / "faulty.tar")} and all("cannot decode entry 'png'" in x["error"] for x in train)
+    assert all(x["task"] == "image_classification" and x["rank"] == 0 for x in train)
+
+
+def test_error_budget_stops_the_run_with_the_counts(soc, tmp_path):
+    with pytest.raises(DataBudgetError, match=r"data.error_budget: task 'image_classification' skipped 3 of \d+ training "
+                                              r"samples read \(rank 0: 3\).*data_faults/rank0.jsonl"):
+        _fit(_recipe(soc, tmp_path, _faulty_shards(soc, tmp_path, broken=3), budget=0.01), tmp_path)
+    assert (tmp_path / "run" / "data_faults" / "rank0.jsonl").read_text().count("\n") == 3  # written before the stop
+
+
+def test_unreadable_shard_is_listed_and_counted_against_the_budget(soc, tmp_path):
+    (tmp_path / "junk.tar").write_bytes(b"junk" * 512)
+    shards = "{" + ",".join([*soc["shards"]["train"], str(tmp_path / "junk.tar")]) + "}"
+    with pytest.raises(DataBudgetError, match=r"shards.train: 1 of 5 shard\(s\) cannot be read"):
+        _fit(_recipe(soc, tmp_path, shards, budget=0.1), tmp_path)
+    _fit(_recipe(soc, tmp_path, shards, budget=0.2), tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "data_faults" / "rank0.jsonl").read_text().splitlines()]
+    assert any(x["url"] == str(tmp_path / "junk.tar") and "found at setup" in x["error"] for x in lines)
+
+
+def test_empty_shard_and_too_few_samples_are_setup_errors_naming_the_key(soc, tmp_path):
+    empty = write_tar(tmp_path / "empty.tar", [])
+    recipe = _recipe(soc, tmp_path, "{" + ",".join([*soc["shards"]["train"], str(empty)]) + "}", budget=0.0)
+    with pytest.raises(ValueError, match=r"model.tasks.image_classification.init_args.shards.train: shard .*empty.tar' holds no sample"):
+        _fit(recipe, tmp_path)
+    recipe = _recipe(soc, tmp_path, soc["train"], budget=0.0)
+    recipe["data"]["num_workers"] = 2
+    recipe["model"]["tasks"]["image_classification"]["init_args"]["shards"]["val"] = str(
+        write_tar(tmp_path / "one.tar", [{k: v for k, v in next(iter_samples(soc["shards"]["val"][0])).items()
+                                          if not k.startswith("__") or k == "__key__"}]))
+    with pytest.raises(ValueError, match=r"shards.val: 1 sample\(s\) for 1 rank\(s\) x 2 worker\(s\)"):
+        _fit(recipe, tmp_path)
+
+
+def test_sampled_mixture_under_ddp_needs_unused_parameter_detection(soc, tmp_path):
+    module = MultiTaskDataModule(soc["tokenizer"], tasks={"a": get_task("vqa")(Shards(train=soc["train"]))},
+                                 mixture=RoundRobin(), num_workers=0)
+    module.world_size = 2  # as set up on one of two ranks, with the default (non-detecting) DDP strategy
+    module._index("a", module.tasks["a"], "train")
+    with pytest.raises(ValueError, match="data.mixture: RoundRobin leaves tasks out.*ddp_find_unused_parameters_true"):
+        module._check_fit()
+
+
+def _keys(module: MultiTaskDataModule, steps: int) -> tuple[list, int]:
+    mixture = module.train_dataloader()
+    for _ in itertools.islice(mixture, steps):
+        pass
+    train = [mixture.recent[step]["vqa"] for step in range(steps)]
+    val = sum(len(b["vqa"]["answer"]) for b in module.val_dataloader())
+    return train, val
+
+
+def test_remote_shards_train_like_local_ones(soc, http_root, tmp_path):  # noqa: F811
+    import shutil
+
+    for path in soc["shards"]["train"] + soc["shards"]["val"]:
+        shutil.copy(path, tmp_path)
+    remote = {"train": http_root + "/train-{000000..000003}.tar", "val": http_root + "/val-000000.tar"}
+    seen = []
+    for shards in (remote, {"train": soc["train"], "val": soc["val"]}):
+        module = MultiTaskDataModule(soc["tokenizer"], tasks={"vqa": get_task("vqa")(Shards(**shards), batch_size=4)},
+                                     num_workers=1, steps_per_epoch=5)
+        module.tasks["vqa"].name = "vqa"
+        module.setup("fit")
+        seen.append(_keys(module, 5))
+    assert seen[0] == seen[1] and len(seen[0][0]) == 5 and seen[0][1] == 10 * 20  # val-000000: 10 images x 20 questions
