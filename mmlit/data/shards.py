@@ -5,16 +5,19 @@
 when allowed); ``iter_samples`` reads samples ``[start, stop)`` of a tar shard; ``scan_shards``
 counts the samples of every shard once at setup, so that epochs can be planned exactly.
 
-mmlit reads tars with ``tarfile`` rather than ``webdataset.tariterators`` for two reasons: a
-reader that starts at sample ``start`` must skip the samples before it without reading their
-bytes (a seek on local files), and a truncated or corrupt tar must end with an error that says
-which shard and how many samples were read, so that the loss is counted instead of the
-``warn_and_continue`` silence. Samples are grouped exactly as WebDataset does (``base_plus_ext``).
+mmlit reads tars itself rather than with ``webdataset.tariterators`` (which uses ``tarfile``) for
+three reasons: a reader that starts at sample ``start`` must skip the samples before it without
+reading their bytes (a seek on local files); a truncated or corrupt tar must end with an error
+that says which shard and how many samples were read, so that the loss is counted instead of
+the ``warn_and_continue`` silence; and ``tarfile``'s header parsing costs a tenth of the time of
+decoding a photo (see ``_tar_files``). Samples are grouped exactly as WebDataset does
+(``base_plus_ext``).
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import tarfile
 import urllib.request
@@ -30,7 +33,7 @@ from webdataset.tariterators import base_plus_ext
 __all__ = ["ShardError", "ShardIndex", "iter_samples", "open_shard", "resolve_shards", "scan_shards"]
 
 # What a broken tar, a broken gzip stream or a dropped connection raise while reading.
-_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, UnicodeDecodeError)
 
 
 class ShardError(RuntimeError):
@@ -80,10 +83,75 @@ def open_shard(url: str, *, allow_pipe: bool = False) -> IO[bytes]:
     return fsspec.open(url, "rb").open()
 
 
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").lstrip(b" ")
+    try:
+        return int(field, 8) if field else 0
+    except ValueError:
+        raise tarfile.ReadError(f"not a tar header (number field {field[:12]!r})") from None
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` record of a PAX extended header (``"%d path=%s\n"`` records)."""
+    while records:
+        length = int(records.split(b" ", 1)[0])
+        key, _, value = records[:length].split(b" ", 1)[1].partition(b"=")
+        if key == b"path":
+            return value[:-1].decode("utf-8")
+        records = records[length:]
+    return None
+
+
+def _tar_files(stream: IO[bytes], data: bool) -> Iterator[tuple[str, bytes | None]]:
+    """``(name, bytes)`` of each regular file of an uncompressed tar (ustar, PAX and GNU long names).
+
+    A small header parser instead of ``tarfile``: on shards written by ``webdataset.ShardWriter``
+    (a PAX header per member) ``tarfile`` spends about 0.3 ms per sample parsing headers, 10% of
+    decoding and cropping a 500x375 JPEG. Every header's checksum is checked, and a tar that ends
+    without its end-of-archive blocks is an error (``tarfile`` reads one cut at a member boundary
+    as a clean end).
+    """
+    seek = stream.seekable() if hasattr(stream, "seekable") else False
+    long_name: str | None = None
+    while True:
+        header = stream.read(512)
+        if len(header) < 512:
+            raise tarfile.ReadError("no end-of-archive blocks: the tar was cut short")
+        if header == bytes(512):
+            return  # end-of-archive
+        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field counts as spaces
+            raise tarfile.ReadError("bad header checksum: the tar is corrupt")
+        size, kind = _octal(header[124:136]), header[156:157]
+        padded = -(-size // 512) * 512
+        if kind in (b"x", b"L"):  # PAX extended header / GNU long name: applies to the next member
+            payload = stream.read(padded)[:size]
+            if len(payload) < size:
+                raise tarfile.ReadError("unexpected end of data")
+            long_name = _pax_path(payload) if kind == b"x" else payload.rstrip(b"\0").decode("utf-8")
+            continue
+        name = long_name
+        if name is None:
+            name, prefix = header[:100].split(b"\0", 1)[0].decode("utf-8"), header[345:500].split(b"\0", 1)[0].decode("utf-8")
+            name = f"{prefix}/{name}" if prefix else name
+        long_name = None
+        if kind in (b"0", b"\0") and data:
+            content = stream.read(padded)
+            if len(content) < padded:
+                raise tarfile.ReadError("unexpected end of data")
+            yield name, content[:size]
+            continue
+        if seek:
+            stream.seek(padded, os.SEEK_CUR)
+        elif len(stream.read(padded)) < padded:
+            raise tarfile.ReadError("unexpected end of data")
+        if kind in (b"0", b"\0"):
+            yield name, None
+
+
 def iter_samples(url: str, start: int = 0, stop: int | None = None, *, allow_pipe: bool = False,
                  data: bool = True) -> Iterator[dict]:
-    """Samples ``start <= i < stop`` of a tar shard, as ``{"__key__", "__url__", "__index__", ext: bytes}``
-    (without the ``ext`` entries when ``data`` is false).
+    """Samples ``start <= i < stop`` of a tar shard (``.tar``, or gzip-compressed ``.tar.gz``/``.tgz``),
+    as ``{"__key__", "__url__", "__index__", ext: bytes}`` (``ext: None`` when ``data`` is false).
 
     Members before ``start`` are skipped without reading their bytes where the stream can seek.
     Raises ``ShardError`` (after the samples read so far) if the tar is cut short or corrupt; a
@@ -91,28 +159,22 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None, *, allow_pip
     """
     index, key, sample = -1, None, {}
     try:
-        with open_shard(url, allow_pipe=allow_pipe) as stream:
-            seekable = stream.seekable() if hasattr(stream, "seekable") else False
-            with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    prefix, ext = base_plus_ext(member.name)
-                    if prefix is None or os.path.basename(prefix).startswith("__"):
-                        continue  # __meta__ files, names without an extension
-                    if prefix != key:
-                        if sample and index >= start:
-                            yield sample
-                        index, key, sample = index + 1, prefix, {}
-                        if stop is not None and index >= stop:
-                            return
-                        if index >= start:
-                            sample = {"__key__": prefix, "__url__": url, "__index__": index}
+        with open_shard(url, allow_pipe=allow_pipe) as raw:
+            stream = gzip.GzipFile(fileobj=raw) if url.endswith((".gz", ".tgz")) else raw
+            for name, content in _tar_files(stream, data):
+                prefix, ext = base_plus_ext(name)
+                if prefix is None or os.path.basename(prefix).startswith("__"):
+                    continue  # __meta__ files, names without an extension
+                if prefix != key:
+                    if sample and index >= start:
+                        yield sample
+                    index, key, sample = index + 1, prefix, {}
+                    if stop is not None and index >= stop:
+                        return
                     if index >= start:
-                        sample[ext] = tar.extractfile(member).read() if data else b""
-                if seekable and url.endswith(".tar") and stream.seek(0, os.SEEK_END) < tar.offset + 2 * tarfile.BLOCKSIZE:
-                    # tarfile reads a file cut at a member boundary as a clean end; a written tar ends in two zero blocks.
-                    raise tarfile.ReadError("no end-of-archive blocks: the file was cut short")
+                        sample = {"__key__": prefix, "__url__": url, "__index__": index}
+                if index >= start:
+                    sample[ext] = content
     except _READ_ERRORS as err:
         raise ShardError(url, max(index - start, 0), f"{type(err).__name__}: {err}") from err
     if sample:

@@ -93,3 +93,28 @@ def test_remote_shards_go_through_the_same_reader(tmp_path, http_root):
     assert [s["__key__"] for s in iter_samples(urls[1], 1, 3)] == ["s1_001", "s1_002"]
     with pytest.raises(ShardError, match="HTTPError"):
         list(iter_samples(http_root + "/missing.tar"))
+
+
+@pytest.mark.parametrize("fmt,suffix", [("pax", ".tar"), ("gnu", ".tar"), ("ustar", ".tar"), ("pax", ".tar.gz")])
+def test_reader_agrees_with_tarfile_on_every_header_kind(tmp_path, fmt, suffix):
+    """PAX headers (webdataset's float mtimes, long paths), GNU long names, plain ustar, gzip."""
+    import io
+    import tarfile
+
+    path = tmp_path / f"h{suffix}"
+    names = [f"k{i}.json" for i in range(3)] + ["d/" + "x" * 120 + ".txt", "d/" + "y" * 90 + "/z.jpg"]
+    with tarfile.open(path, "w:gz" if suffix.endswith("gz") else "w",
+                      format={"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}[fmt]) as tar:
+        directory = tarfile.TarInfo("d")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)  # a directory entry is not a sample
+        for i, name in enumerate(names):
+            if fmt == "ustar" and len(name) > 100:
+                continue
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = i + 3, 1.5e9 + 0.25  # a float mtime makes a PAX header per member
+            tar.addfile(info, io.BytesIO(bytes([65 + i]) * (i + 3)))
+    with tarfile.open(path) as tar:
+        expected = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    got = {f"{s['__key__']}.{ext}": v for s in iter_samples(str(path)) for ext, v in s.items() if not ext.startswith("__")}
+    assert got == expected and len(got) >= 4
