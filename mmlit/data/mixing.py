@@ -100,7 +100,7 @@ class Temperature(_OnePerStep):
     """One task per step, ``p_t ~ n_t^(1/T)``: T=1 is proportional, large T tends to uniform.
 
     Args:
-        temperature: T, at least 1 in the usual use (T5 used 2 and 8 for its mixtures).
+        temperature: T; T5 (Raffel et al. 2020) compared T = 2, 4 and 8.
     """
 
     def __init__(self, temperature: float = 2.0):

@@ -67,7 +67,9 @@ class Task(nn.Module):
 
     Args:
         shards: the task's shards per split.
-        batch_size: examples per batch (per rank).
+        batch_size: samples (tar entries sharing a key) per batch, per rank. Epochs are planned in
+            samples, so a task whose ``prepare`` makes several examples of one sample (the questions of
+            an image) puts all of them in that sample's batch.
     """
 
     task_name: ClassVar[str]  # set by @register_task

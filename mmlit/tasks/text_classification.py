@@ -1,7 +1,8 @@
 """Text-only classification from the backbone's pooled text feature.
 
 Data contract: a JSON list of items (``json.questions`` by default), each with a text and a class
-name; every item is one example. On Sort-of-CLEVR the class is the question type (shape,
+name; every item is one example, so a batch of ``batch_size`` samples holds all of their items (20
+questions per Sort-of-CLEVR image). On Sort-of-CLEVR the class is the question type (shape,
 horizontal, vertical, closest, furthest, count), read from the question text alone.
 """
 
@@ -29,7 +30,7 @@ class TextClassification(Task):
 
     fields = ("json.questions",)
 
-    def __init__(self, shards: Shards, batch_size: int = 32, items_field: str = "json.questions",
+    def __init__(self, shards: Shards, batch_size: int = 2, items_field: str = "json.questions",
                  text_key: str = "question", label_key: str = "type", classes: list[str] = list(QUESTION_TYPES)):
         super().__init__(shards, batch_size)
         self.items_field, self.text_key, self.label_key = items_field, text_key, label_key
