@@ -119,8 +119,9 @@ def _tar_files(stream: IO[bytes], data: bool) -> Iterator[tuple[str, bytes | Non
             raise tarfile.ReadError("no end-of-archive blocks: the tar was cut short")
         if header == bytes(512):
             return  # end-of-archive
-        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field counts as spaces
-            raise tarfile.ReadError("bad header checksum: the tar is corrupt")
+        stored, checksum = _octal(header[148:156]), sum(header[:148]) + 256 + sum(header[156:])  # the field counts as spaces
+        if stored != checksum and stored != checksum - 256 * sum(b >= 128 for b in header[:148] + header[156:]):
+            raise tarfile.ReadError("bad header checksum: the tar is corrupt")  # (the second sum: writers of signed chars)
         size, kind = _octal(header[124:136]), header[156:157]
         padded = -(-size // 512) * 512
         if kind in (b"x", b"L"):  # PAX extended header / GNU long name: applies to the next member

@@ -49,6 +49,11 @@ def test_truncated_and_corrupt_shards_raise_after_what_was_readable(tmp_path):
     boundary.write_bytes(data[:512 * 6])  # cut exactly between members: tarfile alone sees a clean end
     with pytest.raises(ShardError, match="no end-of-archive blocks"):
         list(iter_samples(str(boundary)))
+    flipped = bytearray(data)
+    flipped[512 * 4 + 1] ^= 0x01  # the second sample's first header: the first sample may lack members, so it is not kept either
+    (tmp_path / "flipped.tar").write_bytes(bytes(flipped))
+    with pytest.raises(ShardError, match="unreadable after 0 sample.*bad header checksum"):
+        list(iter_samples(str(tmp_path / "flipped.tar")))
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(b"this is not a tar file" * 100)
     with pytest.raises(ShardError, match="unreadable after 0 sample"):
