@@ -87,26 +87,40 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if self.trainer is not None:
             self.faults.attach(self.trainer.default_root_dir)
         for name, task in self.tasks.items():
-            for split in _SPLITS.get(stage, ()):
-                if split not in self.indexes.get(name, {}):
-                    self._index(name, task, split)
+            if task.shards.train is None and stage == "fit":
+                raise ValueError(f"model.tasks.{name}.init_args.shards.train: task '{name}' has no training shards")
+        wanted = [(name, split) for name in self.tasks for split in _SPLITS.get(stage, ())
+                  if split not in self.indexes.get(name, {}) and getattr(self.tasks[name].shards, split) is not None]
+        # Rank 0 scans and every rank uses its result (or raises its error), so that all ranks plan the same
+        # epochs even when a remote shard fails for one of them; it also reads remote shards only once.
+        scans = [self._scan(name, split) if self.rank == 0 else None for name, split in wanted]
+        if self.world_size > 1:
+            dist.broadcast_object_list(scans, src=0)
+        for (name, split), scan in zip(wanted, scans):
+            if isinstance(scan, Exception):
+                raise scan
+            self._index(name, split, scan)
         if stage == "fit":
             self._check_fit()
 
-    def _index(self, name: str, task, split: str) -> None:
-        spec = getattr(task.shards, split)
+    def _scan(self, name: str, split: str) -> ShardIndex | Exception:
         key = f"model.tasks.{name}.init_args.shards.{split}"
-        if spec is None:
-            if split == "train":
-                raise ValueError(f"{key}: task '{name}' has no training shards")
-            return
-        urls = resolve_shards(spec, key, allow_pipe=self.allow_pipe)
-        index = scan_shards(urls, key, allow_pipe=self.allow_pipe)
-        self.faults.add_bad_shards(name, split, index.bad)
-        if len(index.bad) > self.error_budget * len(urls):
+        try:
+            return scan_shards(resolve_shards(getattr(self.tasks[name].shards, split), key, allow_pipe=self.allow_pipe), key,
+                               allow_pipe=self.allow_pipe)
+        except (OSError, ValueError) as err:  # a missing or empty shard: raised on every rank
+            return err
+
+    def _index(self, name: str, split: str, index: ShardIndex) -> None:
+        key = f"model.tasks.{name}.init_args.shards.{split}"
+        if self.rank == 0:
+            self.faults.add_bad_shards(name, split, index.bad)
+        shards = len(index.urls) + sum(1 for e in index.bad if e.url not in index.urls)
+        if len(index.bad) > self.error_budget * shards:
             raise DataBudgetError(
-                f"{key}: {len(index.bad)} of {len(urls)} shard(s) cannot be read to the end, more than data.error_budget "
-                f"({self.error_budget:g}) allows: " + "; ".join(str(e) for e in index.bad[:5]))
+                f"{key}: {len(index.bad)} of {shards} shard(s) cannot be read to the end, more than data.error_budget "
+                f"({self.error_budget:g}) of the shards; their readable samples would be used, the rest is lost: "
+                + "; ".join(str(e) for e in index.bad[:5]))
         samples = self.samples_per_epoch.get(name, index.total) if split == "train" and self.mode == "resampled" else index.total
         if samples < self.readers:
             raise ValueError(f"{key}: {samples} sample(s) for {self.world_size} rank(s) x {max(self.num_workers, 1)} "
@@ -180,9 +194,14 @@ class MultiTaskDataModule(pl.LightningDataModule):
             return {}
         step = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed  # steps trained, not prefetched
         position, batches, samples = self.mixture.position(step), self.batches_per_epoch, self.epoch_samples
-        return {"step": step, "seed": self.seed, "mode": self.mode, "readers": self.readers, "tasks": {
+        return {"step": step, "settings": self._settings(), "tasks": {
             name: {"batch": position[name], "epoch": position[name] // batches[name], "batch_size": self.tasks[name].batch_size,
                    "epoch_samples": samples[name]} for name in self.tasks}}
+
+    def _settings(self) -> dict:
+        """What the position of a task's stream depends on, besides the task's batch size and samples."""
+        return {"seed": self.seed, "mode": self.mode, "ranks": self.world_size, "workers": max(self.num_workers, 1),
+                "shuffle_buffer": self.shuffle_buffer}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = state_dict or None
@@ -194,13 +213,13 @@ class MultiTaskDataModule(pl.LightningDataModule):
             saved = state["tasks"].get(name)
             if saved is None:
                 continue  # a task new in this run starts at its beginning
-            same = (state["seed"], state["mode"], state["readers"], saved["batch_size"], saved["epoch_samples"]) == (
-                self.seed, self.mode, self.readers, task.batch_size, samples[name])
+            same = (state["settings"], saved["batch_size"], saved["epoch_samples"]) == (
+                self._settings(), task.batch_size, samples[name])
             if same:
                 start[name] = saved["batch"]
             else:
                 start[name] = saved["epoch"] * batches[name]
-                warnings.warn(f"data: task '{name}' resumes with other data settings (seed, mode, ranks x workers, batch "
-                              f"size or samples) than it was saved with; it restarts its task epoch {saved['epoch']}, so "
+                warnings.warn(f"data: task '{name}' resumes with other data settings (seed, mode, ranks, workers, shuffle "
+                              f"buffer, batch size or samples) than it was saved with; it restarts its task epoch {saved['epoch']}, so "
                               f"some samples of that epoch are seen twice", stacklevel=2)
         return state["step"], start

@@ -16,15 +16,20 @@ decoding a photo (see ``_tar_files``). Samples are grouped exactly as WebDataset
 
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
+import http.client
+import io
+import lzma
 import os
+import re
 import tarfile
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 from urllib.parse import urlparse
 
 import braceexpand
@@ -33,7 +38,9 @@ from webdataset.tariterators import base_plus_ext
 __all__ = ["ShardError", "ShardIndex", "iter_samples", "open_shard", "resolve_shards", "scan_shards"]
 
 # What a broken tar, a broken gzip stream or a dropped connection raise while reading.
-_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, UnicodeDecodeError)
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, UnicodeDecodeError,
+                http.client.HTTPException)
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 
 
 class ShardError(RuntimeError):
@@ -42,6 +49,9 @@ class ShardError(RuntimeError):
     def __init__(self, url: str, read: int, reason: str):
         super().__init__(f"{url}: unreadable after {read} sample(s): {reason}")
         self.url, self.read, self.reason = url, read, reason
+
+    def __reduce__(self):  # picklable (sent from rank 0 to the other ranks with the shard index)
+        return type(self), (self.url, self.read, self.reason)
 
 
 def _is_remote(url: str) -> bool:
@@ -84,26 +94,64 @@ def open_shard(url: str, *, allow_pipe: bool = False) -> IO[bytes]:
 
 
 def _octal(field: bytes) -> int:
-    field = field.rstrip(b"\0 ").lstrip(b" ")
+    field = field.split(b"\0", 1)[0].strip(b" ")
     try:
         return int(field, 8) if field else 0
     except ValueError:
         raise tarfile.ReadError(f"not a tar header (number field {field[:12]!r})") from None
 
 
-def _pax_path(records: bytes) -> str | None:
-    """The ``path`` record of a PAX extended header (``"%d path=%s\n"`` records)."""
-    while records:
-        length = int(records.split(b" ", 1)[0])
-        key, _, value = records[:length].split(b" ", 1)[1].partition(b"=")
-        if key == b"path":
-            return value[:-1].decode("utf-8")
-        records = records[length:]
-    return None
+def _pax(records: bytes) -> dict[bytes, bytes]:
+    """The records of a PAX extended header (``b"%d key=value\n"`` each)."""
+    out = {}
+    try:
+        while records:
+            length = int(records.split(b" ", 1)[0])
+            key, _, value = records[:length].split(b" ", 1)[1].partition(b"=")
+            out[key], records = value[:-1], records[length:]
+    except (ValueError, IndexError):
+        raise tarfile.ReadError("corrupt PAX header") from None
+    return out
 
 
-def _tar_files(stream: IO[bytes], data: bool) -> Iterator[tuple[str, bytes | None]]:
-    """``(name, bytes)`` of each regular file of an uncompressed tar (ustar, PAX and GNU long names).
+class _Prefixed(io.RawIOBase):
+    """A stream whose first bytes were read already (to sniff its compression)."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]):
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.head[: len(buffer)] if self.head else self.stream.read(len(buffer))
+        self.head = self.head[len(data):]
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _decompressed(raw: IO[bytes]) -> tuple[IO[bytes], bool]:
+    """The tar stream inside ``raw`` (as is, or through gzip, bzip2 or xz, by magic bytes like ``tarfile``), and
+    whether it can seek (only a plain local file: decompressors emulate seeks by reading)."""
+    seekable = raw.seekable() if hasattr(raw, "seekable") else False
+    head = raw.read(6)
+    if seekable:
+        raw.seek(0)
+        stream = raw
+    else:
+        stream = io.BufferedReader(_Prefixed(head, raw), 1 << 16)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=stream), False
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(stream), False
+    if head.startswith(b"\xfd7zXZ"):
+        return lzma.LZMAFile(stream), False
+    return stream, seekable
+
+
+def _tar_files(stream: IO[bytes], seek: bool) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """``(name, read)`` for each regular file of a tar (ustar, PAX and GNU long names); ``read()`` returns its
+    bytes, and a file whose ``read`` is not called is skipped with a seek where the stream can seek.
 
     A small header parser instead of ``tarfile``: on shards written by ``webdataset.ShardWriter``
     (a PAX header per member) ``tarfile`` spends about 0.3 ms per sample parsing headers, 10% of
@@ -111,8 +159,10 @@ def _tar_files(stream: IO[bytes], data: bool) -> Iterator[tuple[str, bytes | Non
     without its end-of-archive blocks is an error (``tarfile`` reads one cut at a member boundary
     as a clean end).
     """
-    seek = stream.seekable() if hasattr(stream, "seekable") else False
-    long_name: str | None = None
+    end = stream.seek(0, os.SEEK_END) if seek else None
+    if seek:
+        stream.seek(0)
+    extended: dict[bytes, bytes] = {}
     while True:
         header = stream.read(512)
         if len(header) < 512:
@@ -123,48 +173,57 @@ def _tar_files(stream: IO[bytes], data: bool) -> Iterator[tuple[str, bytes | Non
         if stored != checksum and stored != checksum - 256 * sum(b >= 128 for b in header[:148] + header[156:]):
             raise tarfile.ReadError("bad header checksum: the tar is corrupt")  # (the second sum: writers of signed chars)
         size, kind = _octal(header[124:136]), header[156:157]
-        padded = -(-size // 512) * 512
         if kind in (b"x", b"L"):  # PAX extended header / GNU long name: applies to the next member
-            payload = stream.read(padded)[:size]
+            payload = stream.read(-(-size // 512) * 512)[:size]
             if len(payload) < size:
                 raise tarfile.ReadError("unexpected end of data")
-            long_name = _pax_path(payload) if kind == b"x" else payload.rstrip(b"\0").decode("utf-8")
+            extended = _pax(payload) if kind == b"x" else {b"path": payload.rstrip(b"\0")}
             continue
-        name = long_name
-        if name is None:
+        name = extended.get(b"path", b"").decode("utf-8")
+        if not name:
             name, prefix = header[:100].split(b"\0", 1)[0].decode("utf-8"), header[345:500].split(b"\0", 1)[0].decode("utf-8")
             name = f"{prefix}/{name}" if prefix else name
-        long_name = None
-        if kind in (b"0", b"\0") and data:
+        size = int(extended.get(b"size", size))
+        extended = {}
+        padded = -(-size // 512) * 512
+        consumed = False
+
+        def read() -> bytes:
+            nonlocal consumed
+            consumed = True
             content = stream.read(padded)
             if len(content) < padded:
                 raise tarfile.ReadError("unexpected end of data")
-            yield name, content[:size]
+            return content[:size]
+
+        if kind in (b"0", b"\0", b"7"):  # regular and contiguous files
+            yield name, read
+        if consumed:
             continue
         if seek:
-            stream.seek(padded, os.SEEK_CUR)
+            if stream.seek(padded, os.SEEK_CUR) > end:
+                raise tarfile.ReadError("unexpected end of data")
         elif len(stream.read(padded)) < padded:
             raise tarfile.ReadError("unexpected end of data")
-        if kind in (b"0", b"\0"):
-            yield name, None
 
 
 def iter_samples(url: str, start: int = 0, stop: int | None = None, *, allow_pipe: bool = False,
                  data: bool = True) -> Iterator[dict]:
-    """Samples ``start <= i < stop`` of a tar shard (``.tar``, or gzip-compressed ``.tar.gz``/``.tgz``),
-    as ``{"__key__", "__url__", "__index__", ext: bytes}`` (``ext: None`` when ``data`` is false).
+    """Samples ``start <= i < stop`` of a tar shard (plain, or gzip, bzip2 or xz compressed), as
+    ``{"__key__", "__url__", "__index__", ext: bytes}`` (without the ``ext`` entries when ``data`` is false).
 
-    Members before ``start`` are skipped without reading their bytes where the stream can seek.
+    Entries are grouped into samples as WebDataset does: by the name up to the first dot of its
+    last part, extensions lower-cased, ``__meta__`` entries skipped. Members outside
+    ``[start, stop)`` are skipped without reading their bytes where the stream can seek.
     Raises ``ShardError`` (after the samples read so far) if the tar is cut short or corrupt; a
-    sample whose members were cut off is not yielded.
+    sample whose members may have been cut off is not yielded.
     """
     index, key, sample = -1, None, {}
     try:
         with open_shard(url, allow_pipe=allow_pipe) as raw:
-            stream = gzip.GzipFile(fileobj=raw) if url.endswith((".gz", ".tgz")) else raw
-            for name, content in _tar_files(stream, data):
+            for name, read in _tar_files(*_decompressed(raw)):
                 prefix, ext = base_plus_ext(name)
-                if prefix is None or os.path.basename(prefix).startswith("__"):
+                if prefix is None or _META.search(name):
                     continue  # __meta__ files, names without an extension
                 if prefix != key:
                     if sample and index >= start:
@@ -175,7 +234,10 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None, *, allow_pip
                     if index >= start:
                         sample = {"__key__": prefix, "__url__": url, "__index__": index}
                 if index >= start:
-                    sample[ext] = content
+                    ext = ext.lower()
+                    if ext in sample:
+                        raise tarfile.ReadError(f"sample '{prefix}' has two '.{ext}' entries")
+                    sample[ext] = read() if data else None
     except _READ_ERRORS as err:
         raise ShardError(url, max(index - start, 0), f"{type(err).__name__}: {err}") from err
     if sample:

@@ -21,6 +21,7 @@ same on every rank. A sample that cannot be used is skipped and reported with it
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import random
@@ -52,11 +53,11 @@ def _slice(total: int, readers: int, reader: int) -> tuple[int, int]:
 
 
 def _batch_sizes(n: int, batches: int, batch_size: int) -> list[int]:
-    """``n`` samples in exactly ``batches`` batches: full ones first, and at least one sample in each
-    while samples last (a size of 0 happens only when ``n < batches``)."""
+    """``n`` samples in exactly ``batches`` batches: full ones first, then at least one sample in each
+    while samples last (empty batches, only when ``n < batches``, come last)."""
     sizes, left = [], n
     for i in range(batches):
-        size = max(min(batch_size, left - (batches - i - 1)), 0)
+        size = min(batch_size, max(left - (batches - i - 1), min(left, 1)))
         sizes.append(size)
         left -= size
     return sizes
@@ -88,7 +89,6 @@ class TaskStream(IterableDataset):
         self.batch_size, self.train, self.samples_per_epoch = batch_size, train, samples_per_epoch
         self.seed, self.shuffle_buffer, self.allow_pipe = seed, shuffle_buffer, allow_pipe
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
-        self._last: dict | None = None
 
     @property
     def epoch_samples(self) -> int:
@@ -134,7 +134,8 @@ class TaskStream(IterableDataset):
             yield from self._read(self.index.urls[i], 0, take)
             need -= take
 
-    def _batch(self, raw: list[dict], epoch: int) -> tuple[str, dict | None, dict]:
+    def _prepare(self, raw: list[dict], epoch: int) -> tuple[list[dict], dict]:
+        """The examples of a batch's raw samples, and the report of what was read and skipped."""
         examples, faults, keys = [], [], []
         for sample in raw:
             if "__fault__" in sample:
@@ -150,20 +151,7 @@ class TaskStream(IterableDataset):
             except Exception as err:
                 raise SampleError(f"{sample_location(sample)}: task '{self.task.name}' failed to prepare it: "
                                   f"{err!r}") from err
-        report = {"samples": len(raw), "faults": faults, "keys": keys, "padded": 0, "epoch": epoch}
-        if examples:
-            batch = self.task.collate(examples)
-            if self.train:
-                self._last = batch
-        elif not self.train:
-            batch = None  # evaluation skips it; the report still counts what was lost
-        elif self._last is not None:
-            # Every rank must take a batch of this task in this step; the last good one stands in.
-            batch, report["padded"] = self._last, 1
-        else:
-            raise SampleError(f"task '{self.task.name}': none of the {len(raw)} sample(s) of a batch could be used "
-                              f"and there is no earlier batch to repeat: {faults[:3]}")
-        return self.task.name, batch, report
+        return examples, {"samples": len(raw), "faults": faults, "keys": keys, "padded": 0, "epoch": epoch}
 
     def _reader_epoch(self, epoch: int, reader: int, readers: int, batches: int, skip: int) -> Iterator[tuple]:
         if self.samples_per_epoch is None:
@@ -173,15 +161,37 @@ class TaskStream(IterableDataset):
         lo, hi = _slice(total, readers, reader)
         if self.shuffle_buffer > 1:
             source = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=_rng(self.seed, "shuffle", epoch, reader))(source)
-        for i, size in enumerate(_batch_sizes(hi - lo, batches, self.batch_size)):
-            raw = list(itertools.islice(source, size))
-            if i >= skip:  # batches before `skip` were delivered before a resume: read, not decoded
-                yield self._batch(raw, epoch)
+        chunks = (list(itertools.islice(source, size)) for size in _batch_sizes(hi - lo, batches, self.batch_size))
+        ahead: collections.deque = collections.deque()  # chunks read ahead to find a stand-in batch
+        last = None  # the last usable batch of this epoch: the stand-in for a batch with no usable sample
+        for i in range(batches):
+            raw = ahead.popleft() if ahead else next(chunks)
+            if i < skip:  # delivered before a resume: read, not decoded (but the last one sets the stand-in)
+                if i == skip - 1 and (examples := self._prepare(raw, epoch)[0]):
+                    last = self.task.collate(examples)
+                continue
+            examples, report = self._prepare(raw, epoch)
+            if examples:
+                last = self.task.collate(examples)
+            elif last is None:  # no usable batch yet in this epoch: the next usable one stands in
+                for chunk in chunks:
+                    ahead.append(chunk)
+                    if later := self._prepare(chunk, epoch)[0]:
+                        last = self.task.collate(later)
+                        break
+                if last is None:
+                    raise SampleError(f"task '{self.task.name}': no sample of reader {reader}'s share of epoch {epoch} "
+                                      f"could be used: {report['faults'][:3]}")
+            # Every rank must take a batch of this task in every step: a batch with no usable sample repeats one.
+            report["padded"] = int(not examples)
+            yield self.task.name, last, report
 
     def _evaluation(self, reader: int, readers: int) -> Iterator[tuple]:
         source = self._epoch_source(0, reader, readers)
         while raw := list(itertools.islice(source, self.batch_size)):
-            yield self._batch(raw, 0)
+            examples, report = self._prepare(raw, 0)
+            # A batch with no usable sample is None: evaluation skips it, the report still counts what was lost.
+            yield self.task.name, self.task.collate(examples) if examples else None, report
 
     def __iter__(self) -> Iterator[tuple]:
         worker, workers = _slot()

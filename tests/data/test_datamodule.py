@@ -81,7 +81,7 @@ def test_sampled_mixture_under_ddp_needs_unused_parameter_detection(soc, tmp_pat
     module = MultiTaskDataModule(soc["tokenizer"], tasks={"a": get_task("vqa")(Shards(train=soc["train"]))},
                                  mixture=RoundRobin(), num_workers=0)
     module.world_size = 2  # as set up on one of two ranks, with the default (non-detecting) DDP strategy
-    module._index("a", module.tasks["a"], "train")
+    module._index("a", "train", module._scan("a", "train"))
     with pytest.raises(ValueError, match="data.mixture: RoundRobin leaves tasks out.*ddp_find_unused_parameters_true"):
         module._check_fit()
 
@@ -109,3 +109,18 @@ def test_remote_shards_train_like_local_ones(soc, http_root, tmp_path):  # noqa:
         module.setup("fit")
         seen.append(_keys(module, 5))
     assert seen[0] == seen[1] and len(seen[0][0]) == 5 and seen[0][1] == 10 * 20  # val-000000: 10 images x 20 questions
+
+
+def test_resume_with_other_data_settings_restarts_the_task_epoch(soc):
+    module = MultiTaskDataModule(soc["tokenizer"], tasks={"vqa": get_task("vqa")(Shards(train=soc["train"]), batch_size=4)},
+                                 num_workers=2)
+    module.setup("fit")
+    saved = {"step": 7, "settings": module._settings(),
+             "tasks": {"vqa": {"batch": 13, "epoch": 1, "batch_size": 4, "epoch_samples": 40}}}
+    module.load_state_dict(saved)
+    assert module.train_dataloader().start == {"vqa": 13} and module.mixture.step == 7  # same settings: exact
+    for change in ({"ranks": 2, "workers": 1}, {"shuffle_buffer": 7}, {"seed": 1}):  # same readers, other split: not exact
+        module.load_state_dict(dict(saved, settings={**module._settings(), **change}))
+        with pytest.warns(UserWarning, match="restarts its task epoch 1"):
+            mixture = module.train_dataloader()
+        assert mixture.start == {"vqa": module.batches_per_epoch["vqa"]}

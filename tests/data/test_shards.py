@@ -68,6 +68,12 @@ def test_scan_counts_samples_keeps_readable_part_and_refuses_empty_tar(tmp_path)
     index = scan_shards([good, str(tmp_path / "cut.tar"), str(tmp_path / "junk.tar")], "key")
     assert index.urls[0] == good and index.counts[0] == 5
     assert str(tmp_path / "junk.tar") not in index.urls  # nothing readable: left out
+    for cut_at in range(256, 5 * 2 * 1024, 256):  # wherever the members are cut, the scan counts what a reader gets
+        (tmp_path / "cut2.tar").write_bytes(data[:cut_at])
+        readable = []
+        with pytest.raises(ShardError):
+            readable.extend(iter_samples(str(tmp_path / "cut2.tar")))
+        assert scan_shards([str(tmp_path / "cut2.tar")], "k").counts in ([len(readable)], []), cut_at
     assert sorted(e.url for e in index.bad) == [str(tmp_path / "cut.tar"), str(tmp_path / "junk.tar")]
     empty = str(write_tar(tmp_path / "empty.tar", []))
     with pytest.raises(ValueError, match=r"model.tasks.x.init_args.shards.train: shard '.*empty.tar' holds no sample"):
@@ -100,7 +106,8 @@ def test_remote_shards_go_through_the_same_reader(tmp_path, http_root):
         list(iter_samples(http_root + "/missing.tar"))
 
 
-@pytest.mark.parametrize("fmt,suffix", [("pax", ".tar"), ("gnu", ".tar"), ("ustar", ".tar"), ("pax", ".tar.gz")])
+@pytest.mark.parametrize("fmt,suffix", [("pax", ".tar"), ("gnu", ".tar"), ("ustar", ".tar"), ("pax", ".tar.gz"),
+                                        ("gnu", ".tar.bz2"), ("pax", ".tar.xz")])
 def test_reader_agrees_with_tarfile_on_every_header_kind(tmp_path, fmt, suffix):
     """PAX headers (webdataset's float mtimes, long paths), GNU long names, plain ustar, gzip."""
     import io
@@ -108,7 +115,7 @@ def test_reader_agrees_with_tarfile_on_every_header_kind(tmp_path, fmt, suffix):
 
     path = tmp_path / f"h{suffix}"
     names = [f"k{i}.json" for i in range(3)] + ["d/" + "x" * 120 + ".txt", "d/" + "y" * 90 + "/z.jpg"]
-    with tarfile.open(path, "w:gz" if suffix.endswith("gz") else "w",
+    with tarfile.open(path, "w:" + {".tar": "", ".tar.gz": "gz", ".tar.bz2": "bz2", ".tar.xz": "xz"}[suffix],
                       format={"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}[fmt]) as tar:
         directory = tarfile.TarInfo("d")
         directory.type = tarfile.DIRTYPE
@@ -123,3 +130,4 @@ def test_reader_agrees_with_tarfile_on_every_header_kind(tmp_path, fmt, suffix):
         expected = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
     got = {f"{s['__key__']}.{ext}": v for s in iter_samples(str(path)) for ext, v in s.items() if not ext.startswith("__")}
     assert got == expected and len(got) >= 4
+    assert [s["__index__"] for s in iter_samples(str(path), 1, 3)] == [1, 2]

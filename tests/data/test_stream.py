@@ -180,3 +180,26 @@ def test_prepare_bug_is_an_error_naming_the_sample(tmp_path):
     index = scan_shards([str(write_tar(tmp_path / "a.tar", _samples(2, "a")))], "k")
     with pytest.raises(SampleError, match=r"a.tar: sample 'a000': task 'keys' failed to prepare it: ZeroDivisionError"):
         _take(TaskStream(Broken(Shards()), index, None, batch_size=2, train=False), 0, None)
+
+
+def test_unusable_batches_get_a_stand_in_that_a_resumed_stream_repeats_too(tmp_path):
+    bad = [{"__key__": f"z{i}", "txt": b"x"} for i in range(8)]
+    good = _samples(8, "a")
+    index = scan_shards([str(write_tar(tmp_path / "a.tar", bad[:4] + good[:4] + bad[4:] + good[4:]))], "k")
+    whole = _take(_stream(index, batch_size=4, train=True, shuffle_buffer=0), 0, 4)
+    keys = [b["key"] for _, b, _ in whole]
+    assert keys[0] == keys[1] == [f"a{i:03d}" for i in range(4)]  # the first usable batch stands in for batch 0
+    assert keys[2] == keys[1] and keys[3] == [f"a{i:03d}" for i in range(4, 8)]
+    assert [r["padded"] for _, _, r in whole] == [1, 0, 1, 0]
+    for start in (1, 2, 3):
+        resumed = _take(_stream(index, batch_size=4, train=True, shuffle_buffer=0, start_batch=start), 0, 4 - start)
+        assert [b["key"] for _, b, _ in resumed] == keys[start:]
+
+
+def test_batch_plan_puts_empty_batches_last():
+    from mmlit.data.stream import _batch_sizes
+
+    assert _batch_sizes(2, 3, 1) == [1, 1, 0]
+    assert _batch_sizes(16, 5, 4) == [4, 4, 4, 3, 1]
+    assert _batch_sizes(17, 5, 4) == [4, 4, 4, 4, 1]
+    assert _batch_sizes(9, 3, 4) == [4, 4, 1]
