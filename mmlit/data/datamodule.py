@@ -121,7 +121,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
                 f"{key}: {len(index.bad)} of {shards} shard(s) cannot be read to the end, more than data.error_budget "
                 f"({self.error_budget:g}) of the shards; their readable samples would be used, the rest is lost: "
                 + "; ".join(str(e) for e in index.bad[:5]))
-        samples = self.samples_per_epoch.get(name, index.total) if split == "train" and self.mode == "resampled" else index.total
+        samples = self._samples_per_epoch(name, index) if split == "train" else index.total
         if samples < self.readers:
             raise ValueError(f"{key}: {samples} sample(s) for {self.world_size} rank(s) x {max(self.num_workers, 1)} "
                              f"worker(s); every reader needs at least one (add data or lower data.num_workers)")
@@ -132,18 +132,21 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.indexes.setdefault(name, {})[split] = index
 
     def _check_fit(self) -> None:
-        sizes = {name: self._stream(name, "train").epoch_samples for name in self.tasks}
-        self.sampler.bind(sizes, self.seed)
+        self.sampler.bind(self.epoch_samples, self.seed)
         strategy = getattr(self.trainer, "strategy", None)
         if (self.world_size > 1 and not isinstance(self.sampler, AllTasks)
                 and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)):
             raise ValueError(f"data.mixture: {type(self.sampler).__name__} leaves tasks out of steps, so their heads get no "
                              f"gradient there and DDP would fail; set trainer.strategy: ddp_find_unused_parameters_true")
 
+    def _samples_per_epoch(self, name: str, index: ShardIndex) -> int:
+        """Training samples in one task epoch: the shards' samples, or the recipe's number in resampled mode."""
+        return self.samples_per_epoch.get(name, index.total) if self.mode == "resampled" else index.total
+
     def _stream(self, name: str, split: str) -> TaskStream:
         task = self.tasks[name]
         train = split == "train"
-        samples = self.samples_per_epoch.get(name, self.indexes[name]["train"].total) if train and self.mode == "resampled" else None
+        samples = self._samples_per_epoch(name, self.indexes[name]["train"]) if train and self.mode == "resampled" else None
         return TaskStream(task, self.indexes[name][split], self.tokenizer, batch_size=task.batch_size, train=train,
                           samples_per_epoch=samples, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
                           rank=self.rank, world_size=self.world_size, allow_pipe=self.allow_pipe)
@@ -161,7 +164,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     @property
     def epoch_samples(self) -> dict[str, int]:
-        return {name: self._stream(name, "train").epoch_samples for name in self.tasks}
+        return {name: self._samples_per_epoch(name, self.indexes[name]["train"]) for name in self.tasks}
 
     def _default_steps(self) -> int:
         batches = self.batches_per_epoch

@@ -80,16 +80,17 @@ class DataMonitor(pl.Callback):
         every = trainer.strategy.all_gather(local.to(pl_module.device)).cpu().reshape(-1, len(names), len(_COUNTS))
         total = every.sum(0)
         probabilities = mixture.sampler.probabilities()
+        batches, samples = datamodule.batches_per_epoch, datamodule.epoch_samples  # built once, not per task
         for i, name in enumerate(names):
             pl_module.log(f"train/data/{name}/skipped", float(total[i, 1]), rank_zero_only=True)
             pl_module.log(f"train/data/{name}/padded", float(total[i, 2]), rank_zero_only=True)
             pl_module.log(f"train/mixture/{name}/p", probabilities[name], rank_zero_only=True)
-            epoch = (mixture.start[name] + mixture.pulled[name]) / datamodule.batches_per_epoch[name]
+            epoch = (mixture.start[name] + mixture.pulled[name]) / batches[name]
             pl_module.log(f"train/mixture/{name}/epoch", epoch, rank_zero_only=True)
         budget = datamodule.error_budget
         for i, name in enumerate(names):
             skipped, read = int(total[i, 1]), int(total[i, 0])
-            allowed = budget * max(read, datamodule.epoch_samples[name])
+            allowed = budget * max(read, samples[name])
             if skipped > allowed:
                 per_rank = ", ".join(f"rank {r}: {int(every[r, i, 1])}" for r in range(every.shape[0]))
                 raise DataBudgetError(
