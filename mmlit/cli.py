@@ -100,12 +100,15 @@ class MMLitCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
-def _tasks_command(argv: list[str]) -> int:
-    from mmlit.registry import get_task, list_tasks
+def _list_command(kind: str, argv: list[str]) -> int:
+    """``mmlit tasks`` / ``mmlit objectives``: every registered name, its summary line and its class path."""
+    from mmlit import registry
 
-    argparse.ArgumentParser(prog="mmlit tasks", description="List the registered tasks.").parse_args(argv)
-    for name in list_tasks():
-        cls = get_task(name)
+    argparse.ArgumentParser(prog=f"mmlit {kind}", description=f"List the registered {kind}.").parse_args(argv)
+    names, get = (registry.list_tasks, registry.get_task) if kind == "tasks" else (registry.list_objectives,
+                                                                                    registry.get_objective)
+    for name in names():
+        cls = get(name)
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         print(f"{name:<22} {summary}  ({cls.__module__}.{cls.__qualname__})")
     return 0
@@ -113,8 +116,8 @@ def _tasks_command(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "tasks":
-        return _tasks_command(argv[1:])
+    if argv and argv[0] in ("tasks", "objectives"):
+        return _list_command(argv[0], argv[1:])
     if argv and argv[0] == "data":
         from mmlit.data.tools import main as data_main
 

@@ -25,12 +25,13 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           cwd=REPO)
 
 
-def test_tasks_command_lists_every_registered_task(capsys):
-    from mmlit.registry import list_tasks
+@pytest.mark.parametrize("kind", ["tasks", "objectives"])
+def test_list_commands_name_everything_registered(kind, capsys):
+    from mmlit import registry
 
-    assert main(["tasks"]) == 0
+    assert main([kind]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in out] == list_tasks()
+    assert [line.split()[0] for line in out] == getattr(registry, f"list_{kind}")()
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
@@ -122,7 +123,8 @@ def test_fit_end_to_end_then_resume_then_test(soc, tmp_path):
     for name in list_tasks():
         assert f"train/{name}/loss" in keys and f"val/{name}/loss" in keys
     for key in ("val/vqa/acc_rel", "val/vqa/acc_nonrel", "val/contrastive/r@1_i2t", "val/captioning/exact_match",
-                "train/perf/samples_per_s", "train/objective/weight/vqa"):
+                "train/perf/samples_per_s", "train/objective/weight/vqa", "train/objective/grad_norm/vqa",
+                "train/objective/cosine/captioning:vqa", "train/objective/skipped_steps"):
         assert key in keys, key
 
     resumed = _run("fit", "--config", str(recipe_path), "--trainer.max_epochs", "2", "--ckpt_path", "last")
