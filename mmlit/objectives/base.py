@@ -1,25 +1,79 @@
-"""The objective interface: per-task losses in, one scalar to back-propagate out."""
+"""The objective interface: how the per-task losses of a step become one update.
+
+Two kinds share it, and adding a method is one file with one registered class:
+
+- a **loss-based** objective (static, uncertainty, DWA, RLW, FAMO) implements ``forward(losses, step)`` and returns
+  the loss that is back-propagated;
+- a **gradient-based** objective (GradNorm, PCGrad, CAGrad, MGDA) sets ``uses_gradients = True`` and implements
+  ``combine(grads, losses, tasks, step)``: it receives each task's gradient on the shared (backbone) parameters and
+  returns the gradient applied to them. Its ``forward`` returns the loss logged as ``train/loss``. Each head gets its
+  own task's gradient, unweighted (the LibMTL convention).
+
+What ``combine`` can rely on (``mmlit/objectives/task_gradients.py`` makes it so): one row per task present in the
+step, in the order of ``tasks``; float32; unscaled (fp16 GradScaler); finite; summed over the micro-batches of gradient
+accumulation, each divided by their number as Lightning does; averaged over the DDP ranks. The input is therefore the
+same on every rank, and every rank computes the same update. Randomness comes from ``step_generator(seed, step)``.
+
+``weights`` holds each task's effective weight (its coefficient in the update), logged under
+``train/objective/weight/{task}`` with whatever else ``state()`` returns.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import ClassVar
 
-__all__ = ["Objective"]
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["Objective", "gram", "mean_over_ranks", "step_generator"]
 
 
 class Objective(nn.Module):
-    """Combine ``{task: loss}`` into the loss that is back-propagated.
+    """Combine ``{task: loss}`` (and, for gradient-based methods, per-task gradients) into one update."""
 
-    ``bind`` is called once with the task names, so a recipe error names the recipe key;
-    ``state`` returns the scalars logged under ``train/objective/...``.
-    """
+    uses_gradients: ClassVar[bool] = False
+    objective_name: ClassVar[str]  # set by @register_objective
 
     def bind(self, tasks: list[str]) -> None:
+        """Called once with the recipe's task names, before any step; buffers sized by the tasks are made here."""
         self.task_names = list(tasks)
+        self.weights: dict[str, Tensor | float] = {name: 1.0 for name in tasks}
 
-    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, losses: dict[str, Tensor], step: int) -> Tensor:
+        """The loss of this step (back-propagated by loss-based methods); ``losses`` has the tasks present."""
         raise NotImplementedError
 
-    def state(self) -> dict[str, float]:
-        return {}
+    def combine(self, grads: Tensor, losses: Tensor, tasks: list[str], step: int) -> Tensor:
+        """Gradient-based methods: ``grads`` (T, P) and ``losses`` (T,) of the ``tasks`` present -> gradient (P,)."""
+        raise NotImplementedError(f"{type(self).__name__} is loss-based; it does not combine gradients")
+
+    def state(self) -> dict[str, Tensor | float]:
+        """Scalars logged under ``train/objective/...`` at the logging interval."""
+        return {f"weight/{name}": value for name, value in self.weights.items()}
+
+    def _linear(self, grads: Tensor, alpha: Tensor, tasks: list[str]) -> Tensor:
+        """The update ``sum_t alpha_t g_t`` (P,), recording each ``alpha_t`` as the task's effective weight."""
+        alpha = alpha.to(device=grads.device, dtype=grads.dtype)
+        self.weights.update({name: a for name, a in zip(tasks, alpha.detach())})
+        return alpha @ grads
+
+
+def gram(grads: Tensor) -> Tensor:
+    """``G[i, j] = g_i . g_j`` (T, T), in float64 on the CPU: the methods of this package need only these inner
+    products, and their small loops then run without a device synchronisation per comparison."""
+    return (grads @ grads.T).double().cpu()
+
+
+def mean_over_ranks(tensor: Tensor) -> Tensor:
+    """The mean of ``tensor`` over the DDP ranks (itself on one process); every rank must call it at the same point."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator that depends on (seed, step) only, so every rank draws the same numbers in a step."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + step) % (1 << 63))

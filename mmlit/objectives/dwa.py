@@ -1,0 +1,67 @@
+"""Dynamic weight average (Liu, Johns & Davison, "End-to-end multi-task learning with attention", CVPR 2019).
+
+``w_t = T softmax(r / temperature)_t`` with ``r_t = Lbar_t(k-1) / Lbar_t(k-2)``: a task whose loss fell less over
+the last period gets more weight. The paper averages each task's loss over an epoch; mmlit averages over windows of
+``period`` optimizer steps (set it to ``data.steps_per_epoch`` for the paper's choice). The window averages are
+taken over all DDP ranks (one all-reduce per window), so every rank uses the same weights. The first two windows use
+weights of 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmlit.objectives.base import Objective, mean_over_ranks
+from mmlit.registry import register_objective
+
+__all__ = ["DynamicWeightAverage"]
+
+
+@register_objective("dwa")
+class DynamicWeightAverage(Objective):
+    """Loss weights from each task's rate of loss decrease.
+
+    Args:
+        period: optimizer steps per averaging window.
+        temperature: softness of the weights (2 in the paper); larger is closer to equal weights.
+    """
+
+    def __init__(self, period: int = 100, temperature: float = 2.0):
+        super().__init__()
+        if period < 1:
+            raise ValueError(f"model.objective.init_args.period must be at least 1 step, got {period}")
+        if temperature <= 0:
+            raise ValueError(f"model.objective.init_args.temperature must be positive, got {temperature}")
+        self.period, self.temperature = period, temperature
+
+    def bind(self, tasks: list[str]) -> None:
+        super().bind(tasks)
+        n = len(tasks)
+        self.index = {name: i for i, name in enumerate(tasks)}
+        self.register_buffer("sums", torch.zeros(2, n))  # (loss sum, count) of the current window, this rank
+        self.register_buffer("history", torch.full((2, n), float("nan")))  # window means: (k-2, k-1)
+        self.register_buffer("current", torch.ones(n))
+        self.register_buffer("window", torch.tensor(-1))
+
+    def _close_window(self) -> None:
+        totals = mean_over_ranks(self.sums)  # the ratio sum/count is the same as with plain sums
+        means = torch.where(totals[1] > 0, totals[0] / totals[1].clamp(min=1e-12), torch.nan)
+        self.history.copy_(torch.stack([self.history[1], means]))
+        ratio = torch.nan_to_num(self.history[1] / self.history[0], nan=1.0, posinf=1.0, neginf=1.0)
+        self.current.copy_(len(self.task_names) * torch.softmax(ratio / self.temperature, dim=0))
+
+    def forward(self, losses: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        window = step // self.period
+        if window != int(self.window):
+            if int(self.window) >= 0:
+                self._close_window()
+            self.sums.zero_()
+            self.window.fill_(window)
+        total = 0.0
+        for name, loss in losses.items():
+            i = self.index[name]
+            self.sums[0, i] += loss.detach()
+            self.sums[1, i] += 1
+            total = total + self.current[i] * loss
+        self.weights.update({name: self.current[i] for name, i in self.index.items()})
+        return total

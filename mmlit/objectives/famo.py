@@ -1,0 +1,81 @@
+"""FAMO, fast adaptive multitask optimization (Liu et al., NeurIPS 2023).
+
+Task logits ``xi`` give weights ``z = softmax(xi)``; the step minimises ``sum_t z_t log L_t / c`` with
+``c = sum_t z_t / L_t`` (held constant), so task ``t``'s gradient is weighed by ``z_t / (c L_t)`` and the weights of
+a step sum to 1. After each step the logits move so that the tasks' log-losses fall at equal rates: ``xi`` takes an
+Adam step (with weight decay ``gamma``) along ``J_softmax(xi)^T delta``, where ``delta_t`` is the fall of
+``log L_t``. The paper measures the fall with a second forward pass on the same batch; mmlit compares the loss of
+consecutive steps (mean over micro-batches and DDP ranks, one all-reduce per step), which needs no extra forward
+pass and is what makes FAMO O(1) per step here as well. Losses must be non-negative (FAMO assumes a minimum of 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmlit.objectives.base import Objective, mean_over_ranks
+from mmlit.registry import register_objective
+
+__all__ = ["FAMO"]
+
+_EPS = 1e-8
+
+
+@register_objective("famo")
+class FAMO(Objective):
+    """Loss weights that balance the rate at which each task's log-loss falls.
+
+    Args:
+        lr: learning rate of the Adam step on the task logits (0.025 in the paper).
+        gamma: weight decay of the task logits (0.01 in the paper's default).
+    """
+
+    def __init__(self, lr: float = 0.025, gamma: float = 0.01):
+        super().__init__()
+        self.lr, self.gamma = lr, gamma
+
+    def bind(self, tasks: list[str]) -> None:
+        super().bind(tasks)
+        n = len(tasks)
+        self.index = {name: i for i, name in enumerate(tasks)}
+        self.register_buffer("logits", torch.zeros(n))
+        self.register_buffer("adam", torch.zeros(2, n))  # first and second moments
+        self.register_buffer("adam_steps", torch.tensor(0))
+        self.register_buffer("sums", torch.zeros(2, n))  # (loss sum, count) of the current step, this rank
+        self.register_buffer("previous", torch.full((n,), float("nan")))  # log-loss of the last step with the task
+        self.register_buffer("step_seen", torch.tensor(-1))
+
+    def _update_logits(self) -> None:
+        totals = mean_over_ranks(self.sums)
+        present = totals[1] > 0
+        log_loss = torch.log(totals[0] / totals[1].clamp(min=1e-12) + _EPS)
+        delta = torch.where(present & ~self.previous.isnan(), self.previous - log_loss, 0.0)
+        self.previous.copy_(torch.where(present, log_loss, self.previous))
+        if not bool((delta != 0).any()):
+            return
+        z = torch.softmax(self.logits, dim=0)
+        grad = z * (delta - (z * delta).sum()) + self.gamma * self.logits  # J_softmax^T delta, plus weight decay
+        self.adam_steps += 1
+        t = float(self.adam_steps)
+        self.adam[0].mul_(0.9).add_(0.1 * grad)
+        self.adam[1].mul_(0.999).add_(0.001 * grad * grad)
+        m_hat, v_hat = self.adam[0] / (1 - 0.9 ** t), self.adam[1] / (1 - 0.999 ** t)
+        self.logits -= self.lr * m_hat / (v_hat.sqrt() + 1e-8)
+
+    def forward(self, losses: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        if step != int(self.step_seen):
+            if int(self.step_seen) >= 0:
+                self._update_logits()
+            self.sums.zero_()
+            self.step_seen.fill_(step)
+        index = torch.tensor([self.index[name] for name in losses], device=self.logits.device)
+        values = torch.stack([loss.float() for loss in losses.values()])  # (T,)
+        if bool((values.detach() < 0).any()):
+            negative = {name: round(float(v), 4) for name, v in zip(losses, values.detach())}
+            raise ValueError(f"model.objective: FAMO weighs log-losses and needs losses >= 0; got {negative}")
+        self.sums[0, index] += values.detach()
+        self.sums[1, index] += 1
+        z = torch.softmax(self.logits, dim=0)[index]
+        c = (z / (values.detach() + _EPS)).sum()
+        self.weights.update(zip(losses, z / (c * (values.detach() + _EPS))))
+        return (z / c * torch.log(values + _EPS)).sum()
