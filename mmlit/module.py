@@ -5,11 +5,17 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
+from mmlit.data.mixing import AllTasks
 from mmlit.models import Backbone
 from mmlit.objectives import Objective, StaticWeights
+from mmlit.objectives.task_gradients import TaskGradients, flat_task_gradients, gradient_statistics
+from mmlit.registry import get_objective
 from mmlit.tasks.base import Task, batch_size_of
 
 __all__ = ["MultiTaskModule"]
@@ -24,15 +30,24 @@ def _default_optimizer(params) -> torch.optim.Optimizer:
 class MultiTaskModule(pl.LightningModule):
     """Train one backbone on several tasks.
 
+    A loss-based objective's loss is back-propagated as usual (DDP reduces the gradients). A gradient-based objective
+    gets each task's gradient on the backbone instead: ``backward`` runs once per task, and just before the optimizer
+    steps (``optimizer_step``, after the last micro-batch and before the precision plugin unscales, clips and steps)
+    the per-task gradients are averaged over ranks, unscaled and combined (see ``mmlit/objectives/task_gradients.py``).
+    A step whose gradients are not finite is skipped on every rank together (by the fp16 GradScaler, or here).
+    At the logging interval, ``train/objective/...`` gets each task's weight, its gradient norm on the backbone and
+    the pairwise cosines of the task gradients.
+
     Args:
         backbone: the shared encoders and fusion.
         tasks: task name -> task; each name is used in logged keys (``train/{name}/loss``).
-        objective: combines the task losses (default: static weights of 1).
+        objective: combines the task losses (default: static weights of 1); a registered name (``pcgrad``) builds that
+            objective with its defaults.
         optimizer: builds the optimizer from the parameters.
         scheduler: builds a learning-rate scheduler, stepped every optimizer step.
     """
 
-    def __init__(self, backbone: Backbone, tasks: dict[str, Task], objective: Objective | None = None,
+    def __init__(self, backbone: Backbone, tasks: dict[str, Task], objective: Objective | str | None = None,
                  optimizer: OptimizerCallable = _default_optimizer, scheduler: LRSchedulerCallable | None = None):
         super().__init__()
         if not tasks:
@@ -42,8 +57,15 @@ class MultiTaskModule(pl.LightningModule):
             task.name = name
             task.build(backbone)
         self.tasks = nn.ModuleDict(tasks)
+        if isinstance(objective, str):
+            try:
+                objective = get_objective(objective)()
+            except KeyError as err:
+                raise ValueError(f"model.objective: {err.args[0]}") from None
         self.objective = objective if objective is not None else StaticWeights()
         self.objective.bind(list(tasks))
+        self.task_gradients = TaskGradients(self._shared_parameters) if self.objective.uses_gradients else None
+        self.skipped_steps = 0
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.metrics = nn.ModuleDict({
             stage: nn.ModuleDict({name: task.metrics() for name, task in tasks.items()}) for stage in _EVAL_STAGES})
@@ -57,21 +79,130 @@ class MultiTaskModule(pl.LightningModule):
             raise ValueError(
                 f"model.backbone.init_args.text_encoder.init_args.vocab_size is {self.backbone.vocab_size}, but "
                 f"data.tokenizer has {tokenizer.get_vocab_size()} tokens; raise vocab_size to at least that")
+        if stage != "fit":
+            return
+        strategy = self.trainer.strategy
+        if self.objective.uses_gradients and not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(f"model.objective: {type(self.objective).__name__} combines per-task gradients, which mmlit "
+                             f"supports on one device and with trainer.strategy: ddp, not {type(strategy).__name__}")
+        sampler = getattr(datamodule, "sampler", None)
+        if (not self.objective.uses_gradients and self.trainer.world_size > 1 and sampler is not None
+                and not isinstance(sampler, AllTasks) and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters")):
+            raise ValueError(f"data.mixture: {type(sampler).__name__} leaves tasks out of steps, so their heads get no "
+                             f"gradient there and DDP would fail; set trainer.strategy: ddp_find_unused_parameters_true "
+                             f"(gradient-based objectives reduce gradients themselves and need no setting)")
+
+    def _shared_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def _scale(self, loss: torch.Tensor) -> torch.Tensor:
+        scaler = self._grad_scaler()
+        return scaler.scale(loss) if scaler is not None else loss
+
+    def _loss_scale(self) -> float:
+        scaler = self._grad_scaler()
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
+    def _logging_step(self) -> bool:
+        return (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0
+
+    def _log_objective(self, values: dict) -> None:
+        for key, value in values.items():
+            self.log(f"train/objective/{key}", torch.as_tensor(value, dtype=torch.float32, device=self.device))
 
     def training_step(self, batch: dict[str, dict], batch_idx: int) -> torch.Tensor:
         losses = {}
         for name, task_batch in batch.items():
             losses[name] = self.tasks[name](self.backbone, task_batch)["loss"]
             self.log(f"train/{name}/loss", losses[name], batch_size=batch_size_of(task_batch))
-        loss = self.objective(losses)
-        if not torch.isfinite(loss):
-            bad = ", ".join(f"train/{n}/loss={v.item():.4g}" for n, v in losses.items())
-            raise FloatingPointError(f"non-finite loss at step {self.global_step} ({bad}); the last checkpoint is "
-                                     f"untouched. Lower the learning rate or check the data of the task(s) above.")
+        loss = self.objective(losses, self.global_step)
+        # Decided over all ranks, so that every rank raises (a rank that raised alone would leave the others waiting).
+        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.device)
+        if self.trainer.strategy.reduce(bad, reduce_op="sum") > 0:
+            values = ", ".join(f"train/{n}/loss={v.item():.4g}" for n, v in losses.items())
+            raise FloatingPointError(f"non-finite loss at step {self.global_step} on at least one rank (here: {values}); "
+                                     f"the last checkpoint is untouched. Lower the learning rate or check the data of "
+                                     f"the task(s) with a non-finite loss.")
         self.log("train/loss", loss, prog_bar=True)
-        for key, value in self.objective.state().items():
-            self.log(f"train/objective/{key}", value)
+        if self.task_gradients is not None:
+            self._step_losses = losses  # back-propagated one task at a time by ``backward``
+        else:
+            self._log_objective(self.objective.state())
+            if self._logging_step():
+                grads = flat_task_gradients(losses, self._shared_parameters(), self._scale)
+                self._log_objective(gradient_statistics(grads / self._loss_scale(), list(losses)))
         return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        wrapper = self.trainer.strategy.model
+        if self.task_gradients is not None and isinstance(wrapper, DistributedDataParallel):
+            # DDP's reducer fires once per parameter per backward pass; with one pass per task, mmlit reduces the
+            # gradients itself. DDP still broadcasts buffers (batch-norm statistics) from rank 0 before the forward.
+            wrapper.require_backward_grad_sync = False
+            wrapper.require_forward_param_sync = True
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if self.task_gradients is None:
+            return super().backward(loss, *args, **kwargs)
+        accumulate = self.trainer.accumulate_grad_batches  # Lightning divides the loss by it; so does this
+        self.task_gradients.backward(self._step_losses, lambda task_loss: self._scale(task_loss / accumulate))
+        self._step_losses = None
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+        if self.task_gradients is not None:
+            self.task_gradients.reset()
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        def closure():
+            # Runs inside the precision plugin, after the last micro-batch's backward and before it unscales the
+            # gradients, clips them and steps.
+            result = optimizer_closure()
+            if self.task_gradients is not None:
+                self._combine_task_gradients()
+            elif self._grad_scaler() is None:  # the fp16 GradScaler skips non-finite steps itself
+                grads = [p.grad for p in self.parameters() if p.grad is not None]
+                if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+                    self._skip_step()  # gradients were reduced by DDP: every rank decides alike
+            self.log("train/objective/skipped_steps", float(self.skipped_steps))
+            return result
+
+        optimizer.step(closure=closure)
+
+    def _skip_step(self) -> None:
+        self.skipped_steps += 1
+        if self.task_gradients is not None and self._grad_scaler() is not None:
+            self.task_gradients.write(None)  # NaN: the GradScaler skips the step and lowers its scale on every rank
+        else:
+            for p in self.parameters():
+                p.grad = None  # the optimizer leaves parameters without a gradient alone
+        rank_zero_warn(f"non-finite gradients at step {self.global_step}: the step is skipped on every rank "
+                       f"({self.skipped_steps} skipped so far)")
+
+    def _combine_task_gradients(self) -> None:
+        engine = self.task_gradients
+        if not engine.grads:
+            return
+        shared = {id(p) for p in engine.params}
+        others = [p for p in self.parameters() if p.grad is not None and id(p) not in shared]
+        tasks, grads, losses = engine.gather(others)
+        scale = self._loss_scale()
+        grads = grads / scale  # unscaled before any norm or projection
+        finite = torch.isfinite(grads).all()
+        for p in others:
+            finite = finite & torch.isfinite(p.grad).all()
+        if not finite:  # the same on every rank: the gradients were averaged over ranks
+            self._skip_step()
+            return
+        if self._logging_step():
+            self._log_objective(gradient_statistics(grads, tasks))
+        update = self.objective.combine(grads, losses, tasks, self.global_step)
+        engine.write(update * scale)  # the precision plugin unscales it again
+        self._log_objective(self.objective.state())
 
     def _eval_step(self, stage: str, batch: dict[str, dict]) -> None:
         for name, task_batch in batch.items():

@@ -133,11 +133,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def _check_fit(self) -> None:
         self.sampler.bind(self.epoch_samples, self.seed)
-        strategy = getattr(self.trainer, "strategy", None)
-        if (self.world_size > 1 and not isinstance(self.sampler, AllTasks)
-                and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)):
-            raise ValueError(f"data.mixture: {type(self.sampler).__name__} leaves tasks out of steps, so their heads get no "
-                             f"gradient there and DDP would fail; set trainer.strategy: ddp_find_unused_parameters_true")
+        # Whether DDP needs find_unused_parameters for a sampled mixture depends on the objective: the module checks.
 
     def _samples_per_epoch(self, name: str, index: ShardIndex) -> int:
         """Training samples in one task epoch: the shards' samples, or the recipe's number in resampled mode."""

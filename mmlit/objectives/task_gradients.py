@@ -1,0 +1,119 @@
+"""Per-task gradients on the shared parameters, for gradient-based objectives and for the logged gradient statistics.
+
+``TaskGradients`` is what makes a gradient-based objective correct under DDP, mixed precision and gradient
+accumulation. The module hands it each micro-batch's task losses in ``backward``: it back-propagates each loss on its
+own, moves that task's gradient on the shared parameters into a buffer of its own (summed over micro-batches), and
+leaves the head gradients in ``.grad``. When the optimizer is about to step, ``gather`` averages everything over the
+DDP ranks in one all-reduce (the task buffers, the task losses and every other gradient), so that the objective gets
+the same input on every rank; ``write`` puts the objective's update into the shared parameters' ``.grad``.
+
+DDP's own reducer fires once per parameter per backward pass and cannot serve one pass per task, so the module turns
+it off for these objectives (``require_backward_grad_sync = False``) and this class reduces instead. Parameters that
+no task used keep ``grad = None`` on every rank (the same tasks are present on every rank), so DDP never fails on
+them. The gradients it gathers are still multiplied by the fp16 loss scale; the caller divides before the objective
+sees them and multiplies again when writing, so that the precision plugin's own unscale and inf check see them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["TaskGradients", "flat_task_gradients", "gradient_statistics"]
+
+
+def _flat(params: list[nn.Parameter], grads: list[Tensor | None]) -> Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for p, g in zip(params, grads)])
+
+
+def _all_reduce_mean(tensor: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+class TaskGradients:
+    """Per-task gradient buffers of one optimizer step.
+
+    Args:
+        shared: returns the shared parameters that train (asked anew each step: a recipe may freeze and unfreeze).
+    """
+
+    def __init__(self, shared: Callable[[], list[nn.Parameter]]):
+        self.shared = shared
+        self.reset()
+
+    def reset(self) -> None:
+        self.params: list[nn.Parameter] = []
+        self.used: list[bool] = []
+        self.grads: dict[str, Tensor] = {}  # task -> (P,), scaled as back-propagated
+        self.losses: dict[str, list[float | Tensor]] = {}
+
+    def backward(self, losses: dict[str, Tensor], scale: Callable[[Tensor], Tensor]) -> None:
+        """Back-propagate each task's ``scale(loss)`` on its own; keep its shared-parameter gradient apart."""
+        if not self.params:
+            self.params = self.shared()
+            self.used = [False] * len(self.params)
+        saved = [p.grad for p in self.params]  # anything that was there before this step's tasks
+        names = list(losses)
+        for k, name in enumerate(names):
+            for p in self.params:
+                p.grad = None
+            # Task graphs only meet at the parameters, but a module may cache a tensor across calls: keep graphs
+            # until the last task (they are all alive at this point anyway, so the peak memory does not grow).
+            scale(losses[name]).backward(retain_graph=k < len(names) - 1)
+            self.used = [u or p.grad is not None for u, p in zip(self.used, self.params)]
+            flat = _flat(self.params, [p.grad for p in self.params])
+            self.grads[name] = self.grads[name] + flat if name in self.grads else flat
+            self.losses.setdefault(name, []).append(losses[name].detach().float())
+        for p, g in zip(self.params, saved):
+            p.grad = g
+
+    def gather(self, others: list[nn.Parameter]) -> tuple[list[str], Tensor, Tensor]:
+        """``(tasks, grads (T, P), losses (T,))`` averaged over ranks; the gradients of ``others`` (every other
+        parameter with a gradient) are averaged in the same all-reduce and written back."""
+        tasks = list(self.grads)
+        losses = torch.stack([torch.stack(v).mean() for v in self.losses.values()])
+        other = [p.grad.reshape(-1).float() for p in others]
+        flat = _all_reduce_mean(torch.cat([torch.stack([self.grads[t] for t in tasks]).reshape(-1),
+                                           losses.to(self.grads[tasks[0]].device), *other]))
+        n, size = len(tasks), self.grads[tasks[0]].numel()
+        grads, losses, rest = flat[:n * size].view(n, size), flat[n * size:n * size + n], flat[n * size + n:]
+        offset = 0
+        for p in others:
+            p.grad.copy_(rest[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+        return tasks, grads, losses
+
+    def write(self, update: Tensor | None) -> None:
+        """Set the shared parameters' ``.grad`` from the flat ``update`` (P,); ``None`` writes NaN (skip the step)."""
+        offset = 0
+        for p, used in zip(self.params, self.used):
+            if used:
+                piece = update[offset:offset + p.numel()] if update is not None else torch.full((p.numel(),), torch.nan)
+                p.grad = piece.view_as(p).to(device=p.device, dtype=p.dtype).clone()
+            offset += p.numel()
+
+
+def flat_task_gradients(losses: dict[str, Tensor], params: list[nn.Parameter],
+                        scale: Callable[[Tensor], Tensor]) -> Tensor:
+    """Each task's gradient on ``params`` (T, P) by ``torch.autograd.grad``, which leaves ``.grad`` and DDP's
+    reducer untouched (for the statistics of loss-based objectives); averaged over ranks, still scaled."""
+    rows = [_flat(params, torch.autograd.grad(scale(loss), params, retain_graph=True, allow_unused=True))
+            for loss in losses.values()]
+    return _all_reduce_mean(torch.stack(rows))
+
+
+def gradient_statistics(grads: Tensor, tasks: list[str]) -> dict[str, Tensor]:
+    """``grad_norm/{task}`` and ``cosine/{a}:{b}`` (gradient conflict when negative) of the rows of ``grads``."""
+    g = grads @ grads.T
+    norms = g.diagonal().clamp(min=0).sqrt()
+    stats = {f"grad_norm/{name}": norms[i] for i, name in enumerate(tasks)}
+    for i, a in enumerate(tasks):
+        for j in range(i + 1, len(tasks)):
+            stats[f"cosine/{a}:{tasks[j]}"] = g[i, j] / (norms[i] * norms[j]).clamp(min=1e-12)
+    return stats
