@@ -1,0 +1,158 @@
+"""Objectives inside real training: gradient accumulation, DDP (2 gloo processes), fp16 loss scaling, non-finite
+gradients, tasks absent from a step, and the logged objective state. The reference for every comparison is the
+same tiny module trained in one process on the whole global batch (``_train.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy
+
+from mmlit.cli import main
+from mmlit.data import RoundRobin
+
+from ..conftest import REPO, tiny_recipe, write_recipe
+from ._train import build_module, interleave, loader, step_batches, trainer, weights
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def batches(soc):
+    urls = soc["shards"]["train"][:2]
+    return {part: step_batches(urls, soc["tokenizer"], STEPS, part) for part in ("whole", 0, 1)}
+
+
+def _fit(method: str, batches: list[dict], tmp_path, **kwargs):
+    module = build_module(method)
+    trainer(tmp_path, len(batches) // kwargs.get("accumulate_grad_batches", 1), **kwargs).fit(module, loader(batches))
+    return module
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("method", ["static", "pcgrad", "gradnorm"])
+def test_gradient_accumulation_matches_the_whole_batch(method, batches, tmp_path):
+    """Two micro-batches of half the images give the update of the whole batch: a gradient method acts once, on the
+    per-task gradients summed over the micro-batches (acting per micro-batch would differ for PCGrad/GradNorm)."""
+    whole = weights(_fit(method, batches["whole"], tmp_path))
+    accumulated = weights(_fit(method, interleave(batches[0], batches[1]), tmp_path, accumulate_grad_batches=2))
+    assert _max_difference(whole, accumulated) < 1e-5
+    assert _max_difference(whole, weights(build_module(method))) > 1e-2  # it trained
+
+
+def test_fp16_gradients_are_unscaled_before_the_method_sees_them(batches, tmp_path):
+    """GradNorm's weight update reads gradient norms; with a loss scale of 2^12 left in, its weights would move
+    4096 times as far. Under fp16 autocast they must match the fp32 run up to half-precision rounding."""
+    fp32 = _fit("gradnorm", batches["whole"], tmp_path)
+    fp16 = _fit("gradnorm", batches["whole"], tmp_path,
+                plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))])
+    moved = (fp32.objective.task_weights - 1).abs().max().item()
+    assert moved > 1e-3
+    assert (fp16.objective.task_weights - fp32.objective.task_weights).abs().max().item() < 0.1 * moved
+
+
+@pytest.mark.parametrize("method", ["static", "gradnorm"])
+def test_non_finite_gradients_skip_the_step(method, batches, tmp_path):
+    """An infinite gradient at step 1 skips that step and nothing else: the weights (and GradNorm's state) equal a
+    run on the batches of steps 0 and 2 only."""
+    module = build_module(method)
+    param = next(module.backbone.parameters())
+    param.register_hook(lambda g: g * float("inf") if module.global_step == 1 else g)
+    with pytest.warns(UserWarning, match="non-finite gradients at step 1"):
+        trainer(tmp_path, STEPS).fit(module, loader(batches["whole"]))
+    assert module.skipped_steps == 1
+    reference = _fit(method, [batches["whole"][0], batches["whole"][2]], tmp_path)
+    assert _max_difference(weights(module), weights(reference)) < 1e-5
+
+
+def test_absent_task_gets_no_update_and_the_method_combines_the_present_ones(batches, tmp_path):
+    class Snapshot(pl.Callback):  # the absent task's head after step 0, before step 1 (vqa only) runs
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 1:
+                self.head = {k: v.clone() for k, v in module.tasks["image_classification"].state_dict().items()}
+
+    module, snapshot = build_module("pcgrad"), Snapshot()
+    steps = [batches["whole"][0], {"vqa": batches["whole"][1]["vqa"]}]
+    trainer(tmp_path, 2, callbacks=[snapshot]).fit(module, loader(steps))
+    assert module.global_step == 2 and module.skipped_steps == 0
+    for key, value in module.tasks["image_classification"].state_dict().items():
+        assert torch.equal(value, snapshot.head[key]), key  # no gradient, so SGD leaves the absent task's head alone
+    assert float(module.objective.weights["vqa"]) == 1.0  # PCGrad over one task is that task's gradient
+
+
+def test_loss_based_objective_with_a_sampled_mixture_under_ddp_needs_unused_parameter_detection():
+    trainer_ = SimpleNamespace(strategy=DDPStrategy(), world_size=2,
+                               datamodule=SimpleNamespace(sampler=RoundRobin(), tokenizer=None))
+    module = build_module("static")
+    module._trainer = trainer_
+    with pytest.raises(ValueError, match="data.mixture: RoundRobin leaves tasks out.*ddp_find_unused_parameters_true"):
+        module.setup("fit")
+    module = build_module("pcgrad")  # reduces its gradients itself: nothing to set
+    module._trainer = trainer_
+    module.setup("fit")
+
+
+def test_objective_by_registered_name_from_the_command_line(soc, tmp_path):
+    recipe = tiny_recipe(soc, tmp_path, tasks=["vqa", "image_classification"], logger=[
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "csv"}}],
+        limit_val_batches=0)
+    main(["fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml")), "--model.objective", "cagrad"])
+    import csv
+
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").glob("version_*/metrics.csv")))))
+    keys = {k for row in rows for k, v in row.items() if v}
+    for key in ("weight/vqa", "weight/image_classification", "grad_norm/vqa", "grad_norm/image_classification",
+                "cosine/vqa:image_classification", "skipped_steps"):
+        assert f"train/objective/{key}" in keys, key
+    with pytest.raises(ValueError, match="model.objective: no objective named 'pcgrd'; registered objectives: cagrad"):
+        main(["fit", "--config", str(tmp_path / "r.yaml"), "--model.objective", "pcgrd"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_match_one_rank_on_the_same_global_batch(soc, batches, tmp_path):
+    """2 gloo ranks, each on half of every global batch: identical weights on both ranks, equal to the one-process
+    run on the whole batches; an infinite gradient on rank 1 alone skips the step on both (and, under fp16, lowers
+    both ranks' loss scale); a task absent from a step needs no unused-parameter detection."""
+    runs = ["static", "pcgrad", "gradnorm", "mgda", "pcgrad_absent", "static_inf", "pcgrad_fp16_inf"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+               "-m", "tests.objectives._ddp_run", "--train", *soc["shards"]["train"][:2], "--tokenizer", soc["tokenizer"],
+               "--out", str(tmp_path), "--runs", *runs]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=480, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    whole = batches["whole"]
+    references = {"static": whole, "pcgrad": whole, "gradnorm": whole, "mgda": whole,
+                  "pcgrad_absent": [whole[0], {"vqa": whole[1]["vqa"]}, whole[2]], "static_inf": [whole[0], whole[2]]}
+    for run in runs:
+        ranks = [torch.load(tmp_path / run / f"rank{r}.pt", weights_only=True) for r in range(2)]
+        info = [json.loads((tmp_path / run / f"rank{r}.json").read_text()) for r in range(2)]
+        assert _max_difference(*ranks) == 0.0, run  # bit-identical on both ranks
+        assert info[0]["global_step"] == info[1]["global_step"] == STEPS
+        if run.endswith("_inf"):
+            assert [i["skipped_steps"] for i in info] == [1, 1], run
+        if run in references:
+            reference = _fit(run.split("_")[0], references[run], tmp_path)
+            assert _max_difference(ranks[0], weights(reference)) < 1e-5, run
+    assert [i["scale"] for i in (json.loads((tmp_path / "pcgrad_fp16_inf" / f"rank{r}.json").read_text())
+                                 for r in range(2))] == [128.0, 128.0]  # 2^8 halved once, on both ranks
