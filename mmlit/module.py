@@ -145,6 +145,18 @@ class MultiTaskModule(pl.LightningModule):
             wrapper.require_backward_grad_sync = False
             wrapper.require_forward_param_sync = True
 
+    def on_after_backward(self) -> None:
+        wrapper = self.trainer.strategy.model
+        if (self.global_step == 0 and self.task_gradients is None and isinstance(wrapper, DistributedDataParallel)
+                and not wrapper.find_unused_parameters):
+            # Plain DDP fails at the next forward, with a message that names no parameter, when one got no gradient.
+            unused = [n for n, p in self.named_parameters() if p.requires_grad and p.grad is None]
+            if unused:
+                raise ValueError(f"trainer.strategy: {len(unused)} parameter(s) got no gradient in the first step "
+                                 f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}), which plain DDP cannot "
+                                 f"reduce; set trainer.strategy: ddp_find_unused_parameters_true, freeze them, or use a "
+                                 f"gradient-based objective (mmlit reduces those gradients itself)")
+
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         if self.task_gradients is None:
             return super().backward(loss, *args, **kwargs)

@@ -23,13 +23,13 @@ TASKS = ("vqa", "image_classification")  # per-example mean losses over equal ha
 IMAGES = 4  # per task and step; each half has 2
 
 
-def build_module(method: str, seed: int = 0, **objective) -> MultiTaskModule:
+def build_module(method: str, seed: int = 0, tasks=TASKS, **objective) -> MultiTaskModule:
     pl.seed_everything(seed, verbose=False)
     backbone = Backbone(TimmImageEncoder("test_convnext", dim=32, image_size=75, feature_index=2),
                         TransformerTextEncoder(vocab_size=256, dim=32, depth=1, heads=2, max_length=40),
                         CrossAttentionFusion(dim=32, depth=1, heads=2))
-    tasks = {name: get_task(name)(Shards(train="unused")) for name in TASKS}
-    return MultiTaskModule(backbone, tasks, get_objective(method)(**objective),
+    heads = {name: get_task(name)(Shards(train="unused")) for name in tasks}
+    return MultiTaskModule(backbone, heads, get_objective(method)(**objective),
                            optimizer=lambda params: torch.optim.SGD(params, lr=0.05))
 
 

@@ -132,8 +132,10 @@ def _free_port() -> int:
 def test_two_ranks_match_one_rank_on_the_same_global_batch(soc, batches, tmp_path):
     """2 gloo ranks, each on half of every global batch: identical weights on both ranks, equal to the one-process
     run on the whole batches; an infinite gradient on rank 1 alone skips the step on both (and, under fp16, lowers
-    both ranks' loss scale); a task absent from a step needs no unused-parameter detection."""
-    runs = ["static", "pcgrad", "gradnorm", "mgda", "pcgrad_absent", "static_inf", "pcgrad_fp16_inf"]
+    both ranks' loss scale); a task absent from a step, or a backbone part no task uses, needs no unused-parameter
+    detection with a gradient objective, and is a clear error with plain DDP and a loss-based one."""
+    runs = ["static", "pcgrad", "gradnorm", "mgda", "pcgrad_absent", "static_inf", "pcgrad_fp16_inf", "static_imageonly",
+            "pcgrad_imageonly"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                "-m", "tests.objectives._ddp_run", "--train", *soc["shards"]["train"][:2], "--tokenizer", soc["tokenizer"],
                "--out", str(tmp_path), "--runs", *runs]
@@ -141,6 +143,11 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(soc, batches, tmp_pat
     result = subprocess.run(command, capture_output=True, text=True, timeout=480, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
 
+    for r in range(2):
+        error = (tmp_path / "static_imageonly" / f"rank{r}.error").read_text()
+        assert "parameter(s) got no gradient in the first step (backbone.text_encoder" in error
+        assert "ddp_find_unused_parameters_true" in error
+    runs.remove("static_imageonly")
     whole = batches["whole"]
     references = {"static": whole, "pcgrad": whole, "gradnorm": whole, "mgda": whole,
                   "pcgrad_absent": [whole[0], {"vqa": whole[1]["vqa"]}, whole[2]], "static_inf": [whole[0], whole[2]]}
