@@ -82,7 +82,8 @@ class MultiTaskModule(pl.LightningModule):
         if stage != "fit":
             return
         strategy = self.trainer.strategy
-        if self.objective.uses_gradients and not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        # Exact types: DeepSpeed and XLA subclass DDPStrategy but back-propagate without LightningModule.backward.
+        if self.objective.uses_gradients and type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
             raise ValueError(f"model.objective: {type(self.objective).__name__} combines per-task gradients, which mmlit "
                              f"supports on one device and with trainer.strategy: ddp, not {type(strategy).__name__}")
         sampler = getattr(datamodule, "sampler", None)
@@ -108,7 +109,8 @@ class MultiTaskModule(pl.LightningModule):
         return float(scaler.get_scale()) if scaler is not None else 1.0
 
     def _logging_step(self) -> bool:
-        return (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
 
     def _log_objective(self, values: dict) -> None:
         for key, value in values.items():
@@ -132,7 +134,7 @@ class MultiTaskModule(pl.LightningModule):
             self._step_losses = losses  # back-propagated one task at a time by ``backward``
         else:
             self._log_objective(self.objective.state())
-            if self._logging_step():
+            if self._logging_step() and batch_idx % self.trainer.accumulate_grad_batches == 0:  # once per step
                 grads = flat_task_gradients(losses, self._shared_parameters(), self._scale)
                 self._log_objective(gradient_statistics(grads / self._loss_scale(), list(losses)))
         return loss
@@ -180,33 +182,45 @@ class MultiTaskModule(pl.LightningModule):
                 grads = [p.grad for p in self.parameters() if p.grad is not None]
                 if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
                     self._skip_step()  # gradients were reduced by DDP: every rank decides alike
-            self.log("train/objective/skipped_steps", float(self.skipped_steps))
             return result
 
+        scaler = self._grad_scaler()
+        scale = scaler.get_scale() if scaler is not None else None
         optimizer.step(closure=closure)
+        if scaler is not None and scaler.get_scale() < scale:
+            self.skipped_steps += 1  # the scaler lowers its scale exactly when it skips (early ones are normal)
+        self.log("train/objective/skipped_steps", float(self.skipped_steps))
 
     def _skip_step(self) -> None:
-        self.skipped_steps += 1
-        if self.task_gradients is not None and self._grad_scaler() is not None:
+        if self._grad_scaler() is not None:
             self.task_gradients.write(None)  # NaN: the GradScaler skips the step and lowers its scale on every rank
-        else:
-            for p in self.parameters():
-                p.grad = None  # the optimizer leaves parameters without a gradient alone
+            return
+        self.skipped_steps += 1
+        for p in self.parameters():
+            p.grad = None  # the optimizer leaves parameters without a gradient alone
         rank_zero_warn(f"non-finite gradients at step {self.global_step}: the step is skipped on every rank "
                        f"({self.skipped_steps} skipped so far)")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mmlit_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = checkpoint.get("mmlit_skipped_steps", 0)
 
     def _combine_task_gradients(self) -> None:
         engine = self.task_gradients
         if not engine.grads:
-            return
+            raise RuntimeError("no per-task gradients reached the objective: the strategy back-propagated without "
+                               "LightningModule.backward")
         shared = {id(p) for p in engine.params}
-        others = [p for p in self.parameters() if p.grad is not None and id(p) not in shared]
+        others = [p for p in self.parameters() if p.requires_grad and id(p) not in shared]
         tasks, grads, losses = engine.gather(others)
         scale = self._loss_scale()
         grads = grads / scale  # unscaled before any norm or projection
         finite = torch.isfinite(grads).all()
         for p in others:
-            finite = finite & torch.isfinite(p.grad).all()
+            if p.grad is not None:
+                finite = finite & torch.isfinite(p.grad).all()
         if not finite:  # the same on every rank: the gradients were averaged over ranks
             self._skip_step()
             return

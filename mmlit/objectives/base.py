@@ -10,7 +10,7 @@ Two kinds share it, and adding a method is one file with one registered class:
   own task's gradient, unweighted (the LibMTL convention).
 
 What ``combine`` can rely on (``mmlit/objectives/task_gradients.py`` makes it so): one row per task present in the
-step, in the order of ``tasks``; float32; unscaled (fp16 GradScaler); finite; summed over the micro-batches of gradient
+step, row ``i`` belonging to ``tasks[i]``; float32; unscaled (fp16 GradScaler); finite; summed over the micro-batches of gradient
 accumulation, each divided by their number as Lightning does; averaged over the DDP ranks. The input is therefore the
 same on every rank, and every rank computes the same update. Randomness comes from ``step_generator(seed, step)``.
 
@@ -59,16 +59,23 @@ class Objective(nn.Module):
         return alpha @ grads
 
 
-def gram(grads: Tensor) -> Tensor:
-    """``G[i, j] = g_i . g_j`` (T, T), in float64 on the CPU: the methods of this package need only these inner
-    products, and their small loops then run without a device synchronisation per comparison."""
-    return (grads @ grads.T).double().cpu()
+def gram(grads: Tensor, chunk: int = 1 << 22) -> Tensor:
+    """``G[i, j] = g_i . g_j`` (T, T), accumulated in float64 (also where TF32 matmuls are allowed) and returned on
+    the CPU: the methods of this package need only these inner products, and their small loops then run without a
+    device synchronisation per comparison. Chunks bound the float64 copy's memory."""
+    g = torch.zeros(grads.shape[0], grads.shape[0], dtype=torch.float64, device=grads.device)
+    for part in grads.split(chunk, dim=1):
+        part = part.double()
+        g += part @ part.T
+    return g.cpu()
 
 
 def mean_over_ranks(tensor: Tensor) -> Tensor:
-    """The mean of ``tensor`` over the DDP ranks (itself on one process); every rank must call it at the same point."""
+    """Average ``tensor`` over the DDP ranks in place (and return it); every rank must call it at the same point.
+
+    Per-rank statistics must not live in module buffers between steps: DDP copies every buffer from rank 0 before
+    each forward. Reduce the values first, as DWA and FAMO do, so that their buffers hold the same on every rank."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        tensor = tensor.clone()
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor

@@ -2,8 +2,9 @@
 
 ``w_t = T softmax(r / temperature)_t`` with ``r_t = Lbar_t(k-1) / Lbar_t(k-2)``: a task whose loss fell less over
 the last period gets more weight. The paper averages each task's loss over an epoch; mmlit averages over windows of
-``period`` optimizer steps (set it to ``data.steps_per_epoch`` for the paper's choice). The window averages are
-taken over all DDP ranks (one all-reduce per window), so every rank uses the same weights. The first two windows use
+``period`` optimizer steps (set it to ``data.steps_per_epoch`` for the paper's choice). Each step's losses
+are averaged over the DDP ranks (an all-reduce of one number per task) before they enter the window sums, so every
+rank holds the same sums and uses the same weights. The first two windows use
 weights of 1.
 """
 
@@ -38,14 +39,13 @@ class DynamicWeightAverage(Objective):
         super().bind(tasks)
         n = len(tasks)
         self.index = {name: i for i, name in enumerate(tasks)}
-        self.register_buffer("sums", torch.zeros(2, n))  # (loss sum, count) of the current window, this rank
+        self.register_buffer("sums", torch.zeros(2, n))  # (loss sum, count) of the current window, all ranks
         self.register_buffer("history", torch.full((2, n), float("nan")))  # window means: (k-2, k-1)
         self.register_buffer("current", torch.ones(n))
         self.register_buffer("window", torch.tensor(-1))
 
     def _close_window(self) -> None:
-        totals = mean_over_ranks(self.sums)  # the ratio sum/count is the same as with plain sums
-        means = torch.where(totals[1] > 0, totals[0] / totals[1].clamp(min=1e-12), torch.nan)
+        means = torch.where(self.sums[1] > 0, self.sums[0] / self.sums[1].clamp(min=1e-12), torch.nan)
         self.history.copy_(torch.stack([self.history[1], means]))
         ratio = torch.nan_to_num(self.history[1] / self.history[0], nan=1.0, posinf=1.0, neginf=1.0)
         self.current.copy_(len(self.task_names) * torch.softmax(ratio / self.temperature, dim=0))
@@ -57,11 +57,9 @@ class DynamicWeightAverage(Objective):
                 self._close_window()
             self.sums.zero_()
             self.window.fill_(window)
-        total = 0.0
-        for name, loss in losses.items():
-            i = self.index[name]
-            self.sums[0, i] += loss.detach()
-            self.sums[1, i] += 1
-            total = total + self.current[i] * loss
+        index = torch.tensor([self.index[name] for name in losses], device=self.sums.device)
+        self.sums[0, index] += mean_over_ranks(torch.stack([loss.detach().float() for loss in losses.values()]))
+        self.sums[1, index] += 1
+        total = sum(self.current[i] * loss for i, loss in zip(index.tolist(), losses.values()))
         self.weights.update({name: self.current[i] for name, i in self.index.items()})
         return total

@@ -5,8 +5,10 @@ Task logits ``xi`` give weights ``z = softmax(xi)``; the step minimises ``sum_t 
 a step sum to 1. After each step the logits move so that the tasks' log-losses fall at equal rates: ``xi`` takes an
 Adam step (with weight decay ``gamma``) along ``J_softmax(xi)^T delta``, where ``delta_t`` is the fall of
 ``log L_t``. The paper measures the fall with a second forward pass on the same batch; mmlit compares the loss of
-consecutive steps (mean over micro-batches and DDP ranks, one all-reduce per step), which needs no extra forward
-pass and is what makes FAMO O(1) per step here as well. Losses must be non-negative (FAMO assumes a minimum of 0).
+consecutive steps (mean over micro-batches), which needs no extra forward pass. The losses are averaged over the DDP
+ranks (an all-reduce of one number per task) before the weights are computed, so a 2-rank run weighs as a 1-rank run
+on the whole batch does. Under gradient accumulation each micro-batch is weighed by its own losses (the step's
+mean is not known until its last micro-batch). Losses must be non-negative (FAMO assumes a minimum of 0).
 """
 
 from __future__ import annotations
@@ -41,14 +43,13 @@ class FAMO(Objective):
         self.register_buffer("logits", torch.zeros(n))
         self.register_buffer("adam", torch.zeros(2, n))  # first and second moments
         self.register_buffer("adam_steps", torch.tensor(0))
-        self.register_buffer("sums", torch.zeros(2, n))  # (loss sum, count) of the current step, this rank
+        self.register_buffer("sums", torch.zeros(2, n))  # (loss sum, count) of the current step, all ranks
         self.register_buffer("previous", torch.full((n,), float("nan")))  # log-loss of the last step with the task
         self.register_buffer("step_seen", torch.tensor(-1))
 
     def _update_logits(self) -> None:
-        totals = mean_over_ranks(self.sums)
-        present = totals[1] > 0
-        log_loss = torch.log(totals[0] / totals[1].clamp(min=1e-12) + _EPS)
+        present = self.sums[1] > 0
+        log_loss = torch.log(self.sums[0] / self.sums[1].clamp(min=1e-12) + _EPS)
         delta = torch.where(present & ~self.previous.isnan(), self.previous - log_loss, 0.0)
         self.previous.copy_(torch.where(present, log_loss, self.previous))
         if not bool((delta != 0).any()):
@@ -69,13 +70,15 @@ class FAMO(Objective):
             self.sums.zero_()
             self.step_seen.fill_(step)
         index = torch.tensor([self.index[name] for name in losses], device=self.logits.device)
-        values = torch.stack([loss.float() for loss in losses.values()])  # (T,)
-        if bool((values.detach() < 0).any()):
-            negative = {name: round(float(v), 4) for name, v in zip(losses, values.detach())}
+        values = torch.stack([loss.float() for loss in losses.values()])  # (T,), this rank
+        mean = mean_over_ranks(values.detach().clone())  # (T,), all ranks
+        if bool((mean < 0).any()):
+            negative = {name: round(float(v), 4) for name, v in zip(losses, mean)}
             raise ValueError(f"model.objective: FAMO weighs log-losses and needs losses >= 0; got {negative}")
-        self.sums[0, index] += values.detach()
+        self.sums[0, index] += mean
         self.sums[1, index] += 1
         z = torch.softmax(self.logits, dim=0)[index]
-        c = (z / (values.detach() + _EPS)).sum()
-        self.weights.update(zip(losses, z / (c * (values.detach() + _EPS))))
-        return (z / c * torch.log(values + _EPS)).sum()
+        weights = z / (mean + _EPS)
+        weights = weights / weights.sum()  # z_t / (c L_t): the gradient of sum_t z_t log L_t / c
+        self.weights.update(zip(losses, weights))
+        return (weights * values).sum()

@@ -19,21 +19,15 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
+
+from mmlit.objectives.base import mean_over_ranks
 
 __all__ = ["TaskGradients", "flat_task_gradients", "gradient_statistics"]
 
 
 def _flat(params: list[nn.Parameter], grads: list[Tensor | None]) -> Tensor:
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for p, g in zip(params, grads)])
-
-
-def _all_reduce_mean(tensor: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor
 
 
 class TaskGradients:
@@ -51,7 +45,7 @@ class TaskGradients:
         self.params: list[nn.Parameter] = []
         self.used: list[bool] = []
         self.grads: dict[str, Tensor] = {}  # task -> (P,), scaled as back-propagated
-        self.losses: dict[str, list[float | Tensor]] = {}
+        self.losses: dict[str, list[Tensor]] = {}
 
     def backward(self, losses: dict[str, Tensor], scale: Callable[[Tensor], Tensor]) -> None:
         """Back-propagate each task's ``scale(loss)`` on its own; keep its shared-parameter gradient apart."""
@@ -74,18 +68,24 @@ class TaskGradients:
             p.grad = g
 
     def gather(self, others: list[nn.Parameter]) -> tuple[list[str], Tensor, Tensor]:
-        """``(tasks, grads (T, P), losses (T,))`` averaged over ranks; the gradients of ``others`` (every other
-        parameter with a gradient) are averaged in the same all-reduce and written back."""
+        """``(tasks, grads (T, P), losses (T,))`` averaged over ranks. The gradients of ``others`` (every other
+        trainable parameter, the same list on every rank) go into the same all-reduce and are written back. A
+        parameter that got a gradient on any rank gets the average on every rank (zeros standing in for ranks where
+        it got none), as DDP does; one that got none anywhere keeps ``grad = None``."""
         tasks = list(self.grads)
-        losses = torch.stack([torch.stack(v).mean() for v in self.losses.values()])
-        other = [p.grad.reshape(-1).float() for p in others]
-        flat = _all_reduce_mean(torch.cat([torch.stack([self.grads[t] for t in tasks]).reshape(-1),
-                                           losses.to(self.grads[tasks[0]].device), *other]))
+        device = self.grads[tasks[0]].device
+        losses = torch.stack([torch.stack(v).mean() for v in self.losses.values()]).to(device)
+        used = torch.tensor(self.used + [p.grad is not None for p in others], dtype=torch.float32, device=device)
+        flat = mean_over_ranks(torch.cat([torch.stack([self.grads[t] for t in tasks]).reshape(-1), losses,
+                                          _flat(others, [p.grad for p in others]), used]))
         n, size = len(tasks), self.grads[tasks[0]].numel()
-        grads, losses, rest = flat[:n * size].view(n, size), flat[n * size:n * size + n], flat[n * size + n:]
-        offset = 0
-        for p in others:
-            p.grad.copy_(rest[offset:offset + p.numel()].view_as(p.grad))
+        grads, losses = flat[:n * size].view(n, size), flat[n * size:n * size + n]
+        used = (flat[-len(used):] > 0).tolist()
+        self.used = used[:len(self.params)]
+        offset = n * size + n
+        for p, any_rank in zip(others, used[len(self.params):]):
+            if any_rank:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
             offset += p.numel()
         return tasks, grads, losses
 
@@ -105,7 +105,7 @@ def flat_task_gradients(losses: dict[str, Tensor], params: list[nn.Parameter],
     reducer untouched (for the statistics of loss-based objectives); averaged over ranks, still scaled."""
     rows = [_flat(params, torch.autograd.grad(scale(loss), params, retain_graph=True, allow_unused=True))
             for loss in losses.values()]
-    return _all_reduce_mean(torch.stack(rows))
+    return mean_over_ranks(torch.stack(rows))
 
 
 def gradient_statistics(grads: Tensor, tasks: list[str]) -> dict[str, Tensor]:

@@ -21,6 +21,7 @@ from mmlit.tasks.base import Shards
 
 TASKS = ("vqa", "image_classification")  # per-example mean losses over equal halves: halves average to the whole
 IMAGES = 4  # per task and step; each half has 2
+SETTINGS = {"dwa": {"period": 1}}  # so that DWA's weights change within the few steps of a test
 
 
 def build_module(method: str, seed: int = 0, tasks=TASKS, **objective) -> MultiTaskModule:
@@ -29,7 +30,7 @@ def build_module(method: str, seed: int = 0, tasks=TASKS, **objective) -> MultiT
                         TransformerTextEncoder(vocab_size=256, dim=32, depth=1, heads=2, max_length=40),
                         CrossAttentionFusion(dim=32, depth=1, heads=2))
     heads = {name: get_task(name)(Shards(train="unused")) for name in tasks}
-    return MultiTaskModule(backbone, heads, get_objective(method)(**objective),
+    return MultiTaskModule(backbone, heads, get_objective(method)(**{**SETTINGS.get(method, {}), **objective}),
                            optimizer=lambda params: torch.optim.SGD(params, lr=0.05))
 
 

@@ -43,10 +43,11 @@ def _max_difference(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("method", ["static", "pcgrad", "gradnorm"])
+@pytest.mark.parametrize("method", ["static", "cagrad", "gradnorm"])
 def test_gradient_accumulation_matches_the_whole_batch(method, batches, tmp_path):
     """Two micro-batches of half the images give the update of the whole batch: a gradient method acts once, on the
-    per-task gradients summed over the micro-batches (acting per micro-batch would differ for PCGrad/GradNorm)."""
+    per-task gradients summed over the micro-batches (CAGrad's and GradNorm's weights depend non-linearly on them, so
+    acting per micro-batch would differ)."""
     whole = weights(_fit(method, batches["whole"], tmp_path))
     accumulated = weights(_fit(method, interleave(batches[0], batches[1]), tmp_path, accumulate_grad_batches=2))
     assert _max_difference(whole, accumulated) < 1e-5
@@ -64,12 +65,12 @@ def test_fp16_gradients_are_unscaled_before_the_method_sees_them(batches, tmp_pa
     assert (fp16.objective.task_weights - fp32.objective.task_weights).abs().max().item() < 0.1 * moved
 
 
-@pytest.mark.parametrize("method", ["static", "gradnorm"])
-def test_non_finite_gradients_skip_the_step(method, batches, tmp_path):
-    """An infinite gradient at step 1 skips that step and nothing else: the weights (and GradNorm's state) equal a
-    run on the batches of steps 0 and 2 only."""
+@pytest.mark.parametrize("method, where", [("static", "backbone"), ("gradnorm", "backbone"), ("gradnorm", "tasks")])
+def test_non_finite_gradients_skip_the_step(method, where, batches, tmp_path):
+    """An infinite gradient at step 1 (in the backbone, or in a head) skips that step and nothing else: the weights
+    (and GradNorm's state) equal a run on the batches of steps 0 and 2 only."""
     module = build_module(method)
-    param = next(module.backbone.parameters())
+    param = next(getattr(module, where).parameters())
     param.register_hook(lambda g: g * float("inf") if module.global_step == 1 else g)
     with pytest.warns(UserWarning, match="non-finite gradients at step 1"):
         trainer(tmp_path, STEPS).fit(module, loader(batches["whole"]))
@@ -91,6 +92,23 @@ def test_absent_task_gets_no_update_and_the_method_combines_the_present_ones(bat
     for key, value in module.tasks["image_classification"].state_dict().items():
         assert torch.equal(value, snapshot.head[key]), key  # no gradient, so SGD leaves the absent task's head alone
     assert float(module.objective.weights["vqa"]) == 1.0  # PCGrad over one task is that task's gradient
+
+
+def test_objective_state_and_skipped_steps_are_saved_in_checkpoints(batches, tmp_path):
+    for method, state in (("gradnorm", "task_weights"), ("dwa", "history"), ("famo", "logits")):
+        module = build_module(method)
+        module.skipped_steps = 2
+        trainer(tmp_path, STEPS, enable_checkpointing=True).fit(module, loader(batches["whole"]))
+        saved = torch.load(next((tmp_path / "checkpoints").glob("*.ckpt")), weights_only=True)
+        resumed = build_module(method)
+        resumed.load_state_dict(saved["state_dict"])
+        resumed.on_load_checkpoint(saved)
+        assert torch.equal(getattr(resumed.objective, state), getattr(module.objective, state)), method
+        assert not torch.equal(getattr(build_module(method).objective, state).nan_to_num(),
+                               getattr(module.objective, state).nan_to_num()), method  # it did change in training
+        assert resumed.skipped_steps == 2
+        for path in (tmp_path / "checkpoints").glob("*.ckpt"):
+            path.unlink()
 
 
 def test_loss_based_objective_with_a_sampled_mixture_under_ddp_needs_unused_parameter_detection():
@@ -134,8 +152,8 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(soc, batches, tmp_pat
     run on the whole batches; an infinite gradient on rank 1 alone skips the step on both (and, under fp16, lowers
     both ranks' loss scale); a task absent from a step, or a backbone part no task uses, needs no unused-parameter
     detection with a gradient objective, and is a clear error with plain DDP and a loss-based one."""
-    runs = ["static", "pcgrad", "gradnorm", "mgda", "pcgrad_absent", "static_inf", "pcgrad_fp16_inf", "static_imageonly",
-            "pcgrad_imageonly"]
+    runs = ["static", "uncertainty", "dwa", "rlw", "famo", "gradnorm", "cagrad", "mgda", "pcgrad_absent", "static_inf",
+            "pcgrad_fp16_inf", "static_imageonly", "pcgrad_imageonly"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                "-m", "tests.objectives._ddp_run", "--train", *soc["shards"]["train"][:2], "--tokenizer", soc["tokenizer"],
                "--out", str(tmp_path), "--runs", *runs]
@@ -149,7 +167,7 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(soc, batches, tmp_pat
         assert "ddp_find_unused_parameters_true" in error
     runs.remove("static_imageonly")
     whole = batches["whole"]
-    references = {"static": whole, "pcgrad": whole, "gradnorm": whole, "mgda": whole,
+    references = {**{run: whole for run in runs if "_" not in run},
                   "pcgrad_absent": [whole[0], {"vqa": whole[1]["vqa"]}, whole[2]], "static_inf": [whole[0], whole[2]]}
     for run in runs:
         ranks = [torch.load(tmp_path / run / f"rank{r}.pt", weights_only=True) for r in range(2)]
