@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["Objective", "gram", "mean_over_ranks", "step_generator"]
+__all__ = ["Objective", "PeriodLosses", "gram", "mean_over_ranks", "step_generator"]
 
 
 class Objective(nn.Module):
@@ -38,7 +38,12 @@ class Objective(nn.Module):
     def bind(self, tasks: list[str]) -> None:
         """Called once with the recipe's task names, before any step; buffers sized by the tasks are made here."""
         self.task_names = list(tasks)
+        self.index = {name: i for i, name in enumerate(tasks)}
         self.weights: dict[str, Tensor | float] = {name: 1.0 for name in tasks}
+
+    def rows(self, names, device: torch.device | None = None) -> Tensor:
+        """The positions of ``names`` among the bound tasks, for indexing per-task buffers (T,)."""
+        return torch.tensor([self.index[name] for name in names], device=device)
 
     def forward(self, losses: dict[str, Tensor], step: int) -> Tensor:
         """The loss of this step (back-propagated by loss-based methods); ``losses`` has the tasks present."""
@@ -57,6 +62,36 @@ class Objective(nn.Module):
         alpha = alpha.to(device=grads.device, dtype=grads.dtype)
         self.weights.update({name: a for name, a in zip(tasks, alpha.detach())})
         return alpha @ grads
+
+
+class PeriodLosses(nn.Module):
+    """Each task's loss averaged over a period of ``period`` optimizer steps (and over micro-batches), for methods
+    that weigh by how losses change from one period to the next (DWA, FAMO). ``add`` takes losses already averaged
+    over the DDP ranks, so the buffers hold the same on every rank (DDP copies buffers from rank 0 anyway)."""
+
+    def __init__(self, tasks: int, period: int = 1):
+        super().__init__()
+        self.period = period
+        self.register_buffer("sums", torch.zeros(2, tasks))  # (loss sum, count) of the current period
+        self.register_buffer("current", torch.tensor(-1))
+
+    def advance(self, step: int) -> Tensor | None:
+        """At the first call of a new period: the closed period's means (T,), NaN for tasks absent from it (``None``
+        before the first period); otherwise ``None``."""
+        period = step // self.period
+        if period == int(self.current):
+            return None
+        closed = None
+        if int(self.current) >= 0:
+            closed = torch.where(self.sums[1] > 0, self.sums[0] / self.sums[1].clamp(min=1e-12), torch.nan)
+        self.sums.zero_()
+        self.current.fill_(period)
+        return closed
+
+    def add(self, rows: Tensor, losses: Tensor) -> None:
+        """Add the all-rank mean ``losses`` (T,) of the tasks at ``rows`` to the current period."""
+        self.sums[0, rows] += losses
+        self.sums[1, rows] += 1
 
 
 def gram(grads: Tensor, chunk: int = 1 << 22) -> Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mmlit.objectives.base import Objective, mean_over_ranks
+from mmlit.objectives.base import Objective, PeriodLosses, mean_over_ranks
 from mmlit.registry import register_objective
 
 __all__ = ["DynamicWeightAverage"]
@@ -38,28 +38,22 @@ class DynamicWeightAverage(Objective):
     def bind(self, tasks: list[str]) -> None:
         super().bind(tasks)
         n = len(tasks)
-        self.index = {name: i for i, name in enumerate(tasks)}
-        self.register_buffer("sums", torch.zeros(2, n))  # (loss sum, count) of the current window, all ranks
+        self.period_losses = PeriodLosses(n, self.period)
         self.register_buffer("history", torch.full((2, n), float("nan")))  # window means: (k-2, k-1)
         self.register_buffer("current", torch.ones(n))
-        self.register_buffer("window", torch.tensor(-1))
 
-    def _close_window(self) -> None:
-        means = torch.where(self.sums[1] > 0, self.sums[0] / self.sums[1].clamp(min=1e-12), torch.nan)
+    def _close_window(self, means: torch.Tensor) -> None:
         self.history.copy_(torch.stack([self.history[1], means]))
         ratio = torch.nan_to_num(self.history[1] / self.history[0], nan=1.0, posinf=1.0, neginf=1.0)
         self.current.copy_(len(self.task_names) * torch.softmax(ratio / self.temperature, dim=0))
 
     def forward(self, losses: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        window = step // self.period
-        if window != int(self.window):
-            if int(self.window) >= 0:
-                self._close_window()
-            self.sums.zero_()
-            self.window.fill_(window)
-        index = torch.tensor([self.index[name] for name in losses], device=self.sums.device)
-        self.sums[0, index] += mean_over_ranks(torch.stack([loss.detach().float() for loss in losses.values()]))
-        self.sums[1, index] += 1
+        closed = self.period_losses.advance(step)
+        if closed is not None:
+            self._close_window(closed)
+        index = self.rows(losses, self.current.device)
+        means = mean_over_ranks(torch.stack([loss.detach().float() for loss in losses.values()]))  # (T,), all ranks
+        self.period_losses.add(index, means)
         total = sum(self.current[i] * loss for i, loss in zip(index.tolist(), losses.values()))
         self.weights.update({name: self.current[i] for name, i in self.index.items()})
         return total

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from mmlit.objectives.base import Objective, mean_over_ranks
+from mmlit.objectives.base import Objective, PeriodLosses, mean_over_ranks
 from mmlit.registry import register_objective
 
 __all__ = ["FAMO"]
@@ -39,17 +39,15 @@ class FAMO(Objective):
     def bind(self, tasks: list[str]) -> None:
         super().bind(tasks)
         n = len(tasks)
-        self.index = {name: i for i, name in enumerate(tasks)}
         self.register_buffer("logits", torch.zeros(n))
         self.register_buffer("adam", torch.zeros(2, n))  # first and second moments
         self.register_buffer("adam_steps", torch.tensor(0))
-        self.register_buffer("sums", torch.zeros(2, n))  # (loss sum, count) of the current step, all ranks
+        self.period_losses = PeriodLosses(n)  # one step per period
         self.register_buffer("previous", torch.full((n,), float("nan")))  # log-loss of the last step with the task
-        self.register_buffer("step_seen", torch.tensor(-1))
 
-    def _update_logits(self) -> None:
-        present = self.sums[1] > 0
-        log_loss = torch.log(self.sums[0] / self.sums[1].clamp(min=1e-12) + _EPS)
+    def _update_logits(self, means: torch.Tensor) -> None:
+        present = ~means.isnan()
+        log_loss = torch.log(means + _EPS)
         delta = torch.where(present & ~self.previous.isnan(), self.previous - log_loss, 0.0)
         self.previous.copy_(torch.where(present, log_loss, self.previous))
         if not bool((delta != 0).any()):
@@ -64,19 +62,16 @@ class FAMO(Objective):
         self.logits -= self.lr * m_hat / (v_hat.sqrt() + 1e-8)
 
     def forward(self, losses: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        if step != int(self.step_seen):
-            if int(self.step_seen) >= 0:
-                self._update_logits()
-            self.sums.zero_()
-            self.step_seen.fill_(step)
-        index = torch.tensor([self.index[name] for name in losses], device=self.logits.device)
+        closed = self.period_losses.advance(step)
+        if closed is not None:
+            self._update_logits(closed)
+        index = self.rows(losses, self.logits.device)
         values = torch.stack([loss.float() for loss in losses.values()])  # (T,), this rank
         mean = mean_over_ranks(values.detach().clone())  # (T,), all ranks
         if bool((mean < 0).any()):
             negative = {name: round(float(v), 4) for name, v in zip(losses, mean)}
             raise ValueError(f"model.objective: FAMO weighs log-losses and needs losses >= 0; got {negative}")
-        self.sums[0, index] += mean
-        self.sums[1, index] += 1
+        self.period_losses.add(index, mean)
         z = torch.softmax(self.logits, dim=0)[index]
         weights = z / (mean + _EPS)
         weights = weights / weights.sum()  # z_t / (c L_t): the gradient of sum_t z_t log L_t / c

@@ -36,7 +36,6 @@ class GradNorm(Objective):
 
     def bind(self, tasks: list[str]) -> None:
         super().bind(tasks)
-        self.index = {name: i for i, name in enumerate(tasks)}
         self.register_buffer("task_weights", torch.ones(len(tasks)))
         self.register_buffer("initial_losses", torch.full((len(tasks),), float("nan")))
 
@@ -44,7 +43,7 @@ class GradNorm(Objective):
         return sum(self.task_weights[self.index[name]] * loss for name, loss in losses.items())
 
     def combine(self, grads: torch.Tensor, losses: torch.Tensor, tasks: list[str], step: int) -> torch.Tensor:
-        index = torch.tensor([self.index[name] for name in tasks], device=self.task_weights.device)
+        index = self.rows(tasks, self.task_weights.device)
         weights = self.task_weights[index].clone()  # (T,)
         update = self._linear(grads, weights, tasks)
 

@@ -33,7 +33,6 @@ class UncertaintyWeighting(Objective):
     def bind(self, tasks: list[str]) -> None:
         super().bind(tasks)
         self.log_variance = nn.Parameter(torch.full((len(tasks),), float(self.init_log_variance)))
-        self.index = {name: i for i, name in enumerate(tasks)}
 
     def forward(self, losses: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         total = 0.0
