@@ -1,4 +1,9 @@
-"""The shared backbone: an image encoder, a text encoder and a fusion module of one width."""
+"""The shared backbone: an image encoder, a text encoder and a fusion module of one width.
+
+The text encoder and the fusion are optional: a CLIP-style dual encoder has no fusion, an image
+captioner or a classifier of images alone needs no text encoder, and a part that no task uses would
+otherwise hold parameters without gradients (which plain DDP rejects).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmlit.models.fusion import CrossAttentionFusion
 from mmlit.models.image import TimmImageEncoder
-from mmlit.models.text import TransformerTextEncoder
 
 __all__ = ["Backbone", "Features"]
 
@@ -20,6 +23,7 @@ class Features:
 
     Shapes: ``image_tokens`` (B, N, D), ``image_pooled`` (B, D), ``text_tokens`` (B, T, D),
     ``text_pooled`` (B, D), ``text_mask`` (B, T), ``fused_tokens`` (B, T, D), ``fused_pooled`` (B, D).
+    Fusions of pooled features only (late fusion, the relation network) return no ``fused_tokens``.
     """
 
     image_tokens: torch.Tensor | None = None
@@ -36,21 +40,36 @@ class Backbone(nn.Module):
 
     Args:
         image_encoder: e.g. ``TimmImageEncoder``.
-        text_encoder: e.g. ``TransformerTextEncoder``.
-        fusion: e.g. ``CrossAttentionFusion``.
+        text_encoder: e.g. ``TransformerTextEncoder``, ``LSTMTextEncoder``, ``CausalTextDecoder``; none
+            for recipes whose tasks read no text.
+        fusion: e.g. ``CrossAttentionFusion``, ``EarlyFusion``, ``LateFusion``, ``HybridFusion``,
+            ``RelationNetworkFusion``; none for recipes whose tasks need no fused features.
+        vocab_size: the vocabulary of task decoders (captioning) when there is no text encoder; with
+            one, its ``vocab_size`` is used.
+        max_length: the longest text of task decoders when there is no text encoder.
     """
 
-    def __init__(self, image_encoder: TimmImageEncoder, text_encoder: TransformerTextEncoder,
-                 fusion: CrossAttentionFusion):
+    def __init__(self, image_encoder: TimmImageEncoder, text_encoder: nn.Module | None = None,
+                 fusion: nn.Module | None = None, vocab_size: int = 2000, max_length: int = 64):
         super().__init__()
-        widths = {"image_encoder": image_encoder.dim, "text_encoder": text_encoder.dim, "fusion": fusion.dim}
+        parts = {"image_encoder": image_encoder, "text_encoder": text_encoder, "fusion": fusion}
+        widths = {k: v.dim for k, v in parts.items() if v is not None}
         if len(set(widths.values())) != 1:
             raise ValueError("model.backbone: image_encoder, text_encoder and fusion must have one dim, got "
                              + ", ".join(f"{k}.init_args.dim={v}" for k, v in widths.items()))
+        if fusion is not None and text_encoder is None:
+            raise ValueError("model.backbone.init_args.fusion: a fusion needs a text_encoder")
         self.image_encoder, self.text_encoder, self.fusion = image_encoder, text_encoder, fusion
         self.dim = image_encoder.dim
-        self.vocab_size = text_encoder.vocab_size
-        self.max_length = text_encoder.max_length
+        self.vocab_size = text_encoder.vocab_size if text_encoder is not None else vocab_size
+        self.max_length = text_encoder.max_length if text_encoder is not None else max_length
+
+    def require(self, part: str, task: str) -> nn.Module:
+        """The part ``text_encoder`` or ``fusion``, or a clear error that task ``task`` needs it."""
+        module = getattr(self, part)
+        if module is None:
+            raise ValueError(f"model.tasks.{task}: the task needs model.backbone.init_args.{part}, and the recipe has none")
+        return module
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None, fuse: bool = True,
                 image_index: torch.Tensor | None = None) -> Features:
@@ -63,10 +82,15 @@ class Backbone(nn.Module):
         if image is not None:
             out.image_tokens, out.image_pooled = self.image_encoder(image)
         if text is not None:
+            if self.text_encoder is None:
+                raise ValueError("model.backbone: a task passed text, but the backbone has no text_encoder")
             out.text_tokens, out.text_pooled, out.text_mask = self.text_encoder(text)
         if fuse and image is not None and text is not None:
+            if self.fusion is None:
+                raise ValueError("model.backbone: a task asked for fused features, but the backbone has no fusion")
             tokens, pooled = out.image_tokens, out.image_pooled
             if image_index is not None:
                 tokens, pooled = tokens[image_index], pooled[image_index]
-            out.fused_tokens, out.fused_pooled = self.fusion(tokens, pooled, out.text_tokens, out.text_mask)
+            out.fused_tokens, out.fused_pooled = self.fusion(tokens, pooled, out.text_tokens, out.text_pooled,
+                                                             out.text_mask)
         return out

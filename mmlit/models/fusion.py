@@ -1,4 +1,12 @@
-"""Fusion modules: combine image tokens and text tokens into fused tokens.
+"""Token-level fusion modules: image tokens and text tokens meet inside transformer layers.
+
+Every fusion module is called as ``fusion(image_tokens, image_pooled, text_tokens, text_pooled,
+text_mask)`` and returns fused tokens (or None) and a pooled vector; ``mmlit/models/late_fusion.py``
+and ``mmlit/models/relation.py`` hold the others.
+
+``EarlyFusion``: one transformer over the image tokens and the text tokens together, each with a
+learned modality embedding (single-stream fusion, as in VisualBERT, Li et al. 2019, and ViLT, Kim
+et al. 2021).
 
 ``CrossAttentionFusion``: in every layer the text tokens attend to themselves and to the image
 tokens (the fusion layers of ALBEF, Li et al. 2021, and BLIP). Its pooled output adds a low-rank
@@ -16,7 +24,7 @@ from torch import nn
 
 from mmlit.models.text import masked_mean
 
-__all__ = ["CrossAttentionFusion"]
+__all__ = ["CrossAttentionFusion", "EarlyFusion"]
 
 
 class CrossAttentionFusion(nn.Module):
@@ -39,13 +47,39 @@ class CrossAttentionFusion(nn.Module):
         self.image_gate = nn.Linear(dim, dim) if bilinear else None
 
     def forward(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor, text_tokens: torch.Tensor,
-                text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image tokens (B, N, D) and pooled (B, D), text (B, T, D), mask (B, T) -> fused text tokens
-        (B, T, D) and pooled (B, D)."""
+                text_pooled: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image tokens (B, N, D) and pooled (B, D), text tokens (B, T, D), pooled (B, D) and mask (B, T)
+        -> fused text tokens (B, T, D) and pooled (B, D)."""
         fused = self.layers(text_tokens, image_tokens, tgt_key_padding_mask=~text_mask)
         pooled = masked_mean(fused, text_mask)
         if self.text_gate is not None:
-            product = torch.tanh(self.text_gate(masked_mean(text_tokens, text_mask))) * torch.tanh(
-                self.image_gate(image_pooled))
+            product = torch.tanh(self.text_gate(text_pooled)) * torch.tanh(self.image_gate(image_pooled))
             pooled = pooled + product
         return fused, pooled
+
+
+class EarlyFusion(nn.Module):
+    """Pre-norm transformer encoder layers over ``[image tokens; text tokens]`` (one stream).
+
+    Args:
+        dim: token width (the same as the encoders').
+        depth: joint layers.
+        heads: attention heads.
+        dropout: dropout inside the layers.
+    """
+
+    def __init__(self, dim: int = 128, depth: int = 2, heads: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.dim = dim
+        self.modality = nn.Parameter(torch.randn(2, dim) * 0.02)  # row 0: image, row 1: text
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+
+    def forward(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor, text_tokens: torch.Tensor,
+                text_pooled: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> the text positions of the joint output (B, T, D), and the mean over every real token (B, D)."""
+        n_image = image_tokens.shape[1]
+        x = torch.cat([image_tokens + self.modality[0], text_tokens + self.modality[1]], dim=1)  # (B, N + T, D)
+        mask = torch.cat([text_mask.new_ones(len(text_mask), n_image), text_mask], dim=1)
+        joint = self.layers(x, src_key_padding_mask=~mask)
+        return joint[:, n_image:], masked_mean(joint, mask)

@@ -57,8 +57,16 @@ class TimmImageEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(config.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1) * 255,
                              persistent=False)
         self.indices = self.model.prune_intermediate_layers(indices=[feature_index], prune_norm=True, prune_head=True)
-        with torch.no_grad():
-            _, channels, height, width = self._feature_map(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)).shape
+        try:
+            self.model.eval()  # the probe must not move batch-norm statistics (of pretrained weights, say)
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
+                _, channels, height, width = self._feature_map(probe).shape
+            self.model.train()
+        except (AssertionError, RuntimeError, ValueError) as err:
+            raise ValueError(f"{key}: timm's {model_name!r} cannot read {image_size}x{image_size} images ({err}); a model "
+                             "with a fixed input size takes it in model_kwargs (ViT: {img_size: ..., patch_size: ...})"
+                             ) from None
         self.dim, self.image_size, self.grid = dim, image_size, (height, width)
         self.proj = nn.Linear(channels, dim)
         self.norm = nn.LayerNorm(dim)

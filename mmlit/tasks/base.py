@@ -74,6 +74,7 @@ class Task(nn.Module):
 
     task_name: ClassVar[str]  # set by @register_task
     fields: ClassVar[tuple[str, ...]] = ()  # sample entries prepare reads; "image" means any image format
+    needs: ClassVar[tuple[str, ...]] = ()  # optional backbone parts the task uses: "text_encoder", "fusion"
 
     def __init__(self, shards: Shards, batch_size: int = 32):
         super().__init__()
@@ -86,6 +87,8 @@ class Task(nn.Module):
 
     def build(self, backbone: Backbone) -> None:
         """Create the head for ``backbone``; subclasses call ``super().build(backbone)`` first."""
+        for part in self.needs:
+            backbone.require(part, self.name)
         self.image_size = backbone.image_encoder.image_size
         self.max_length = backbone.max_length
 

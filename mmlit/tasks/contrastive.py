@@ -52,6 +52,7 @@ class Contrastive(Task):
     """Align images and their captions (symmetric InfoNCE, learnable temperature)."""
 
     fields = ("image", "json.caption")
+    needs = ("text_encoder",)
 
     def __init__(self, shards: Shards, batch_size: int = 32, caption_field: str = "json.caption",
                  embed_dim: int = 128, init_temperature: float = 0.07):

@@ -29,6 +29,7 @@ class TextClassification(Task):
     """Predict a class from a text alone."""
 
     fields = ("json.questions",)
+    needs = ("text_encoder",)
 
     def __init__(self, shards: Shards, batch_size: int = 2, items_field: str = "json.questions",
                  text_key: str = "question", label_key: str = "type", classes: list[str] = list(QUESTION_TYPES)):

@@ -36,6 +36,7 @@ class VQA(Task):
     """
 
     fields = ("image", "json.questions")
+    needs = ("text_encoder", "fusion")
 
     def __init__(self, shards: Shards, batch_size: int = 8, answers: list[str] = list(ANSWERS),
                  hidden: int = 256):

@@ -1,0 +1,212 @@
+"""Every backbone option trains: each image encoder, text encoder and fusion, tiny, on a fixed Sort-of-CLEVR
+batch of the VQA task (the task that reads all three parts), and the parts keep their contracts."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from mmlit.data import TaskStream, scan_shards
+from mmlit.models import (Backbone, CausalTextDecoder, CrossAttentionFusion, EarlyFusion, HybridFusion, LateFusion,
+                          LSTMTextEncoder, RelationNetworkFusion, TimmImageEncoder, TransformerTextEncoder)
+from mmlit.tasks import VQA, Shards
+from mmlit.text import load_tokenizer
+
+D = 32
+IMAGE = {
+    "cnn": lambda: TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3),
+    "vit": lambda: TimmImageEncoder("vit_tiny_patch16_224", dim=D, image_size=75, model_kwargs={
+        "img_size": 75, "patch_size": 15, "embed_dim": 32, "depth": 2, "num_heads": 2}),
+}
+TEXT = {
+    "transformer": lambda: TransformerTextEncoder(256, D, depth=1, heads=2, max_length=40),
+    "bert_cls": lambda: TransformerTextEncoder(256, D, depth=1, heads=2, max_length=40, pooling="cls"),
+    "lstm": lambda: LSTMTextEncoder(256, D, max_length=40),
+    "causal": lambda: CausalTextDecoder(256, D, depth=1, heads=2, max_length=40),
+}
+FUSION = {
+    "cross": lambda: CrossAttentionFusion(D, depth=1, heads=2),
+    "early": lambda: EarlyFusion(D, depth=1, heads=2),
+    "late_concat": lambda: LateFusion(D, "concat"),
+    "late_sum": lambda: LateFusion(D, "sum"),
+    "late_gated": lambda: LateFusion(D, "gated"),
+    "hybrid": lambda: HybridFusion([EarlyFusion(D, depth=1, heads=2), LateFusion(D, "gated")]),
+    "relation_network": lambda: RelationNetworkFusion(D, hidden=64),
+}
+
+
+def _vqa_batch(backbone: Backbone, soc: dict) -> tuple[VQA, dict]:
+    task = VQA(Shards(train=soc["train"]), batch_size=2)
+    task.name = "vqa"
+    task.build(backbone)
+    stream = TaskStream(task, scan_shards(soc["shards"]["train"], "k"), load_tokenizer(soc["tokenizer"]),
+                        batch_size=2, train=True, seed=0, shuffle_buffer=8)
+    return task, next(iter(stream))[1]
+
+
+def _trains_down(backbone: Backbone, soc: dict, steps: int = 15) -> list[float]:
+    task, batch = _vqa_batch(backbone, soc)
+    params = [*backbone.parameters(), *task.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=2e-3)
+    losses = []
+    for _ in range(steps):
+        loss = task(backbone, batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    unused = [n for n, p in backbone.named_parameters() if p.grad is None]
+    assert not unused, f"backbone parameters without a gradient: {unused[:5]}"
+    assert losses[-1] < 0.7 * losses[0], losses
+    return losses
+
+
+@pytest.mark.parametrize("fusion", list(FUSION))
+def test_fusion_trains(fusion, soc):
+    torch.manual_seed(0)
+    _trains_down(Backbone(IMAGE["cnn"](), TEXT["transformer"](), FUSION[fusion]()), soc)
+
+
+@pytest.mark.parametrize("text", list(TEXT))
+def test_text_encoder_trains(text, soc):
+    torch.manual_seed(0)
+    _trains_down(Backbone(IMAGE["cnn"](), TEXT[text](), FUSION["cross"]()), soc)
+
+
+@pytest.mark.parametrize("image", list(IMAGE))
+def test_image_encoder_trains(image, soc):
+    torch.manual_seed(0)
+    _trains_down(Backbone(IMAGE[image](), TEXT["transformer"](), FUSION["late_concat"]()), soc)
+
+
+def _ids(rows: int = 3, length: int = 7, real: tuple[int, ...] = (7, 4, 1)) -> torch.Tensor:
+    ids = torch.randint(5, 200, (rows, length))
+    for row, n in enumerate(real):
+        ids[row, n:] = 0
+    return ids
+
+
+def test_bert_cls_pooling_reads_a_learned_first_token():
+    torch.manual_seed(0)
+    encoder = TEXT["bert_cls"]()
+    ids = _ids()
+    tokens, pooled, mask = encoder(ids)
+    assert tokens.shape == (3, 8, D) and mask[:, 0].all() and torch.equal(pooled, tokens[:, 0])
+    assert torch.equal(mask[:, 1:], ids != 0)
+
+
+def test_lstm_pooled_state_ignores_padding():
+    torch.manual_seed(0)
+    encoder = TEXT["lstm"]().eval()
+    ids = _ids()
+    longer = torch.cat([ids, torch.zeros(3, 5, dtype=torch.long)], dim=1)
+    assert torch.allclose(encoder(ids)[1], encoder(longer)[1], atol=1e-6)
+    assert encoder(longer)[0].shape == (3, 12, D)
+
+
+def test_causal_decoder_sees_only_the_past_and_the_whole_prefix():
+    torch.manual_seed(0)
+    decoder = TEXT["causal"]().eval()
+    ids, prefix = _ids(real=(7, 7, 7)), torch.randn(3, 4, D)
+    tokens = decoder(ids, prefix=prefix)[0]
+    changed = ids.clone()
+    changed[:, 5] = 9
+    after = decoder(changed, prefix=prefix)[0]
+    assert torch.allclose(tokens[:, :5], after[:, :5], atol=1e-6), "a token must not see later tokens"
+    assert not torch.allclose(tokens[:, 5:], after[:, 5:])
+    other_prefix = prefix.clone()
+    other_prefix[:, -1] += torch.randn(D)  # not a constant: the pre-norm would remove it
+    assert not torch.allclose(tokens[:, 0], decoder(ids, prefix=other_prefix)[0][:, 0]), "every token sees the prefix"
+
+
+def test_causal_decoder_left_and_right_padding_agree():
+    """Positions count real tokens, so a left-padded prompt (batched generation) reads as the right-padded one."""
+    torch.manual_seed(0)
+    decoder = TEXT["causal"]().eval()
+    right, prefix = _ids(real=(7, 4, 1)), torch.randn(3, 4, D)
+    left = torch.zeros_like(right)
+    for row, n in enumerate((7, 4, 1)):
+        left[row, 7 - n:] = right[row, :n]
+    tokens_r, pooled_r, _ = decoder(right, prefix=prefix)
+    tokens_l, pooled_l, _ = decoder(left, prefix=prefix)
+    assert torch.allclose(pooled_r, pooled_l, atol=1e-5), "pooled is the last real token's state"
+    for row, n in enumerate((7, 4, 1)):
+        assert torch.allclose(tokens_r[row, :n], tokens_l[row, 7 - n:], atol=1e-5)
+
+
+def test_relation_network_is_the_sum_of_g_over_every_pair():
+    """The broadcast first layer equals g applied to every concatenated pair [o_i; o_j; q], as in the paper."""
+    torch.manual_seed(0)
+    rn = RelationNetworkFusion(D, hidden=16, g_layers=3, f_layers=2).eval()
+    objects, question = torch.randn(2, 5, D), torch.randn(2, D)
+    first = torch.nn.Linear(3 * D, 16)
+    with torch.no_grad():
+        first.weight.copy_(torch.cat([rn.left.weight, rn.right.weight, rn.question.weight], dim=1))
+        first.bias.copy_(rn.left.bias)
+    pairs = torch.cat([objects[:, :, None].expand(-1, -1, 5, -1), objects[:, None].expand(-1, 5, -1, -1),
+                       question[:, None, None].expand(-1, 5, 5, -1)], dim=-1)  # (B, N, N, 3D)
+    expected = rn.f(rn.g(torch.relu(first(pairs))).sum(dim=(1, 2)))
+    _, pooled = rn(objects, objects.mean(1), None, question, None)
+    assert torch.allclose(pooled, expected, atol=1e-5)
+
+
+def test_late_fusion_modes():
+    torch.manual_seed(0)
+    image, text = torch.randn(4, D), torch.randn(4, D)
+    weighted = LateFusion(D, "sum")
+    with torch.no_grad():
+        weighted.logits.copy_(torch.tensor([0.0, 100.0]))
+    assert torch.allclose(weighted(None, image, None, text, None)[1], text, atol=1e-5), "softmax weights pick text"
+    gated = LateFusion(D, "gated")
+    _, out = gated(None, image, None, text, None)
+    assert out.shape == (4, D) and out.abs().max() <= 1.0, "a convex mix of two tanh features"
+    with pytest.raises(ValueError, match="mode"):
+        LateFusion(D, "product")
+
+
+def test_hybrid_sums_its_fusions():
+    torch.manual_seed(0)
+    early, late = EarlyFusion(D, depth=1, heads=2), LateFusion(D, "concat")
+    hybrid = HybridFusion([early, late])
+    args = (torch.randn(2, 9, D), torch.randn(2, D), torch.randn(2, 5, D), torch.randn(2, D), torch.ones(2, 5, dtype=torch.bool))
+    tokens, pooled = hybrid(*args)
+    assert torch.allclose(pooled, early(*args)[1] + late(*args)[1], atol=1e-6)
+    assert torch.equal(tokens, early(*args)[0])
+
+
+def test_backbone_without_fusion_or_text_encoder_says_which_task_needs_it():
+    backbone = Backbone(IMAGE["cnn"](), TEXT["transformer"]())  # a dual encoder
+    task = VQA(Shards(train="unused"))
+    task.name = "vqa"
+    with pytest.raises(ValueError, match=r"model.tasks.vqa: the task needs model.backbone.init_args.fusion"):
+        task.build(backbone)
+    with pytest.raises(ValueError, match="one dim"):
+        Backbone(IMAGE["cnn"](), LSTMTextEncoder(256, 2 * D))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_image_encoder_loads_timm_weights_from_a_local_file(suffix, tmp_path):
+    torch.manual_seed(1)
+    source = timm.create_model("test_efficientnet", num_classes=0)
+    state = source.state_dict()
+    path = tmp_path / f"weights{suffix}"
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    encoder = TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3, pretrained=str(path))
+    loaded = encoder.model.state_dict()
+    assert loaded and all(torch.equal(loaded[k], state[k]) for k in loaded)
+    fresh = TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3)
+    assert not all(torch.equal(fresh.model.state_dict()[k], state[k]) for k in loaded)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_image_encoder_refuses_a_pickled_object_in_a_torch_weights_file(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"stem.conv.weight": torch.zeros(1), "payload": _Payload()}, path)
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+        TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3, pretrained=str(path))
