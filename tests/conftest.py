@@ -32,14 +32,17 @@ def soc(tmp_path_factory) -> dict:
             "test": str(root / "test-000000.tar")}
 
 
-def tiny_backbone(dim: int = 32) -> dict:
+def tiny_backbone(dim: int = 32, causal: bool = False) -> dict:
+    """Cross-attention fusion over a bidirectional text encoder, or over a GPT-style decoder (``causal``,
+    which the ``prefix_lm`` task needs and every other task can use)."""
+    text = "CausalTextDecoder" if causal else "TransformerTextEncoder"
+    text_args = {"vocab_size": 256, "dim": dim, "depth": 1, "heads": 2, "max_length": 40}
     return {
         "class_path": "mmlit.models.Backbone",
         "init_args": {
             "image_encoder": {"class_path": "mmlit.models.TimmImageEncoder",
                               "init_args": {"model_name": "test_byobnet", "dim": dim, "image_size": 75, "feature_index": 2}},
-            "text_encoder": {"class_path": "mmlit.models.TransformerTextEncoder",
-                             "init_args": {"vocab_size": 256, "dim": dim, "depth": 1, "heads": 2, "max_length": 40}},
+            "text_encoder": {"class_path": f"mmlit.models.{text}", "init_args": text_args},
             "fusion": {"class_path": "mmlit.models.CrossAttentionFusion", "init_args": {"dim": dim, "depth": 1, "heads": 2}},
         },
     }
@@ -47,8 +50,8 @@ def tiny_backbone(dim: int = 32) -> dict:
 
 def tiny_recipe(soc: dict, root: Path, tasks: list[str] | None = None, **trainer) -> dict:
     """A recipe over the registered tasks (all by default) that runs in seconds."""
-    task_specs = {}
-    for name in tasks or list_tasks():
+    task_specs, tasks = {}, tasks or list_tasks()
+    for name in tasks:
         cls = get_task(name)
         task_specs[name] = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
                             "init_args": {"shards": {"train": soc["train"], "val": soc["val"], "test": soc["test"]},
@@ -61,7 +64,7 @@ def tiny_recipe(soc: dict, root: Path, tasks: list[str] | None = None, **trainer
                                {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                 "init_args": {"save_dir": str(root), "name": "csv"}}],
                     **trainer},
-        "model": {"backbone": tiny_backbone(), "tasks": task_specs},
+        "model": {"backbone": tiny_backbone(causal="prefix_lm" in tasks), "tasks": task_specs},
         "data": {"tokenizer": soc["tokenizer"], "steps_per_epoch": 3, "num_workers": 0, "shuffle_buffer": 20, "seed": 0},
     }
 

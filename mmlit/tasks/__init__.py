@@ -4,8 +4,9 @@ from mmlit.tasks.base import Shards, Task, collate_examples
 from mmlit.tasks.captioning import Captioning
 from mmlit.tasks.contrastive import Contrastive
 from mmlit.tasks.image_classification import ImageClassification
+from mmlit.tasks.prefix_lm import PrefixLM
 from mmlit.tasks.text_classification import TextClassification
 from mmlit.tasks.vqa import VQA
 
-__all__ = ["VQA", "Captioning", "Contrastive", "ImageClassification", "Shards", "Task", "TextClassification",
+__all__ = ["VQA", "Captioning", "Contrastive", "ImageClassification", "PrefixLM", "Shards", "Task", "TextClassification",
            "collate_examples"]

@@ -22,7 +22,7 @@ from mmlit.registry import register_task
 from mmlit.tasks.base import Shards, Task
 from mmlit.text import BOS, EOS, PAD
 
-__all__ = ["Captioning"]
+__all__ = ["Captioning", "sequence_match"]
 
 
 @register_task("captioning")
@@ -90,12 +90,16 @@ class Captioning(Task):
         return MetricCollection({"exact_match": MeanMetric(), "token_acc": MeanMetric()})
 
     def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
-        target = batch["caption"][:, 1:]  # (B, T-1)
-        generated = outputs["generated"]
-        pred = torch.full_like(target, PAD)
-        width = min(generated.shape[1], target.shape[1])
-        pred[:, :width] = generated[:, :width]
-        real = target != PAD
-        correct = (pred == target) & real
-        metrics["exact_match"].update(((pred == target) | ~real).all(dim=1).float())
+        exact, correct, real = sequence_match(outputs["generated"], batch["caption"][:, 1:])
+        metrics["exact_match"].update(exact.float())
         metrics["token_acc"].update(correct.sum() / real.sum(), weight=real.sum())
+
+
+def sequence_match(generated: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Generated ids (B, L) against reference ids (B, T), both left-aligned and PAD-padded (EOS included)
+    -> whole-sequence match (B,), correct reference positions (B,) and reference length (B,)."""
+    pred = torch.full_like(target, PAD)
+    width = min(generated.shape[1], target.shape[1])
+    pred[:, :width] = generated[:, :width]
+    real = target != PAD
+    return ((pred == target) | ~real).all(dim=1), ((pred == target) & real).sum(1), real.sum(1)

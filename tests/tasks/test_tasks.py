@@ -20,15 +20,16 @@ from mmlit.text import load_tokenizer
 from ..conftest import tiny_backbone
 
 
-def _backbone() -> Backbone:
+def _backbone(name: str) -> Backbone:
     parser = ArgumentParser()
     parser.add_argument("--backbone", type=Backbone)
-    return parser.instantiate_classes(parser.parse_object({"backbone": tiny_backbone()})).backbone
+    config = {"backbone": tiny_backbone(causal=name == "prefix_lm")}  # the multimodal LM needs a causal decoder
+    return parser.instantiate_classes(parser.parse_object(config)).backbone
 
 
 def _task_and_batch(name: str, soc: dict, train: bool = True, batch_size: int = 8):
     torch.manual_seed(0)
-    backbone = _backbone()
+    backbone = _backbone(name)
     task: Task = get_task(name)(Shards(train=soc["train"], val=soc["val"]), batch_size=batch_size)
     task.build(backbone)
     stream = TaskStream(task, scan_shards(soc["shards"]["train" if train else "val"], "k"), load_tokenizer(soc["tokenizer"]),
