@@ -1,4 +1,5 @@
-"""The ``mmlit`` command: ``fit|validate|test --config recipe.yaml`` (LightningCLI), ``tasks``, ``data``."""
+"""The ``mmlit`` command: ``fit|validate|test --config recipe.yaml`` (LightningCLI), ``tasks``, ``objectives``,
+``data``, ``export-backbone``."""
 
 from __future__ import annotations
 
@@ -114,10 +115,24 @@ def _list_command(kind: str, argv: list[str]) -> int:
     return 0
 
 
+def _export_command(argv: list[str]) -> int:
+    """``mmlit export-backbone CKPT OUT``: the backbone of an mmlit checkpoint as one safetensors file."""
+    from mmlit.transfer import export_backbone
+
+    parser = argparse.ArgumentParser(prog="mmlit export-backbone", description=_export_command.__doc__)
+    parser.add_argument("checkpoint", help="an mmlit checkpoint (.ckpt)")
+    parser.add_argument("out", help="the file to write (.safetensors)")
+    args = parser.parse_args(argv)
+    print(f"backbone written to {export_backbone(args.checkpoint, args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("tasks", "objectives"):
         return _list_command(argv[0], argv[1:])
+    if argv and argv[0] == "export-backbone":
+        return _export_command(argv[1:])
     if argv and argv[0] == "data":
         from mmlit.data.tools import main as data_main
 

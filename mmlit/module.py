@@ -17,6 +17,7 @@ from mmlit.objectives import Objective, StaticWeights
 from mmlit.objectives.task_gradients import TaskGradients, flat_task_gradients, gradient_statistics
 from mmlit.registry import get_objective
 from mmlit.tasks.base import Task, batch_size_of
+from mmlit.transfer import layer_decay_groups, load_backbone_weights
 
 __all__ = ["MultiTaskModule"]
 
@@ -45,14 +46,24 @@ class MultiTaskModule(pl.LightningModule):
             objective with its defaults.
         optimizer: builds the optimizer from the parameters.
         scheduler: builds a learning-rate scheduler, stepped every optimizer step.
+        pretrained: start the backbone from this file: an mmlit checkpoint (``.ckpt``) or a backbone file
+            (``mmlit export-backbone``'s ``.safetensors``). The parts it holds load strictly, the others
+            (e.g. a fusion that the pre-training run did not have) start fresh; task heads never load.
+        layer_decay: layer-wise learning-rate decay: each encoder layer trains at ``layer_decay`` times the
+            rate of the layer above it; fusion and heads at the full rate (1: off).
     """
 
     def __init__(self, backbone: Backbone, tasks: dict[str, Task], objective: Objective | str | None = None,
-                 optimizer: OptimizerCallable = _default_optimizer, scheduler: LRSchedulerCallable | None = None):
+                 optimizer: OptimizerCallable = _default_optimizer, scheduler: LRSchedulerCallable | None = None,
+                 pretrained: str | None = None, layer_decay: float = 1.0):
         super().__init__()
         if not tasks:
             raise ValueError("model.tasks: the recipe declares no task")
-        self.backbone = backbone
+        if not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"model.layer_decay must be in (0, 1], got {layer_decay}")
+        self.backbone, self.layer_decay = backbone, layer_decay
+        if pretrained is not None:
+            load_backbone_weights(backbone, pretrained)
         for name, task in tasks.items():
             task.name = name
             task.build(backbone)
@@ -77,7 +88,7 @@ class MultiTaskModule(pl.LightningModule):
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None and tokenizer.get_vocab_size() > self.backbone.vocab_size:
             raise ValueError(
-                f"model.backbone.init_args.text_encoder.init_args.vocab_size is {self.backbone.vocab_size}, but "
+                f"model.backbone's vocab_size (its text_encoder's, or its own without one) is {self.backbone.vocab_size}, but "
                 f"data.tokenizer has {tokenizer.get_vocab_size()} tokens; raise vocab_size to at least that")
         if stage != "fit":
             return
@@ -267,7 +278,35 @@ class MultiTaskModule(pl.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
+        if self.layer_decay == 1.0:
+            optimizer = self.optimizer_factory(self.parameters())
+        else:
+            optimizer = self.optimizer_factory(layer_decay_groups(self.backbone, list(self.named_parameters()),
+                                                                  self.layer_decay))
+            for group in optimizer.param_groups:
+                group["lr"] *= group["lr_scale"]
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        scheduler = self.scheduler_factory(optimizer)
+        if self.layer_decay != 1.0:
+            _keep_lr_scales(optimizer, scheduler)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _keep_lr_scales(optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Schedulers that scale each group's initial rate keep the layer-decay ratios; OneCycleLR sets every group
+    from one ``max_lr``, so its per-group rates are scaled here. Any other scheduler that loses the ratios is an
+    error rather than a silent full-rate run."""
+    groups = optimizer.param_groups
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        for group in groups:
+            for key in ("initial_lr", "max_lr", "min_lr"):
+                group[key] *= group["lr_scale"]
+            group["lr"] = group["initial_lr"]
+    top = max(groups, key=lambda g: g["lr_scale"])
+    for group in groups:
+        expected = top["lr"] * group["lr_scale"] / top["lr_scale"]
+        if abs(group["lr"] - expected) > 1e-6 * max(abs(expected), 1e-12):
+            raise ValueError(f"model.layer_decay: {type(scheduler).__name__} sets every parameter group's learning "
+                             "rate itself, so the layer-wise decay would be lost; use OneCycleLR or a scheduler that "
+                             "scales each group's initial rate (LambdaLR, CosineAnnealingLR, LinearLR, ...)")

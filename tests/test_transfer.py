@@ -1,0 +1,124 @@
+"""Transfer learning: backbone weights from checkpoints and files, export, layer-wise learning-rate decay, freezing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmlit.callbacks import Freeze
+from mmlit.models import Backbone, CrossAttentionFusion, LateFusion, TimmImageEncoder, TransformerTextEncoder
+from mmlit.transfer import export_backbone, layer_decay_groups, load_backbone_weights
+
+from .objectives._train import build_module, loader, step_batches, trainer
+
+D = 32
+
+
+def _backbone(seed: int, fusion: bool = True, vit: bool = False) -> Backbone:
+    torch.manual_seed(seed)
+    image = (TimmImageEncoder("vit_tiny_patch16_224", dim=D, model_kwargs={
+        "img_size": 75, "patch_size": 15, "embed_dim": 32, "depth": 3, "num_heads": 2}) if vit
+        else TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3))
+    return Backbone(image, TransformerTextEncoder(256, D, depth=2, heads=2, max_length=40),
+                    CrossAttentionFusion(D, depth=1, heads=2) if fusion else None)
+
+
+def _checkpoint(backbone: Backbone, path) -> None:
+    """What Lightning saves for a MultiTaskModule: its state_dict under ``state_dict`` (plus a head)."""
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    torch.save({"state_dict": {**state, "tasks.vqa.head.0.weight": torch.zeros(2, 2)}, "global_step": 3}, path)
+
+
+def test_dual_encoder_checkpoint_starts_a_fused_backbone(tmp_path):
+    source, target = _backbone(0, fusion=False), _backbone(1)
+    _checkpoint(source, tmp_path / "last.ckpt")
+    fusion_before = {k: v.clone() for k, v in target.fusion.state_dict().items()}
+    assert load_backbone_weights(target, tmp_path / "last.ckpt") == ["image_encoder", "text_encoder"]
+    for part in ("image_encoder", "text_encoder"):
+        mine, theirs = getattr(target, part).state_dict(), getattr(source, part).state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert all(torch.equal(target.fusion.state_dict()[k], v) for k, v in fusion_before.items()), "fusion starts fresh"
+
+
+def test_export_writes_the_backbone_alone_and_it_loads_back(tmp_path):
+    source = _backbone(0)
+    _checkpoint(source, tmp_path / "last.ckpt")
+    out = export_backbone(tmp_path / "last.ckpt", tmp_path / "export" / "backbone.safetensors")
+    exported = load_file(str(out))
+    assert set(exported) == set(source.state_dict()), "every backbone entry and no head"
+    target = _backbone(1)
+    assert load_backbone_weights(target, out) == ["fusion", "image_encoder", "text_encoder"]
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+    with pytest.raises(ValueError, match="safetensors"):
+        export_backbone(tmp_path / "last.ckpt", tmp_path / "backbone.pt")
+
+
+def test_a_part_of_another_shape_is_a_clear_error(tmp_path):
+    _checkpoint(_backbone(0), tmp_path / "last.ckpt")
+    torch.manual_seed(0)
+    other = Backbone(TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3),
+                     TransformerTextEncoder(256, D, depth=1, heads=2, max_length=40), CrossAttentionFusion(D, 1, 2))
+    with pytest.raises(ValueError, match=r"model.pretrained: .* does not fit model.backbone.init_args.text_encoder: "
+                                         r"unexpected \['text_encoder.layers.layers.1"):
+        load_backbone_weights(other, tmp_path / "last.ckpt")
+    no_fusion = _backbone(0, fusion=False)
+    with pytest.raises(ValueError, match="has fusion weights, but the recipe's backbone has no fusion"):
+        load_backbone_weights(no_fusion, tmp_path / "last.ckpt")
+    with pytest.raises(FileNotFoundError):
+        load_backbone_weights(no_fusion, tmp_path / "missing.ckpt")
+
+
+def test_layer_decay_scales_each_encoder_by_depth():
+    backbone = _backbone(0, vit=True)
+    head = torch.nn.Linear(D, 3)
+    named = [*(("backbone." + n, p) for n, p in backbone.named_parameters()), *head.named_parameters()]
+    groups = layer_decay_groups(backbone, named, decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert len(scale) == len(named), "every parameter in exactly one group"
+    vit = backbone.image_encoder.model
+    # timm's group_matcher: stem 0, blocks 1..3; the encoder's own projection on top (4): scale 0.5 ** (4 - layer)
+    assert scale[id(vit.patch_embed.proj.weight)] == 0.5 ** 4
+    assert [scale[id(vit.blocks[i].attn.qkv.weight)] for i in range(3)] == [0.5 ** 3, 0.5 ** 2, 0.5]
+    assert scale[id(backbone.image_encoder.proj.weight)] == 1.0
+    text = backbone.text_encoder
+    assert scale[id(text.embed.weight)] == 0.5 ** 3 and scale[id(text.pos)] == 0.5 ** 3
+    assert [scale[id(text.layers.layers[i].linear1.weight)] for i in range(2)] == [0.5 ** 2, 0.5]
+    assert scale[id(text.layers.norm.weight)] == 1.0
+    assert all(scale[id(p)] == 1.0 for p in [*backbone.fusion.parameters(), *head.parameters()])
+
+
+def test_layer_decay_survives_the_scheduler():
+    module = build_module("static")
+    module.layer_decay = 0.5
+    module.optimizer_factory = lambda params: torch.optim.AdamW(params, lr=0.01)
+    module.scheduler_factory = lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    for group in optimizer.param_groups:  # OneCycleLR starts every group at max_lr / 25, times its scale
+        assert group["lr"] == pytest.approx(0.01 / 25 * group["lr_scale"])
+        assert group["max_lr"] == pytest.approx(0.01 * group["lr_scale"])
+    assert {g["lr_scale"] for g in optimizer.param_groups} >= {1.0, 0.5, 0.25}
+    module.scheduler_factory = lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.001, max_lr=0.01)
+    with pytest.raises(ValueError, match="model.layer_decay: CyclicLR sets every parameter group"):
+        module.configure_optimizers()
+
+
+def test_freeze_holds_matching_parameters_until_the_step(soc, tmp_path):
+    batches = step_batches(soc["shards"]["train"], soc["tokenizer"], 2, "whole")
+    module = build_module("static")
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    seen = {}
+
+    class Snapshot(Freeze):  # records the weights after step 2 (the last frozen one)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                seen.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    trainer(tmp_path, 4, callbacks=[Snapshot(["backbone.image_encoder.*"], until_step=2)]).fit(module, loader(batches * 2))
+    image = [k for k in start if k.startswith("backbone.image_encoder.") and start[k].is_floating_point()]
+    assert image and all(torch.equal(seen[k], start[k]) for k in image), "frozen for steps 0 and 1"
+    assert not torch.equal(seen["backbone.text_encoder.embed.weight"], start["backbone.text_encoder.embed.weight"])
+    after = module.state_dict()
+    assert any(not torch.equal(after[k], start[k]) for k in image), "trains from step 2"
+    with pytest.raises(ValueError, match=r"Freeze.patterns: 'backbone.imag_encoder.\*' matches no parameter"):
+        trainer(tmp_path, 1, callbacks=[Freeze(["backbone.imag_encoder.*"])]).fit(build_module("static"), loader(batches))
