@@ -46,7 +46,9 @@ class Freeze(pl.Callback):
     skips it (no update, no weight decay, no momentum) and it is left out of gradient clipping. Its gradient
     is still computed: ``requires_grad`` is left alone because DDP fixes the set of parameters it reduces when
     it wraps the model, so a parameter unfrozen later would train differently on every rank. Batch-norm
-    statistics of a frozen part keep updating in training mode.
+    statistics of a frozen part keep updating in training mode. Under a gradient objective (PCGrad, GradNorm,
+    ...) the frozen parameters' task gradients still enter the combination (their norms and conflicts), only
+    their update is dropped.
 
     Args:
         patterns: ``fnmatch`` patterns on ``MultiTaskModule.named_parameters()`` names.

@@ -1,7 +1,7 @@
 """Train the architecture recipes on the quickstart data and print their final validation metrics.
 
     python tools/recipes_report.py                          # every run below, in order
-    python tools/recipes_report.py --runs vqa_relation_network vqa_transformer
+    python tools/recipes_report.py --runs vqa_relation_network vqa_transformer --epochs 5
 
 Each run is ``mmlit fit`` on a recipe as shipped (the Sort-of-CLEVR shards of ``tools/quickstart.sh``), with CSV
 logging into ``runs/report/<run>``; the table has the last validation value of every metric and the wall time of
@@ -49,6 +49,7 @@ def _final_metrics(root: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--epochs", type=int, help="train this many epochs of 50 steps instead of the recipe's")
     args = parser.parse_args()
     rows = []
     for name in args.runs:
@@ -58,6 +59,9 @@ def main() -> None:
                    "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
                    "--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
                                                    "init_args": {"save_dir": str(root), "name": "csv"}})]
+        if args.epochs:
+            command += ["--trainer.max_epochs", str(args.epochs), "--model.scheduler.init_args.total_steps",
+                        str(50 * args.epochs)]
         start = time.perf_counter()
         subprocess.run(command, cwd=REPO, check=True)
         seconds = time.perf_counter() - start

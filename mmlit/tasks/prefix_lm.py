@@ -61,7 +61,7 @@ class PrefixLM(Task):
 
     def _sequence(self, prompt: list[int], target: list[int]) -> dict:
         """prompt [BOS] target -> inputs, labels (next tokens on the target only), and the prompt for generation."""
-        target = target[: self.max_length - 1]
+        target = target[: self.max_length - 1 - min(len(prompt), self.max_length // 2)]  # a long answer keeps a question
         prompt = prompt[: self.max_length - 1 - len(target)]
         return {"input": [*prompt, BOS, *target], "labels": [PAD] * len(prompt) + [*target, EOS],
                 "prompt": [*prompt, BOS]}
@@ -90,8 +90,7 @@ class PrefixLM(Task):
         batch["prompt"] = torch.full((len(prompts), max(map(len, prompts))), PAD, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             batch["prompt"][row, batch["prompt"].shape[1] - len(prompt):] = torch.tensor(prompt)
-        batch["image"] = torch.stack([e["image"] for e in examples])
-        return batch
+        return {"image": torch.stack([e["image"] for e in examples]), **batch}  # images first: batch_size_of counts them
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         prefix = self.prefix(backbone(image=batch["image"]).image_tokens)[batch["image_index"]]  # (Q, N, D)
@@ -106,7 +105,7 @@ class PrefixLM(Task):
     def generate(self, decoder: CausalTextDecoder, prefix: torch.Tensor, prompt: torch.Tensor, steps: int) -> torch.Tensor:
         """Greedy decoding after left-padded prompts (Q, P) ending in BOS -> ids (Q, steps), PAD after EOS."""
         ids, done = prompt, torch.zeros(len(prompt), dtype=torch.bool, device=prompt.device)
-        steps = min(steps, decoder.max_length - prompt.shape[1])
+        steps = min(steps, decoder.max_length - prompt.shape[1] + 1)  # the last step reads max_length tokens
         for _ in range(steps):
             step = self.out(decoder(ids, prefix=prefix)[0][:, -1]).argmax(-1)
             step = torch.where(done, torch.full_like(step, PAD), step)
