@@ -11,12 +11,13 @@ the fit. ``clip_to_vqa`` starts from the ``clip`` run's checkpoint, so ``clip`` 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from objectives_report import _final_metrics  # tools/ is on sys.path when a tool runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 _FUSION = "--model.backbone.init_args.fusion"
@@ -39,13 +40,6 @@ RUNS = {
 }
 
 
-def _final_metrics(root: Path) -> dict[str, float]:
-    last: dict[str, float] = {}
-    for row in csv.DictReader(open(next((root / "csv").glob("version_*/metrics.csv")))):
-        last.update({k: float(v) for k, v in row.items() if v and k.startswith("val/") and not k.endswith("/loss")})
-    return last
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
@@ -65,7 +59,7 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run(command, cwd=REPO, check=True)
         seconds = time.perf_counter() - start
-        metrics = _final_metrics(root)
+        metrics = {k: v for k, v in _final_metrics(root).items() if not k.endswith("/loss")}
         rows.append((name, seconds, metrics))
         print(f"| {name} | {seconds:.0f} s | " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in sorted(metrics.items())) + " |",
               flush=True)

@@ -22,7 +22,7 @@ from mmlit.registry import register_task
 from mmlit.tasks.base import Shards, Task
 from mmlit.text import BOS, EOS, PAD
 
-__all__ = ["Captioning", "sequence_match"]
+__all__ = ["Captioning", "sequence_match", "update_caption_metrics"]
 
 
 @register_task("captioning")
@@ -90,9 +90,14 @@ class Captioning(Task):
         return MetricCollection({"exact_match": MeanMetric(), "token_acc": MeanMetric()})
 
     def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
-        exact, correct, real = sequence_match(outputs["generated"], batch["caption"][:, 1:])
-        metrics["exact_match"].update(exact.float())
-        metrics["token_acc"].update(correct.sum() / real.sum(), weight=real.sum())
+        update_caption_metrics(metrics, outputs["generated"], batch["caption"][:, 1:])
+
+
+def update_caption_metrics(metrics: MetricCollection, generated: torch.Tensor, target: torch.Tensor) -> None:
+    """``exact_match`` and ``token_acc`` of generated ids (B, L) against reference ids (B, T) (see ``sequence_match``)."""
+    exact, correct, real = sequence_match(generated, target)
+    metrics["exact_match"].update(exact.float())
+    metrics["token_acc"].update(correct.sum() / real.sum(), weight=real.sum())
 
 
 def sequence_match(generated: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from mmlit.data.decode import sample_field, sample_image
 from mmlit.models.text import CausalTextDecoder
 from mmlit.registry import register_task
 from mmlit.tasks.base import Shards, Task, collate_examples
-from mmlit.tasks.captioning import sequence_match
+from mmlit.tasks.captioning import sequence_match, update_caption_metrics
 from mmlit.text import BOS, EOS, PAD
 
 __all__ = ["PrefixLM"]
@@ -122,11 +122,10 @@ class PrefixLM(Task):
     def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
         labels = batch["labels"]  # the target left-aligned: move the prompt's PADs behind it
         reference = labels.gather(1, (labels == PAD).int().argsort(dim=1, stable=True))
-        exact, correct, real = sequence_match(outputs["generated"], reference)
         if self.target == "caption":
-            metrics["exact_match"].update(exact.float())
-            metrics["token_acc"].update(correct.sum() / real.sum(), weight=real.sum())
+            update_caption_metrics(metrics, outputs["generated"], reference)
             return
+        exact, _, _ = sequence_match(outputs["generated"], reference)
         rel = batch["relational"]
         metrics["acc"].update(exact.float())
         for key, subset in (("acc_rel", rel), ("acc_nonrel", ~rel)):
