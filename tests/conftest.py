@@ -20,16 +20,19 @@ from mmlit.text import train_tokenizer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def soc(tmp_path_factory) -> dict:
-    """Sort-of-CLEVR: train 40 images in 4 shards, val 12 and test 12 in one shard each, plus a tokenizer."""
-    root = tmp_path_factory.mktemp("soc")
+def make_soc(root: Path) -> dict:
+    """Sort-of-CLEVR in ``root``: train 40 images in 4 shards, val 12 and test 12 in one shard each, plus a tokenizer."""
     shards = write_dataset(root, {"train": 40, "val": 12, "test": 12}, seed=0, shard_size=10)
     tokenizer = root / "tokenizer.json"
     train_tokenizer(iter_texts(shards["train"]), tokenizer, vocab_size=200)
     return {"root": root, "shards": shards, "tokenizer": str(tokenizer),
             "train": str(root / "train-{000000..000003}.tar"), "val": str(root / "val-000000.tar"),
             "test": str(root / "test-000000.tar")}
+
+
+@pytest.fixture(scope="session")
+def soc(tmp_path_factory) -> dict:
+    return make_soc(tmp_path_factory.mktemp("soc"))
 
 
 def tiny_backbone(dim: int = 32, causal: bool = False) -> dict:

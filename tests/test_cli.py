@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -15,14 +14,14 @@ import yaml
 
 from mmlit.cli import main
 
+from ._processes import run_cli
 from .conftest import REPO, tiny_recipe, write_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
-def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmlit.cli", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run_cli(*args, timeout=timeout)
 
 
 @pytest.mark.parametrize("kind", ["tasks", "objectives"])
@@ -102,6 +101,7 @@ def test_objective_weight_for_unknown_task_names_the_key(soc, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_fit_end_to_end_then_resume_then_test(soc, tmp_path):
     run = tmp_path / "run"
     recipe_path = write_recipe(tiny_recipe(soc, run), tmp_path / "r.yaml")

@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from .conftest import REPO, tiny_recipe, write_recipe
+from ._processes import run_cli
+from .conftest import tiny_recipe, write_recipe
+
+FIT_TIMEOUT = 300  # seconds (about 15 s here); tools/stress_workers.py sets its own
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_rank_fit_finishes_with_identical_weights(soc, tmp_path):
+@pytest.mark.timeout(FIT_TIMEOUT + 60)
+@pytest.mark.parametrize("tasks,workers", [(None, 1), (["vqa", "contrastive", "image_classification"], 2)],
+                         ids=["all-tasks-1-worker", "3-tasks-2-workers"])
+def test_two_rank_fit_finishes_with_identical_weights(soc, tmp_path, tasks, workers):
+    """Every task's loader starts its workers (one set per task and split) in each rank, beside the gloo threads,
+    and again for each validation."""
     run = tmp_path / "run"
-    recipe = tiny_recipe(soc, run, strategy="ddp", devices=2, max_epochs=2)
-    recipe["data"]["num_workers"] = 1  # 2 ranks x 1 worker = 2 readers of the 4 training shards
+    recipe = tiny_recipe(soc, run, tasks=tasks, strategy="ddp", devices=2, max_epochs=2)
+    recipe["data"]["num_workers"] = workers  # 2 ranks x 1 or 2 workers = 2 or 4 readers of the 4 training shards
     recipe["trainer"]["callbacks"] = [{"class_path": "tests._ddp_helpers.DumpWeights",
                                        "init_args": {"dirpath": str(tmp_path / "weights")}}]
-    env = dict(os.environ, PYTHONPATH=str(REPO), PL_TORCH_DISTRIBUTED_BACKEND="gloo")
-    result = subprocess.run([sys.executable, "-m", "mmlit.cli", "fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml"))],
-                            capture_output=True, text=True, timeout=420, cwd=REPO, env=env)
+    result = run_cli("fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml")), timeout=FIT_TIMEOUT, ddp=True)
     assert result.returncode == 0, result.stderr[-4000:]
     rank0 = torch.load(tmp_path / "weights" / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "weights" / "rank1.pt", weights_only=True)
@@ -37,6 +39,7 @@ def test_two_rank_fit_finishes_with_identical_weights(soc, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.timeout(FIT_TIMEOUT + 60)
 def test_uneven_shards_two_ranks_two_workers_one_exact_epoch(soc, tmp_path):
     """Shards of 10, 50 and 7 samples over 2 ranks x 2 workers: 67 samples in slices of 16-17 per reader,
     5 batches of at most 4 per reader, so 10 steps on each rank and every sample exactly once."""
@@ -59,9 +62,7 @@ def test_uneven_shards_two_ranks_two_workers_one_exact_epoch(soc, tmp_path):
     recipe["model"]["tasks"]["vqa"]["init_args"]["shards"]["train"] = "{" + ",".join(shards) + "}"
     recipe["data"].update(num_workers=2, steps_per_epoch=None)
     recipe["trainer"]["callbacks"] = [{"class_path": "tests._ddp_helpers.RecordKeys", "init_args": {"dirpath": str(tmp_path / "keys")}}]
-    env = dict(os.environ, PYTHONPATH=str(REPO), PL_TORCH_DISTRIBUTED_BACKEND="gloo")
-    result = subprocess.run([sys.executable, "-m", "mmlit.cli", "fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml"))],
-                            capture_output=True, text=True, timeout=420, cwd=REPO, env=env)
+    result = run_cli("fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml")), timeout=FIT_TIMEOUT, ddp=True)
     assert result.returncode == 0, result.stderr[-4000:]
     steps = [read_keys(tmp_path / "keys", rank) for rank in range(2)]
     assert [len(s) for s in steps] == [10, 10]

@@ -3,23 +3,21 @@ of the uninterrupted run, in the same order, and ends with bit-identical weights
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from .._ddp_helpers import read_keys
-from ..conftest import REPO, tiny_recipe, write_recipe
+from .._processes import run_cli
+from ..conftest import tiny_recipe, write_recipe
 
 TOTAL, CRASH = 8, 5  # steps; with 3 steps per epoch the crash is in the middle of epoch 1
+FIT_TIMEOUT = 300  # seconds per fit (about 10 s each here); tools/stress_workers.py sets its own
 
 
 def _fit(recipe: dict, path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), PL_TORCH_DISTRIBUTED_BACKEND="gloo")
-    return subprocess.run([sys.executable, "-m", "mmlit.cli", "fit", "--config", str(write_recipe(recipe, path)), *extra],
-                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    return run_cli("fit", "--config", str(write_recipe(recipe, path)), *extra, timeout=FIT_TIMEOUT, ddp=True)
 
 
 def _recipe(soc, root, world: int, workers: int, callbacks: list[dict]) -> dict:
@@ -43,6 +41,7 @@ def _callbacks(tmp, name: str, crash: int | None = None) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.timeout(3 * FIT_TIMEOUT + 60)
 @pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
 def test_killed_and_resumed_run_matches_the_uninterrupted_one(soc, tmp_path, world, workers):
     whole = _fit(_recipe(soc, tmp_path / "a", world, workers, _callbacks(tmp_path, "a")), tmp_path / "a.yaml")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -20,6 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from mmlit.cli import main
 from mmlit.data import RoundRobin
 
+from .._processes import run as run_process
 from ..conftest import REPO, tiny_recipe, write_recipe
 from ._train import build_module, interleave, loader, step_batches, trainer, weights
 
@@ -147,6 +147,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.timeout(600)
 def test_two_ranks_match_one_rank_on_the_same_global_batch(soc, batches, tmp_path):
     """2 gloo ranks, each on half of every global batch: identical weights on both ranks, equal to the one-process
     run on the whole batches; an infinite gradient on rank 1 alone skips the step on both (and, under fp16, lowers
@@ -158,7 +159,7 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(soc, batches, tmp_pat
                "-m", "tests.objectives._ddp_run", "--train", *soc["shards"]["train"][:2], "--tokenizer", soc["tokenizer"],
                "--out", str(tmp_path), "--runs", *runs]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run(command, capture_output=True, text=True, timeout=480, cwd=REPO, env=env)
+    result = run_process(command, timeout=480, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
 
     for r in range(2):

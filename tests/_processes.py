@@ -1,0 +1,126 @@
+"""Subprocesses that cannot outlive their test or hang it: each runs in a session of its own under a timeout,
+and when it ends, fails or times out, every process it started is killed: the DDP ranks of Lightning's launcher
+and their DataLoader workers and forkservers (its process group), and torchrun's workers (each in a session of
+their own, so found as descendants). A timeout is an error that carries the output so far and, where py-spy is
+installed, the Python stack of every process that was still running.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+__all__ = ["ProcessTimeout", "kill_tree", "run", "run_cli"]
+
+
+class ProcessTimeout(subprocess.TimeoutExpired):
+    """The command ran past its timeout; it and all it started have been killed."""
+
+    def __init__(self, cmd, timeout: float, output: str, stderr: str, stacks: str):
+        super().__init__(cmd, timeout, output, stderr)
+        self.stacks = stacks
+
+    def __str__(self) -> str:
+        return (f"{super().__str__()} (killed with every process it started)\n--- stderr (end) ---\n"
+                f"{(self.stderr or '')[-3000:]}\n--- stacks when it was killed ---\n{self.stacks}")
+
+
+def _family(pid: int, alive: bool) -> list[psutil.Process]:
+    """The members of process group ``pid`` (a session leader's) and, while that leader is ``alive`` (not yet
+    reaped: its pid cannot belong to another process), its descendants, parents first."""
+    family: dict[int, psutil.Process] = {}
+    if alive:
+        try:
+            root = psutil.Process(pid)
+            family[pid] = root
+            family.update((p.pid, p) for p in root.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    for p in psutil.process_iter():  # members whose parent died and left them to init
+        try:
+            if os.getpgid(p.pid) == pid:
+                family.setdefault(p.pid, p)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            continue
+    return list(family.values())
+
+
+def _signal(processes: list[psutil.Process], sig: int) -> None:
+    for p in processes:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` (started with ``start_new_session``) and every process it started. They are stopped first,
+    until no new one appears, so that none forks a child between being found and being killed."""
+    seen: set[int] = set()
+    while True:
+        family = [p for p in _family(proc.pid, proc.returncode is None) if p.pid != os.getpid()]
+        new = [p for p in family if p.pid not in seen]
+        if not new:
+            break
+        _signal(new, signal.SIGSTOP)
+        seen.update(p.pid for p in new)
+    _signal(family, signal.SIGKILL)
+
+
+def _stacks(proc: subprocess.Popen) -> str:
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if py_spy is None:
+        return "(install py-spy to see where each process was)"
+    dumps = []
+    for p in _family(proc.pid, alive=True)[:24]:
+        try:
+            dump = subprocess.run([py_spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=30)
+            dumps.append(dump.stdout.strip() or dump.stderr.strip())
+        except (subprocess.TimeoutExpired, OSError) as err:
+            dumps.append(f"pid {p.pid}: py-spy failed: {err}")
+    return "\n\n".join(dumps)
+
+
+def run(command: list[str], *, timeout: float, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True)`` in a session of its own; raises
+    ``ProcessTimeout`` after ``timeout`` seconds. Whatever way it ends, nothing it started is left running.
+
+    The output goes to files, not pipes: a process left behind would hold a pipe open, and reading it to its end
+    would wait for that process."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=cwd, env=env, start_new_session=True)
+        try:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                stacks = _stacks(proc)
+                kill_tree(proc)
+                proc.wait()
+                raise ProcessTimeout(command, timeout, _read(out), _read(err), stacks) from None
+        finally:
+            kill_tree(proc)  # workers or ranks that outlived the main process, or a test that was interrupted
+            if proc.poll() is None:
+                proc.wait()
+        return subprocess.CompletedProcess(command, proc.returncode, _read(out), _read(err))
+
+
+def _read(file) -> str:
+    file.seek(0)
+    return file.read()
+
+
+def run_cli(*args: str, timeout: float, ddp: bool = False) -> subprocess.CompletedProcess:
+    """``python -m mmlit.cli ARGS`` from the repository (``tests._ddp_helpers`` importable; gloo for DDP)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if ddp:
+        env["PL_TORCH_DISTRIBUTED_BACKEND"] = "gloo"
+    return run([sys.executable, "-m", "mmlit.cli", *args], timeout=timeout, env=env)
