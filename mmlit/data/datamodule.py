@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Literal
+from typing import Literal, get_args
 
 import lightning.pytorch as pl
 import torch.distributed as dist
@@ -14,6 +14,7 @@ from mmlit.data.faults import DataBudgetError, FaultLog
 from mmlit.data.mixing import AllTasks, TaskSampler
 from mmlit.data.shards import ShardIndex, resolve_shards, scan_shards
 from mmlit.data.stream import Mixture, Sequential, TaskStream
+from mmlit.data.workers import StartMethod, start_fork_server, task_loader
 from mmlit.text import load_tokenizer
 
 __all__ = ["MultiTaskDataModule"]
@@ -39,6 +40,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
             which every task's stream passes through one task epoch (the largest task's, for the
             all-task mixture).
         num_workers: DataLoader worker processes per task loader.
+        multiprocessing_context: how the workers start. ``forkserver``: forked from a server process with one
+            thread, which has imported torch and the tasks' modules; ``spawn``: a fresh interpreter each; ``fork``:
+            forked from the training process, whose threads (DDP's, the other loaders') can leave a worker
+            deadlocked (see ``mmlit/data/workers.py``).
         shuffle_buffer: raw samples held for shuffling in each training reader.
         seed: base seed of the shard order, resampling, shuffling and the mixture.
         error_budget: the share of a task's training samples that may be skipped (unreadable, missing
@@ -48,20 +53,24 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def __init__(self, tokenizer: str, tasks: dict | None = None, mode: Literal["epoch", "resampled"] = "epoch",
                  samples_per_epoch: dict[str, int] | None = None, mixture: TaskSampler | None = None,
-                 steps_per_epoch: int | None = None, num_workers: int = 2, shuffle_buffer: int = 1000, seed: int = 0,
+                 steps_per_epoch: int | None = None, num_workers: int = 2,
+                 multiprocessing_context: StartMethod = "forkserver", shuffle_buffer: int = 1000, seed: int = 0,
                  error_budget: float = 0.01, allow_pipe: bool = False):
         super().__init__()
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"data.steps_per_epoch must be at least 1, got {steps_per_epoch}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be 0 or more, got {num_workers}")
+        if multiprocessing_context not in get_args(StartMethod):
+            raise ValueError(f"data.multiprocessing_context is one of {', '.join(get_args(StartMethod))}, "
+                             f"got {multiprocessing_context!r}")
         if not 0 <= error_budget <= 1:
             raise ValueError(f"data.error_budget is a share of samples between 0 and 1, got {error_budget}")
         if samples_per_epoch and mode != "resampled":
             raise ValueError("data.samples_per_epoch applies to data.mode: resampled only")
         self.tokenizer_path, self.tasks, self.mode = tokenizer, tasks or {}, mode
         self.samples_per_epoch, self.sampler = dict(samples_per_epoch or {}), mixture or AllTasks()
-        self.steps_per_epoch, self.num_workers = steps_per_epoch, num_workers
+        self.steps_per_epoch, self.num_workers, self.start_method = steps_per_epoch, num_workers, multiprocessing_context
         self.shuffle_buffer, self.seed, self.error_budget, self.allow_pipe = shuffle_buffer, seed, error_budget, allow_pipe
         self.tokenizer = None
         self.rank, self.world_size = 0, 1
@@ -102,6 +111,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
             self._index(name, split, scan)
         if stage == "fit":
             self._check_fit()
+        if self.num_workers:
+            start_fork_server(self.start_method, self._task_modules)
 
     def _scan(self, name: str, split: str) -> ShardIndex | Exception:
         key = f"model.tasks.{name}.init_args.shards.{split}"
@@ -147,10 +158,13 @@ class MultiTaskDataModule(pl.LightningDataModule):
                           samples_per_epoch=samples, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
                           rank=self.rank, world_size=self.world_size, allow_pipe=self.allow_pipe)
 
+    @property
+    def _task_modules(self) -> set[str]:
+        return {type(task).__module__ for task in self.tasks.values()}
+
     def _loader(self, stream: TaskStream) -> DataLoader:
-        workers = self.num_workers
-        return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=stream.train and workers > 0,
-                          prefetch_factor=4 if workers else None)
+        return task_loader(stream, workers=self.num_workers, start_method=self.start_method, persistent=stream.train,
+                           preload=self._task_modules)
 
     @property
     def batches_per_epoch(self) -> dict[str, int]:

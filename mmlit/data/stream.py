@@ -22,12 +22,14 @@ same on every rank. A sample that cannot be used is skipped and reported with it
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import math
 import random
 from typing import TYPE_CHECKING, Iterator
 
 import webdataset as wds
+from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmlit.data.decode import SampleError, UnsafeSampleError, decode_sample, sample_location
@@ -89,6 +91,15 @@ class TaskStream(IterableDataset):
         self.batch_size, self.train, self.samples_per_epoch = batch_size, train, samples_per_epoch
         self.seed, self.shuffle_buffer, self.allow_pipe = seed, shuffle_buffer, allow_pipe
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+
+    def __getstate__(self) -> dict:
+        """What a worker started by ``forkserver`` or ``spawn`` receives: everything but the task's parameters,
+        buffers, submodules and hooks (its head and metrics: ``prepare`` and ``collate`` need none of them, and the
+        head may live on a GPU)."""
+        state = self.__dict__.copy()
+        state["task"] = copy.copy(self.task)
+        state["task"].__dict__.update(nn.Module().__dict__)  # a module's own state, empty
+        return state
 
     @property
     def epoch_samples(self) -> int:

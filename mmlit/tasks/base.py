@@ -93,7 +93,10 @@ class Task(nn.Module):
         self.max_length = backbone.max_length
 
     def prepare(self, sample: dict, tokenizer: Tokenizer) -> Iterator[dict]:
-        """Yield the examples of one decoded sample (none to drop it)."""
+        """Yield the examples of one decoded sample (none to drop it).
+
+        Runs in the DataLoader workers, on a pickled copy of the task without its parameters, buffers and
+        submodules (``TaskStream.__getstate__``): it may read the task's plain attributes, not its head."""
         raise NotImplementedError
 
     def collate(self, examples: list[dict]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ task documents)."""
 from __future__ import annotations
 
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -134,3 +135,18 @@ def test_captioning_exact_match_and_token_accuracy(soc):
     real = (batch["caption"][:, 1:] != 0).sum().item()
     assert values["exact_match"].item() == pytest.approx(0.75)
     assert values["token_acc"].item() == pytest.approx((real - 1) / real)
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_task_stream_reaches_fork_server_workers_unchanged(name, soc):
+    """The stream is pickled to each DataLoader worker (``data.multiprocessing_context: forkserver``): the task
+    goes without its head and prepares the same batch, tokenizer included."""
+    _, task, batch = _task_and_batch(name, soc)
+    stream = TaskStream(task, scan_shards(soc["shards"]["train"], "k"), load_tokenizer(soc["tokenizer"]),
+                        batch_size=8, train=True, seed=0, shuffle_buffer=32)
+    sent = pickle.loads(pickle.dumps(stream))
+    assert list(task.parameters()) and not list(sent.task.parameters())
+    _, again, _ = next(iter(sent))
+    assert again.keys() == batch.keys()
+    for key, value in batch.items():
+        assert torch.equal(value, again[key]) if isinstance(value, torch.Tensor) else value == again[key], key

@@ -1,0 +1,80 @@
+"""How a task's DataLoader starts its workers: never by forking the training process.
+
+By the time a loader starts its workers the training process has threads: gloo's or NCCL's, the queue feeders of
+the task loaders started before it, W&B's. ``fork`` copies the locks those threads hold at that instant into the
+child, with no thread left there to release them, and the child sleeps forever on the first one it takes. mmlit
+starts one set of workers per task and split, so in a multi-task DDP run every fork after the first is such a
+fork: a worker asleep on a futex before its loop started, its rank waiting for that worker's batch, and the other
+ranks waiting for that rank in DDP's collectives.
+
+``forkserver`` (the default) forks the workers from a server process instead. The server is started with exec by
+the first loader of each rank, so it has a single thread, and it imports torch, mmlit and the tasks' modules before
+it forks anything, so a worker starts as fast as a forked one. ``spawn`` starts a fresh interpreter per worker.
+The stream is pickled to each worker (``TaskStream.__getstate__``: the task goes without its head).
+
+Measured with ``python tools/bench_loader.py --startup`` on the 2-core development machine, 5 task loaders of 2
+workers each started one after the other, from ``iter()`` to the first batch of every loader (TODO numbers).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.forkserver
+import pickle
+from typing import Iterable, Literal
+
+from torch.utils.data import DataLoader, IterableDataset
+
+__all__ = ["StartMethod", "start_fork_server", "task_loader"]
+
+StartMethod = Literal["forkserver", "spawn", "fork"]
+
+# Imported by the fork server before it forks a worker, with the tasks' modules. Not '__main__': CPython 3.11's
+# forkserver never receives the script's path (it asks get_preparation_data for 'main_path', which that names
+# 'init_main_from_path'), so a task class defined in the script that runs training is imported by each worker, as
+# under spawn.
+_PRELOAD = ["torch", "numpy", "PIL.Image", "tokenizers", "webdataset", "mmlit.data.stream"]
+
+
+def _context(method: StartMethod, modules: Iterable[str]) -> multiprocessing.context.BaseContext:
+    if method == "forkserver" and "forkserver" not in multiprocessing.get_all_start_methods():
+        method = "spawn"  # Windows
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # Takes effect when the server starts: at the first loader of this process that starts workers.
+        context.set_forkserver_preload([*_PRELOAD, *sorted(set(modules) - set(_PRELOAD))])
+    return context
+
+
+def start_fork_server(method: StartMethod, preload: Iterable[str] = ()) -> None:
+    """Start the fork server now (it imports its modules while the trainer builds the rest) rather than at the
+    first loader; a no-op for the other start methods and when it runs already."""
+    if _context(method, preload).get_start_method() == "forkserver":
+        multiprocessing.forkserver.ensure_running()
+
+
+def _check_picklable(dataset: IterableDataset, key: str, method: StartMethod) -> None:
+    try:
+        pickle.dumps(dataset)
+    except Exception as err:  # pickle raises TypeError, AttributeError or PicklingError, by what it met
+        name = getattr(getattr(dataset, "task", None), "name", type(dataset).__name__)
+        raise TypeError(f"{key}: '{name}' cannot be sent to its DataLoader workers, which start by {method}: {err}. "
+                        f"Keep the task's attributes picklable (no lambdas, open files, locks or local classes), "
+                        f"or set {key}: fork (the workers may then deadlock; see mmlit/data/workers.py)") from err
+
+
+def task_loader(dataset: IterableDataset, *, workers: int, start_method: StartMethod = "forkserver",
+                persistent: bool = False, preload: Iterable[str] = (),
+                key: str = "data.multiprocessing_context") -> DataLoader:
+    """A DataLoader of one task's already batched stream, its ``workers`` started by ``start_method``.
+
+    ``preload``: modules the fork server imports before it forks a worker (those of every task in the run: the
+    server starts with the first loader and its imports are set then). Each worker's torch, ``random`` and numpy generators are seeded by the DataLoader from its base seed and the
+    worker id, whatever the start method, so they draw what forked workers drew.
+    """
+    if workers == 0:
+        return DataLoader(dataset, batch_size=None, num_workers=0)
+    if start_method != "fork":
+        _check_picklable(dataset, key, start_method)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=persistent, prefetch_factor=4,
+                      multiprocessing_context=_context(start_method, preload))
