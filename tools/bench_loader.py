@@ -12,13 +12,22 @@ grain, which JPEG compresses like a photo), then measures
   each number of workers: samples/s overall and per worker.
 
 The pipeline's per-worker rate should be within 10% of the plain loop's rate.
+
+    python tools/bench_loader.py --startup
+
+measures what starting workers costs by each start method (``data.multiprocessing_context``): in a fresh process
+per method, 5 task loaders of 2 workers started one after the other, as a 5-task run does, the seconds from
+``iter()`` to the first batch (of 8 images) of each.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mmlit.data import TaskStream, decode_sample, iter_samples, scan_shards
+from mmlit.data.workers import task_loader
 from mmlit.tasks.base import Shards, Task
 
 CROP = 224
@@ -101,6 +111,33 @@ def pipeline(urls: list[str], workers: int, batches: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
+def startup(urls: list[str], method: str, loaders: int, workers: int) -> list[float]:
+    """Seconds from ``iter()`` to the first batch of each of ``loaders`` task loaders, started one after the other
+    while the earlier ones keep their workers (as a training run keeps its task loaders)."""
+    times, running = [], []
+    for _ in range(loaders):
+        stream = TaskStream(_CropTask(Shards()), scan_shards(urls, "--out"), None, batch_size=8, train=True,
+                            shuffle_buffer=1)
+        loader = task_loader(stream, workers=workers, start_method=method, persistent=True,
+                             preload=["mmlit.tasks.base"])
+        start = time.perf_counter()
+        running.append(iter(loader))
+        next(running[-1])
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _startup_table(urls: list[str], loaders: int, workers: int) -> None:
+    print(f"worker start-up: {loaders} task loaders x {workers} workers, seconds from iter() to the first batch")
+    for method in ("fork", "forkserver", "spawn"):  # each in a fresh process: the fork server lives as long as it
+        out = subprocess.run([sys.executable, __file__, "--startup-one", method, "--out", str(Path(urls[0]).parent),
+                              "--loaders", str(loaders), "--workers", str(workers)],
+                             capture_output=True, text=True, check=True).stdout
+        times = json.loads(out.splitlines()[-1])
+        print(f"  {method:10s}  first loader {times[0]:5.2f}, the others {min(times[1:]):5.2f}-{max(times[1:]):5.2f} "
+              f"each, all {sum(times):5.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data/bench_loader"))
@@ -109,9 +146,18 @@ def main() -> None:
     parser.add_argument("--size", default="500x375", help="WIDTHxHEIGHT of the generated images")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batches", type=int, default=40, help="batches of 64 timed per run")
+    parser.add_argument("--startup", action="store_true", help="measure worker start-up by start method instead")
+    parser.add_argument("--loaders", type=int, default=5, help="--startup: task loaders started one after the other")
+    parser.add_argument("--startup-one", choices=["fork", "forkserver", "spawn"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     width, height = map(int, args.size.split("x"))
     urls = sorted(str(p) for p in args.out.glob("bench-*.tar")) or write_shards(args.out, args.images, args.shards, width, height)
+    if args.startup_one:
+        print(json.dumps(startup(urls, args.startup_one, args.loaders, args.workers[-1])))
+        return
+    if args.startup:
+        _startup_table(urls, args.loaders, args.workers[-1])
+        return
     sizes = [len(s["jpg"]) for s in iter_samples(urls[0])]
     print(f"{len(urls)} shards of {width}x{height} JPEGs, {np.mean(sizes) / 1e3:.0f} kB on average; "
           f"decoded: {decode_sample(next(iter_samples(urls[0])))['jpg'].size}")
