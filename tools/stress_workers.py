@@ -7,7 +7,8 @@ runs past ``--timeout`` seconds:
 
 * ``resume``: 2 ranks x 2 workers, 2 tasks; a run killed at step 5 and resumed must train on exactly the samples of
   the uninterrupted run and end with bit-identical weights (``tests/data/test_resume.py``, 3 fits);
-* ``fit``: 3 tasks, 2 ranks x 2 workers, 2 epochs with validation (``tests/test_ddp.py``).
+* ``fit``: 3 tasks, 2 ranks x 2 workers, 2 epochs with validation (``tests/test_ddp.py``);
+* ``fit-all`` (not by default): the same with every registered task, so more loaders start workers per rank.
 
 It prints one line per run and, at the end, how many runs passed, failed and hung. A hung run's Python stacks
 (with py-spy installed) go to ``--out``/hang-{round}-{scenario}.txt.
@@ -39,14 +40,18 @@ def _fit(soc: dict, tmp: Path) -> None:
     test_ddp.test_two_rank_fit_finishes_with_identical_weights(soc, tmp, ["vqa", "contrastive", "image_classification"], 2)
 
 
-SCENARIOS = {"resume": _resume, "fit": _fit}
+def _fit_all(soc: dict, tmp: Path) -> None:
+    test_ddp.test_two_rank_fit_finishes_with_identical_weights(soc, tmp, None, 2)
+
+
+SCENARIOS = {"resume": _resume, "fit": _fit, "fit-all": _fit_all}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="rounds; each runs every chosen scenario once")
     parser.add_argument("--timeout", type=float, default=120, help="seconds per process (a fit takes about 10 s here)")
-    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=["resume", "fit"])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "stress_workers")
     args = parser.parse_args()
     test_resume.FIT_TIMEOUT = test_ddp.FIT_TIMEOUT = args.timeout
