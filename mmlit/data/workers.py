@@ -8,9 +8,13 @@ fork: a worker asleep on a futex before its loop started, its rank waiting for t
 ranks waiting for that rank in DDP's collectives.
 
 ``forkserver`` (the default) forks the workers from a server process instead. The server is started with exec by
-the first loader of each rank, so it has a single thread, and it imports torch, mmlit and the tasks' modules before
+each rank at setup, so it has a single thread, and it imports torch, mmlit and the tasks' modules before
 it forks anything, so a worker starts as fast as a forked one. ``spawn`` starts a fresh interpreter per worker.
 The stream is pickled to each worker (``TaskStream.__getstate__``: the task goes without its head).
+
+A worker ends with the training process, however that ends (``_end_with``): torch's workers watch their parent, and a
+fork server's worker's parent is the server, which a SIGKILLed training process leaves running (with its workers
+waiting for work: measured, they were all still there 15 s after the kill; forked workers had gone).
 
 Measured with ``python tools/bench_loader.py --startup`` on the 2-core development machine, 5 task loaders of 2
 workers each started one after the other, from ``iter()`` to the first batch of every loader (TODO numbers).
@@ -18,9 +22,14 @@ workers each started one after the other, from ``iter()`` to the first batch of 
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.forkserver
+import os
 import pickle
+import select
+import threading
+import time
 from typing import Iterable, Literal
 
 from torch.utils.data import DataLoader, IterableDataset
@@ -53,6 +62,33 @@ def start_fork_server(method: StartMethod, preload: Iterable[str] = ()) -> None:
         multiprocessing.forkserver.ensure_running()
 
 
+def _end_with(trainer: int, worker_id: int) -> None:
+    """``worker_init_fn``: end this worker as soon as process ``trainer`` has ended (a thread that waits on a pidfd,
+    or polls where there is none)."""
+
+    def watch() -> None:
+        try:
+            select.select([os.pidfd_open(trainer)], [], [])
+        except ProcessLookupError:  # ended before this worker started
+            pass
+        except (AttributeError, OSError):  # no pidfd_open (not Linux >= 5.3)
+            while _alive(trainer):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mmlit-end-with-trainer", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _check_picklable(dataset: IterableDataset, key: str, method: StartMethod) -> None:
     try:
         pickle.dumps(dataset)
@@ -69,12 +105,14 @@ def task_loader(dataset: IterableDataset, *, workers: int, start_method: StartMe
     """A DataLoader of one task's already batched stream, its ``workers`` started by ``start_method``.
 
     ``preload``: modules the fork server imports before it forks a worker (those of every task in the run: the
-    server starts with the first loader and its imports are set then). Each worker's torch, ``random`` and numpy generators are seeded by the DataLoader from its base seed and the
-    worker id, whatever the start method, so they draw what forked workers drew.
+    server starts with the first loader and its imports are set then). A worker ends when this process ends. Each
+    worker's torch, ``random`` and numpy generators are seeded by the DataLoader from its base seed and the worker
+    id, whatever the start method, so they draw what forked workers drew.
     """
     if workers == 0:
         return DataLoader(dataset, batch_size=None, num_workers=0)
     if start_method != "fork":
         _check_picklable(dataset, key, start_method)
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=persistent, prefetch_factor=4,
-                      multiprocessing_context=_context(start_method, preload))
+                      multiprocessing_context=_context(start_method, preload),
+                      worker_init_fn=functools.partial(_end_with, os.getpid()))

@@ -7,9 +7,12 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import subprocess
+import sys
 import threading
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -112,3 +115,41 @@ def test_a_task_that_cannot_be_pickled_is_an_error_naming_it_and_the_key(soc):
 def test_unknown_start_method_names_the_key(soc):
     with pytest.raises(ValueError, match="data.multiprocessing_context is one of forkserver, spawn, fork, got 'threads'"):
         MultiTaskDataModule(soc["tokenizer"], multiprocessing_context="threads")
+
+
+_TRAINER = """
+import sys, time
+from mmlit.data import TaskStream, scan_shards
+from mmlit.data.workers import task_loader
+from mmlit.tasks.base import Shards
+from mmlit.tasks.image_classification import ImageClassification
+
+stream = TaskStream(ImageClassification(Shards(), batch_size=2), scan_shards(sys.argv[1:], "k"), None, batch_size=2,
+                    train=True, shuffle_buffer=1)
+batches = iter(task_loader(stream, workers=2, persistent=True))
+next(batches)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_workers_end_when_the_training_process_is_killed(soc):
+    """A fork server's workers are its children, not the training process's; killed with SIGKILL, the training
+    process leaves the server and its workers behind unless they watch it (torch's workers watch their parent)."""
+    trainer = subprocess.Popen([sys.executable, "-c", _TRAINER, *soc["shards"]["train"]], stdout=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    left: list[psutil.Process] = []
+    try:
+        assert trainer.stdout.readline().strip() == "ready"
+        left = psutil.Process(trainer.pid).children(recursive=True)  # the server, its workers, the resource tracker
+        assert len(left) >= 3
+        trainer.kill()
+        trainer.wait()
+        _, alive = psutil.wait_procs(left, timeout=20)
+        assert not alive, f"still running 20 s after the training process was killed: {[p.pid for p in alive]}"
+    finally:
+        for process in [psutil.Process(trainer.pid), *left] if trainer.poll() is None else left:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
