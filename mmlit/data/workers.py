@@ -16,8 +16,12 @@ A worker ends with the training process, however that ends (``_end_with``): torc
 fork server's worker's parent is the server, which a SIGKILLed training process leaves running (with its workers
 waiting for work: measured, they were all still there 15 s after the kill; forked workers had gone).
 
-Measured with ``python tools/bench_loader.py --startup`` on the 2-core development machine, 5 task loaders of 2
-workers each started one after the other, from ``iter()`` to the first batch of every loader (TODO numbers).
+Measured on the 2-core development machine. ``python tools/bench_loader.py --startup`` (5 task loaders of 2 workers
+started one after the other, seconds from ``iter()`` to each loader's first batch): fork 0.07-0.11 s a loader;
+forkserver 3.4 s for the first (the server starts and imports its modules) and 0.07-0.10 s for the others; spawn
+3.2-4.7 s for every loader. A whole 2-rank DDP fit (3 tasks x 2 workers, 2 epochs with validation): 11.1-11.5 s with
+fork, 14.1-15.0 s with forkserver (three runs each): about 3 s once per run, the server's imports, which overlap the
+rest of setup on a machine with cores to spare.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import multiprocessing.forkserver
 import os
 import pickle
 import select
+import sys
 import threading
 import time
 from typing import Iterable, Literal
@@ -38,11 +43,19 @@ __all__ = ["StartMethod", "start_fork_server", "task_loader"]
 
 StartMethod = Literal["forkserver", "spawn", "fork"]
 
-# Imported by the fork server before it forks a worker, with the tasks' modules. Not '__main__': CPython 3.11's
-# forkserver never receives the script's path (it asks get_preparation_data for 'main_path', which that names
-# 'init_main_from_path'), so a task class defined in the script that runs training is imported by each worker, as
-# under spawn.
-_PRELOAD = ["torch", "numpy", "PIL.Image", "tokenizers", "webdataset", "mmlit.data.stream"]
+# Imported by the fork server before it forks a worker, with the tasks' modules and the main module's (below).
+# Every worker started by forkserver or spawn imports the main module again, as __mp_main__ (multiprocessing's
+# spawn.prepare): for `mmlit fit` that is mmlit.cli, with Lightning and timm, 1-2 s per worker when the server has
+# not imported them (measured: a 3-task, 2-worker fit took 17.7 s instead of 7.1 s). With them preloaded, the
+# re-import only runs the main module's own lines. '__main__' itself cannot be preloaded: CPython 3.11's forkserver
+# asks get_preparation_data for 'main_path', which that names 'init_main_from_path', and never gets it.
+_PRELOAD = ["torch", "numpy", "PIL.Image", "tokenizers", "webdataset", "mmlit.data.stream", "mmlit.cli"]
+
+
+def _main_module() -> list[str]:
+    """The main module's name when it was run with ``python -m NAME`` (a script run by path cannot be preloaded)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return [spec.name] if spec is not None and spec.name and not spec.name.endswith("__main__") else []
 
 
 def _context(method: StartMethod, modules: Iterable[str]) -> multiprocessing.context.BaseContext:
@@ -51,7 +64,8 @@ def _context(method: StartMethod, modules: Iterable[str]) -> multiprocessing.con
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         # Takes effect when the server starts: at the first loader of this process that starts workers.
-        context.set_forkserver_preload([*_PRELOAD, *sorted(set(modules) - set(_PRELOAD))])
+        extra = set(modules) | set(_main_module())
+        context.set_forkserver_preload([*_PRELOAD, *sorted(extra - set(_PRELOAD))])
     return context
 
 

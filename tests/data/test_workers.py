@@ -1,6 +1,6 @@
 """DataLoader workers start from a fork server, not by forking the training process: what a thread of the training
 process holds does not reach them, they get exactly the batches forked workers got, seeded the same way every run,
-and a task that cannot be sent to them is a clear error."""
+they end when the training process is killed, and a task that cannot be sent to them is a clear error."""
 
 from __future__ import annotations
 
