@@ -82,7 +82,9 @@ def _end_with(trainer: int, worker_id: int) -> None:
 
     def watch() -> None:
         try:
-            select.select([os.pidfd_open(trainer)], [], [])
+            ended = select.poll()  # not select(): it fails on descriptors past 1023
+            ended.register(os.pidfd_open(trainer), select.POLLIN)
+            ended.poll()
         except ProcessLookupError:  # ended before this worker started
             pass
         except (AttributeError, OSError):  # no pidfd_open (not Linux >= 5.3)
