@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -45,11 +46,12 @@ def _family(pid: int, alive: bool) -> list[psutil.Process]:
             family.update((p.pid, p) for p in root.children(recursive=True))
         except psutil.NoSuchProcess:
             pass
-    for p in psutil.process_iter():  # members whose parent died and left them to init
+    for p in psutil.process_iter():  # members whose parent died and left them to init, and what they started
         try:
             if os.getpgid(p.pid) == pid:
                 family.setdefault(p.pid, p)
-        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+                family.update((c.pid, c) for c in p.children(recursive=True) if c.pid not in family)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return list(family.values())
 
@@ -58,7 +60,7 @@ def _signal(processes: list[psutil.Process], sig: int) -> None:
     for p in processes:
         try:
             p.send_signal(sig)
-        except psutil.NoSuchProcess:
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
 
 
@@ -76,14 +78,20 @@ def kill_tree(proc: subprocess.Popen) -> None:
     _signal(family, signal.SIGKILL)
 
 
-def _stacks(proc: subprocess.Popen) -> str:
+def _stacks(proc: subprocess.Popen, budget: float = 20.0) -> str:
+    """py-spy's dump of each process still running, within ``budget`` seconds in all."""
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
         return "(install py-spy to see where each process was)"
-    dumps = []
-    for p in _family(proc.pid, alive=True)[:24]:
+    dumps, deadline = [], time.monotonic() + budget
+    for p in _family(proc.pid, alive=True):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            dumps.append("(no time left for the other processes)")
+            break
         try:
-            dump = subprocess.run([py_spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=30)
+            dump = subprocess.run([py_spy, "dump", "--nonblocking", "--pid", str(p.pid)], capture_output=True,
+                                  text=True, timeout=left)
             dumps.append(dump.stdout.strip() or dump.stderr.strip())
         except (subprocess.TimeoutExpired, OSError) as err:
             dumps.append(f"pid {p.pid}: py-spy failed: {err}")
@@ -107,7 +115,13 @@ def run(command: list[str], *, timeout: float, cwd: Path = REPO, env: dict | Non
                 proc.wait()
                 raise ProcessTimeout(command, timeout, _read(out), _read(err), stacks) from None
         finally:
-            kill_tree(proc)  # workers or ranks that outlived the main process, or a test that was interrupted
+            # Workers or ranks that outlived the main process, or a test that was interrupted. pytest-timeout's alarm
+            # waits until they are killed: between SIGSTOP and SIGKILL it would leave them stopped.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            try:
+                kill_tree(proc)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             if proc.poll() is None:
                 proc.wait()
         return subprocess.CompletedProcess(command, proc.returncode, _read(out), _read(err))
@@ -120,7 +134,7 @@ def _read(file) -> str:
 
 def run_cli(*args: str, timeout: float, ddp: bool = False) -> subprocess.CompletedProcess:
     """``python -m mmlit.cli ARGS`` from the repository (``tests._ddp_helpers`` importable; gloo for DDP)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     if ddp:
         env["PL_TORCH_DISTRIBUTED_BACKEND"] = "gloo"
     return run([sys.executable, "-m", "mmlit.cli", *args], timeout=timeout, env=env)

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from mmlit.data import TaskStream, decode_sample, iter_samples, scan_shards
 from mmlit.data.workers import task_loader
@@ -100,8 +99,7 @@ def pipeline(urls: list[str], workers: int, batches: int) -> float:
     """Samples per second through TaskStream + DataLoader, after the first batches (worker start-up)."""
     stream = TaskStream(_CropTask(Shards()), scan_shards(urls, "--out"), None, batch_size=64, train=True,
                         shuffle_buffer=256)
-    loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                             prefetch_factor=4 if workers else None))
+    loader = iter(task_loader(stream, workers=workers, persistent=True, preload=["mmlit.tasks.base"]))
     for _ in range(2 * max(workers, 1)):
         next(loader)  # warm-up: workers start and fill their shuffle buffers
     start, samples = time.perf_counter(), 0

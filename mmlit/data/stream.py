@@ -65,6 +65,10 @@ def _batch_sizes(n: int, batches: int, batch_size: int) -> list[int]:
     return sizes
 
 
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in itertools.chain(module.parameters(), module.buffers()))
+
+
 def _slot() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -93,12 +97,16 @@ class TaskStream(IterableDataset):
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
 
     def __getstate__(self) -> dict:
-        """What a worker started by ``forkserver`` or ``spawn`` receives: everything but the task's parameters,
-        buffers, submodules and hooks (its head and metrics: ``prepare`` and ``collate`` need none of them, and the
-        head may live on a GPU)."""
+        """What a worker started by ``forkserver`` or ``spawn`` receives: the task without its parameters, buffers,
+        hooks and the submodules that hold state (its head and metrics: ``prepare`` and ``collate`` need none of
+        them, and the head may live on a GPU). Submodules without state (an image transform) and ``training`` stay."""
         state = self.__dict__.copy()
-        state["task"] = copy.copy(self.task)
-        state["task"].__dict__.update(nn.Module().__dict__)  # a module's own state, empty
+        task = state["task"] = copy.copy(self.task)
+        empty = nn.Module().__dict__
+        del empty["training"]
+        task.__dict__.update(empty)  # no parameters, buffers or hooks
+        task.__dict__["_modules"] = {name: module for name, module in self.task._modules.items()
+                                     if module is not None and not _has_state(module)}
         return state
 
     @property

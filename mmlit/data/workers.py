@@ -87,7 +87,7 @@ def _end_with(trainer: int, worker_id: int) -> None:
             ended.poll()
         except ProcessLookupError:  # ended before this worker started
             pass
-        except (AttributeError, OSError):  # no pidfd_open (not Linux >= 5.3)
+        except Exception:  # no pidfd_open (not Linux >= 5.3), or it failed: poll instead
             while _alive(trainer):
                 time.sleep(1.0)
         os._exit(1)
@@ -106,9 +106,10 @@ def _alive(pid: int) -> bool:
 
 
 def _check_picklable(dataset: IterableDataset, key: str, method: StartMethod) -> None:
+    """Send the stream through pickle as a worker gets it, both ways: here, the error can name the task."""
     try:
-        pickle.dumps(dataset)
-    except Exception as err:  # pickle raises TypeError, AttributeError or PicklingError, by what it met
+        pickle.loads(pickle.dumps(dataset))
+    except Exception as err:  # pickle raises TypeError, AttributeError, PicklingError or ImportError, by what it met
         name = getattr(getattr(dataset, "task", None), "name", type(dataset).__name__)
         raise TypeError(f"{key}: '{name}' cannot be sent to its DataLoader workers, which start by {method}: {err}. "
                         f"Keep the task's attributes picklable (no lambdas, open files, locks or local classes), "
@@ -129,6 +130,9 @@ def task_loader(dataset: IterableDataset, *, workers: int, start_method: StartMe
         return DataLoader(dataset, batch_size=None, num_workers=0)
     if start_method != "fork":
         _check_picklable(dataset, key, start_method)
+    context = _context(start_method, preload)
+    # Only a fork server's workers need to watch the trainer: forked and spawned ones are its children, and torch's
+    # own watchdog sees their parent go.
+    watch = functools.partial(_end_with, os.getpid()) if context.get_start_method() == "forkserver" else None
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=persistent, prefetch_factor=4,
-                      multiprocessing_context=_context(start_method, preload),
-                      worker_init_fn=functools.partial(_end_with, os.getpid()))
+                      multiprocessing_context=context, worker_init_fn=watch)

@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from mmlit.data import SampleError, TaskStream, UnsafeSampleError, decode_sample, sample_field, scan_shards
+from mmlit.data.workers import task_loader
 from mmlit.tasks.base import Shards, Task, collate_examples
 
 from ..conftest import write_tar
@@ -41,7 +41,7 @@ def _stream(index, **kwargs):
 
 
 def _take(stream, workers, n):
-    return list(itertools.islice(DataLoader(stream, batch_size=None, num_workers=workers), n))
+    return list(itertools.islice(task_loader(stream, workers=workers), n))  # workers get the stream as in a run
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 0), (2, 2), (3, 1)])

@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import psutil
@@ -103,6 +104,29 @@ def test_a_stream_goes_to_its_workers_without_the_task_head(soc):
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(original, sent))
 
 
+class _Flipped(_Probe):
+    """Flips its images only while training, as an augmentation would, through a submodule without state."""
+
+    def build(self, backbone) -> None:
+        self.transform = torch.nn.Identity()  # no parameters or buffers: stands in for a torchvision transform
+        self.head = torch.nn.Linear(8, 7)
+
+    def prepare(self, sample, tokenizer):
+        for example in super().prepare(sample, tokenizer):
+            image = self.transform(example["image"])
+            yield {**example, "image": image.flip(-1) if self.training else image, "training": self.training}
+
+
+def test_stateless_submodules_and_the_training_flag_reach_the_workers(soc):
+    task = _Flipped(Shards(train=soc["train"]), batch_size=4)
+    task.build(None)
+    task.eval()  # Lightning's validation: workers must not augment
+    sent = pickle.loads(pickle.dumps(_stream(soc, task=task))).task
+    assert hasattr(sent, "transform") and not hasattr(sent, "head") and sent.training is False
+    batch = _batches(task_loader(_stream(soc, task=task), workers=2), 1)[0]
+    assert not batch["training"].any()
+
+
 def test_a_task_that_cannot_be_pickled_is_an_error_naming_it_and_the_key(soc):
     task = _Probe(Shards(train=soc["train"]), batch_size=4)
     task.normalise = lambda x: x  # a lambda cannot be pickled
@@ -133,6 +157,22 @@ time.sleep(600)
 """
 
 
+def _running(processes: list[psutil.Process], within: float) -> list[psutil.Process]:
+    """Those still running after ``within`` seconds (a zombie that no one has reaped yet has ended)."""
+    deadline = time.monotonic() + within
+    while True:
+        running = []
+        for p in processes:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    running.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.2)
+
+
 def test_workers_end_when_the_training_process_is_killed(soc):
     """A fork server's workers are its children, not the training process's; killed with SIGKILL, the training
     process leaves the server and its workers behind unless they watch it (torch's workers watch their parent)."""
@@ -145,7 +185,7 @@ def test_workers_end_when_the_training_process_is_killed(soc):
         assert len(left) >= 3
         trainer.kill()
         trainer.wait()
-        _, alive = psutil.wait_procs(left, timeout=20)
+        alive = _running(left, within=20)
         assert not alive, f"still running 20 s after the training process was killed: {[p.pid for p in alive]}"
     finally:
         for process in [psutil.Process(trainer.pid), *left] if trainer.poll() is None else left:
