@@ -31,7 +31,8 @@ class Throughput(pl.Callback):
             self._start = now
             return
         self._samples += sum(batch_size_of(task_batch) for task_batch in batch.values())
-        if (trainer.global_step % trainer.log_every_n_steps == 0) and now > self._start:
+        every = trainer.log_every_n_steps  # 0: no logging on step boundaries
+        if every > 0 and trainer.global_step % every == 0 and now > self._start:
             rate = self._samples * trainer.world_size / (now - self._start)
             pl_module.log("train/perf/samples_per_s", rate, rank_zero_only=True)
             self._start, self._samples = now, 0
