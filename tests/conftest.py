@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,15 @@ import yaml
 os.environ["WANDB_MODE"] = "offline"  # tests never reach the W&B service
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Scan counts are cached per user (mmlit/data/index.py): tests keep theirs apart, and processes they start inherit it.
+os.environ["MMLIT_CACHE"] = tempfile.mkdtemp(prefix="mmlit-cache-")
 
 from mmlit.data.sort_of_clevr import write_dataset  # noqa: E402
 from mmlit.data.tools import iter_texts  # noqa: E402
 from mmlit.registry import get_task, list_tasks  # noqa: E402
 from mmlit.text import train_tokenizer  # noqa: E402
+
+from ._stores import http_store, s3_store  # noqa: E402, F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,9 @@
 """Shard URLs and the samples inside them.
 
-``resolve_shards`` turns a recipe's pattern into URLs; ``open_shard`` opens one (a local path,
-``http(s)://`` through the standard library, any other scheme through ``fsspec``, ``pipe:`` only
-when allowed); ``iter_samples`` reads samples ``[start, stop)`` of a tar shard; ``scan_shards``
+``resolve_shards`` turns a recipe's pattern into URLs; ``open_shard`` opens one (a local path; every remote
+scheme, ``http(s)://``, ``s3://``, ``gs://`` ..., through ``fsspec``, with read timeouts and retries that resume
+at the byte where a connection broke; ``pipe:`` only when allowed) and ``shard_size`` gives its size;
+``iter_samples`` reads samples ``[start, stop)`` of a tar shard; ``scan_shards``
 counts the samples of every shard once at setup, so that epochs can be planned exactly.
 
 mmlit reads tars itself rather than with ``webdataset.tariterators`` (which uses ``tarfile``) for
@@ -25,7 +26,6 @@ import lzma
 import os
 import re
 import tarfile
-import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +35,9 @@ from urllib.parse import urlparse
 import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-__all__ = ["ShardError", "ShardIndex", "iter_samples", "open_shard", "resolve_shards", "scan_shards"]
+from mmlit.data.remote import REMOTE_BUFFER, Reader, open_remote, remote_size
+
+__all__ = ["ShardError", "ShardIndex", "iter_samples", "open_shard", "resolve_shards", "scan_shards", "shard_size"]
 
 # What a broken tar, a broken gzip stream or a dropped connection raise while reading.
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, UnicodeDecodeError,
@@ -75,22 +77,65 @@ def resolve_shards(spec: str, key: str, *, allow_pipe: bool = False) -> list[str
     return urls
 
 
-def open_shard(url: str, *, allow_pipe: bool = False) -> IO[bytes]:
-    """A binary stream of the shard's bytes."""
-    scheme = urlparse(url).scheme
-    if not _is_remote(url):
-        return open(url.removeprefix("file://"), "rb")
-    if scheme == "pipe":
+class _CountedFile(io.FileIO):
+    """A local file that counts the bytes it returned (``bytes_read``); everything else is ``FileIO``'s, in C."""
+
+    bytes_read = 0
+
+    def readinto(self, buffer) -> int:
+        n = super().readinto(buffer)
+        self.bytes_read += n or 0
+        return n
+
+    def readall(self) -> bytes:
+        data = super().readall()
+        self.bytes_read += len(data)
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.bytes_read += len(data or b"")
+        return data
+
+
+class _Shard(io.BufferedReader):
+    """A shard's bytes, buffered; ``bytes_read``: the bytes taken from the source (disk or network) so far."""
+
+    @property
+    def bytes_read(self) -> int:
+        return self.raw.bytes_read
+
+
+def open_shard(url: str, *, allow_pipe: bool = False, storage_options: dict | None = None) -> IO[bytes]:
+    """A binary stream of the shard's bytes, with ``bytes_read`` (bytes taken from the source so far).
+
+    Local files seek; ``http(s)://`` is streamed (no seeks); other remote schemes use their fsspec file, which
+    seeks. Remote reads time out and retry where they broke (``mmlit.data.remote``); ``storage_options`` go to
+    ``fsspec`` (``endpoint_url``, ``key``, ``headers``, ``client_kwargs: {timeout: seconds}`` ...).
+    """
+    if not _is_remote(url) or url.startswith("file://"):
+        raw = _CountedFile(url.removeprefix("file://"))
+        # the buffer open() would choose. Counting costs 0.7 us per read of the file (2.1 against 1.4 us): iter_samples
+        # over a 204 MB shard of 2000 100 KB samples (4502 reads) from the page cache took 56.7 ms instead of 54.3
+        # (best of 40; 29.7 against 29.2 ms for headers only), 1.4 us a sample against ~3 ms decoding its photo
+        blksize = os.fstat(raw.fileno()).st_blksize
+        return _Shard(raw, blksize if blksize > 1 else io.DEFAULT_BUFFER_SIZE)
+    if urlparse(url).scheme == "pipe":
         if not allow_pipe:
             raise ValueError(f"'{url}' runs a shell command; set data.allow_pipe: true to allow it")
         from webdataset.gopen import gopen
 
-        return gopen(url, "rb")
-    if scheme in ("http", "https"):
-        return urllib.request.urlopen(url, timeout=60)  # noqa: S310 (the scheme is checked above)
-    import fsspec  # s3://, gs://, hf:// ...: fsspec and its protocol package (s3fs, gcsfs, ...)
+        return _Shard(Reader(url, lambda offset: gopen(url, "rb"), seekable=False, retry=False), REMOTE_BUFFER)
+    return _Shard(open_remote(url, storage_options), REMOTE_BUFFER)
 
-    return fsspec.open(url, "rb").open()
+
+def shard_size(url: str, *, storage_options: dict | None = None) -> int:
+    """The shard's size in bytes, asked afresh (no cached listing); ``FileNotFoundError`` if it is missing."""
+    if not _is_remote(url) or url.startswith("file://"):
+        return os.path.getsize(url.removeprefix("file://"))
+    if urlparse(url).scheme == "pipe":
+        raise ValueError(f"'{url}': a pipe has no size")
+    return remote_size(url, storage_options)
 
 
 def _octal(field: bytes) -> int:
@@ -208,7 +253,7 @@ def _tar_files(stream: IO[bytes], seek: bool) -> Iterator[tuple[str, Callable[[]
 
 
 def iter_samples(url: str, start: int = 0, stop: int | None = None, *, allow_pipe: bool = False,
-                 data: bool = True) -> Iterator[dict]:
+                 data: bool = True, storage_options: dict | None = None) -> Iterator[dict]:
     """Samples ``start <= i < stop`` of a tar shard (plain, or gzip, bzip2 or xz compressed), as
     ``{"__key__", "__url__", "__index__", ext: bytes}`` (without the ``ext`` entries when ``data`` is false).
 
@@ -216,11 +261,11 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None, *, allow_pip
     last part, extensions lower-cased, ``__meta__`` entries skipped. Members outside
     ``[start, stop)`` are skipped without reading their bytes where the stream can seek.
     Raises ``ShardError`` (after the samples read so far) if the tar is cut short or corrupt; a
-    sample whose members may have been cut off is not yielded.
+    sample whose members may have been cut off is not yielded. ``storage_options`` go to ``open_shard``.
     """
     index, key, sample = -1, None, {}
     try:
-        with open_shard(url, allow_pipe=allow_pipe) as raw:
+        with open_shard(url, allow_pipe=allow_pipe, storage_options=storage_options) as raw:
             for name, read in _tar_files(*_decompressed(raw)):
                 prefix, ext = base_plus_ext(name)
                 if prefix is None or _META.search(name):

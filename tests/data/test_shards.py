@@ -1,13 +1,10 @@
 """Shard URLs, reading samples from a tar (with skipping), scanning counts, and broken or remote shards."""
 
-import functools
-import http.server
-import threading
-
 import pytest
 
 from mmlit.data import ShardError, iter_samples, resolve_shards, scan_shards
 
+from .._stores import HTTPStore
 from ..conftest import write_tar
 
 
@@ -80,19 +77,11 @@ def test_scan_counts_samples_keeps_readable_part_and_refuses_empty_tar(tmp_path)
         scan_shards([good, empty], "model.tasks.x.init_args.shards.train")
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def http_root(tmp_path):
-    """Serves ``tmp_path`` on a local port; yields the base URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(tmp_path)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    """Serves ``tmp_path`` on a local port (``tests/_stores.HTTPStore``); yields the base URL."""
+    with HTTPStore(tmp_path) as store:
+        yield store.url
 
 
 def test_remote_shards_go_through_the_same_reader(tmp_path, http_root):
@@ -102,7 +91,7 @@ def test_remote_shards_go_through_the_same_reader(tmp_path, http_root):
     index = scan_shards(urls, "k")
     assert index.counts == [4, 4] and not index.bad
     assert [s["__key__"] for s in iter_samples(urls[1], 1, 3)] == ["s1_001", "s1_002"]
-    with pytest.raises(ShardError, match="HTTPError"):
+    with pytest.raises(ShardError, match="FileNotFoundError.*HTTP 404"):
         list(iter_samples(http_root + "/missing.tar"))
 
 
