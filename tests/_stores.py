@@ -29,9 +29,11 @@ import pytest
 _CHUNK = 1 << 16
 
 
-@dataclass(frozen=True)
+@dataclass
 class Request:
-    """One request as the server answered it: ``range`` is the asked ``(start, end inclusive or None)``."""
+    """One request as the server answers it: ``range`` is the asked ``(start, end inclusive or None)``. It is logged
+    before the answer is sent and ``bytes_sent`` grows before each chunk is written, so a client that has read an
+    answer always finds it in the log (counted at most one chunk high if the client went away)."""
 
     path: str
     method: str
@@ -148,20 +150,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         fault = self.store._fault(path) if body else None
         limit = end - start + 1 if fault is None else min(fault[1], end - start + 1)
-        sent = 0
+        request = Request(path, self.command, wanted, status, 0)
+        self.store._record(request)
         try:
             if body:
                 with open(file, "rb") as f:
                     f.seek(start)
-                    while sent < limit:
-                        data = f.read(min(_CHUNK, limit - sent))
+                    while request.bytes_sent < limit:
+                        data = f.read(min(_CHUNK, limit - request.bytes_sent))
+                        with self.store._lock:
+                            request.bytes_sent += len(data)
                         self.wfile.write(data)
-                        sent += len(data)
                 self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             fault = fault or ("client gone", 0)
-        finally:
-            self.store._record(Request(path, self.command, wanted, status, sent))
         if fault is not None:
             if fault[0] == "stall":
                 self.store._release.wait(120)
@@ -173,6 +175,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _status(self, path: str, status: int, wanted, headers: dict | None = None) -> None:
         body = f"{status}\n".encode()
+        self.store._record(Request(path, self.command, wanted, status, 0))
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -180,7 +183,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.store._record(Request(path, self.command, wanted, status, 0))
 
 
 class S3Store:
@@ -268,8 +270,6 @@ def http_store(tmp_path):
 @pytest.fixture
 def s3_store(monkeypatch):
     """An ``S3Store`` with an empty bucket; its ``env`` is set (for s3fs here and for subprocesses)."""
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
     with S3Store() as store:
         for name, value in store.env.items():
             monkeypatch.setenv(name, value)

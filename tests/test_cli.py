@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -136,3 +137,36 @@ def test_fit_end_to_end_then_resume_then_test(soc, tmp_path):
     assert tested.returncode == 0, tested.stderr[-3000:]
     assert "test/vqa/acc" in tested.stdout
     assert (run / "config.test.yaml").is_file()
+
+
+def test_log_every_n_steps_0_trains_without_step_logs(soc, tmp_path):
+    recipe = tiny_recipe(soc, tmp_path / "run", tasks=["image_classification"], log_every_n_steps=0)
+    recipe["trainer"]["logger"] = recipe["trainer"]["logger"][1:]  # the CSV logger only
+    main(["fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml"))])
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    rows = list(csv.DictReader(open(next((tmp_path / "run" / "csv").glob("version_*/metrics.csv")))))
+    keys = {k for row in rows for k, v in row.items() if v}
+    assert "val/image_classification/loss" in keys
+    assert not {k for k in keys if k.startswith(("train/perf/", "train/data/", "train/mixture/"))}
+
+
+def test_error_budget_stops_the_run_at_a_step_that_logs_nothing(soc, tmp_path):
+    from mmlit.data import DataBudgetError, iter_samples
+
+    from .conftest import write_tar
+
+    samples = [{k: v for k, v in s.items() if k not in ("__url__", "__index__")}
+               for s in iter_samples(soc["shards"]["train"][3])]
+    for s in samples[:3]:
+        s["png"] = b"\x89PNG broken"
+    faulty = write_tar(tmp_path / "faulty.tar", samples)
+    recipe = tiny_recipe(soc, tmp_path / "run", tasks=["image_classification"], logger=False, log_every_n_steps=1000,
+                         num_sanity_val_steps=0)
+    recipe["model"]["tasks"]["image_classification"]["init_args"]["shards"]["train"] = (
+        "{" + ",".join([*soc["shards"]["train"][:3], str(faulty)]) + "}")
+    recipe["data"].update(error_budget=0.01, steps_per_epoch=None, shuffle_buffer=0)
+    with pytest.raises(DataBudgetError, match=r"task 'image_classification' skipped \d+ of \d+ training samples read "
+                                              r"\(rank 0: \d+\)") as stop:
+        main(["fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml"))])
+    skipped, read = map(int, re.search(r"skipped (\d+) of (\d+)", str(stop.value)).groups())
+    assert 0 < skipped <= 3 and read < 40  # stopped in the first epoch of 40 samples, at the batch that skipped

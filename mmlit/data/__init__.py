@@ -6,12 +6,15 @@ from mmlit.data.decode import (
 )
 from mmlit.data.faults import DataBudgetError, DataMonitor, FaultLog
 from mmlit.data.mixing import AllTasks, FixedWeights, Proportional, RoundRobin, TaskSampler, Temperature
-from mmlit.data.shards import ShardError, ShardIndex, iter_samples, resolve_shards, scan_shards
-from mmlit.data.stream import Mixture, Sequential, TaskStream
+from mmlit.data.index import ShardIndex, StaleIndexError, load_index, plan_shards, scan_shards, write_index
+from mmlit.data.shards import ShardError, iter_samples, resolve_shards
+from mmlit.data.sources import Source, TarSource, get_source, list_sources, register_source
+from mmlit.data.stream import Mixture, Sequential, SourceStream, TaskStream
 
 __all__ = [
     "AllTasks", "DataBudgetError", "DataMonitor", "FaultLog", "FixedWeights", "Mixture", "MultiTaskDataModule",
-    "Proportional", "RoundRobin", "SampleError", "Sequential", "ShardError", "ShardIndex", "TaskSampler", "TaskStream",
-    "Temperature", "UnsafeSampleError", "decode_sample", "iter_samples", "resolve_shards", "sample_field",
-    "sample_image", "sample_location", "scan_shards",
+    "Proportional", "RoundRobin", "SampleError", "Sequential", "ShardError", "ShardIndex", "Source", "SourceStream",
+    "StaleIndexError", "TarSource", "TaskSampler", "TaskStream", "Temperature", "UnsafeSampleError", "decode_sample",
+    "get_source", "iter_samples", "list_sources", "load_index", "plan_shards", "register_source", "resolve_shards",
+    "sample_field", "sample_image", "sample_location", "scan_shards", "write_index",
 ]

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 
 from mmlit.data.faults import DataBudgetError, FaultLog
 from mmlit.data.mixing import AllTasks, TaskSampler
-from mmlit.data.shards import ShardIndex, resolve_shards, scan_shards
-from mmlit.data.stream import Mixture, Sequential, TaskStream
+from mmlit.data.index import ShardIndex, plan_shards
+from mmlit.data.sources import Source, get_source
+from mmlit.data.stream import Mixture, Sequential, SourceStream
 from mmlit.data.workers import StartMethod, start_fork_server, task_loader
 from mmlit.text import load_tokenizer
 
@@ -44,18 +45,27 @@ class MultiTaskDataModule(pl.LightningDataModule):
             thread, which has imported torch and the tasks' modules; ``spawn``: a fresh interpreter each; ``fork``:
             forked from the training process, whose threads (DDP's, the other loaders') can leave a worker
             deadlocked (see ``mmlit/data/workers.py``).
-        shuffle_buffer: raw samples held for shuffling in each training reader.
+        shuffle_buffer: the least samples of a shuffle window (whole shards, permuted together) per training reader.
         seed: base seed of the shard order, resampling, shuffling and the mixture.
         error_budget: the share of a task's training samples that may be skipped (unreadable, missing
             a field) before the run stops; counted over at least one task epoch.
         allow_pipe: accept ``pipe:`` shard URLs, which run a shell command.
+        shard_format: the format of the shards (a registered ``mmlit.data.sources.Source``).
+        storage_options: options for fsspec, for remote shards (``endpoint_url``, ``anon``, credentials, ...).
+        scan_remote: remote shards without an index (or img2dataset stats) are read in full at setup to count their
+            samples, instead of an error.
+        max_image_pixels: images with more pixels than this are skipped (counted); default Pillow's limit.
+        share_reads: tasks whose shards (and batch size) are the same read and decode each sample once, and each
+            prepares its examples from it (with the all-task mixture; a sampled mixture reads per task).
     """
 
     def __init__(self, tokenizer: str, tasks: dict | None = None, mode: Literal["epoch", "resampled"] = "epoch",
                  samples_per_epoch: dict[str, int] | None = None, mixture: TaskSampler | None = None,
                  steps_per_epoch: int | None = None, num_workers: int = 2,
                  multiprocessing_context: StartMethod = "forkserver", shuffle_buffer: int = 1000, seed: int = 0,
-                 error_budget: float = 0.01, allow_pipe: bool = False):
+                 error_budget: float = 0.01, allow_pipe: bool = False, shard_format: str = "tar",
+                 storage_options: dict | None = None, scan_remote: bool = False, max_image_pixels: int | None = None,
+                 share_reads: bool = True):
         super().__init__()
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"data.steps_per_epoch must be at least 1, got {steps_per_epoch}")
@@ -68,6 +78,11 @@ class MultiTaskDataModule(pl.LightningDataModule):
             raise ValueError(f"data.error_budget is a share of samples between 0 and 1, got {error_budget}")
         if samples_per_epoch and mode != "resampled":
             raise ValueError("data.samples_per_epoch applies to data.mode: resampled only")
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise ValueError(f"data.max_image_pixels must be at least 1, got {max_image_pixels}")
+        self.source_class = get_source(shard_format)
+        self.storage_options, self.scan_remote, self.max_image_pixels = storage_options, scan_remote, max_image_pixels
+        self.share_reads = share_reads
         self.tokenizer_path, self.tasks, self.mode = tokenizer, tasks or {}, mode
         self.samples_per_epoch, self.sampler = dict(samples_per_epoch or {}), mixture or AllTasks()
         self.steps_per_epoch, self.num_workers, self.start_method = steps_per_epoch, num_workers, multiprocessing_context
@@ -100,26 +115,35 @@ class MultiTaskDataModule(pl.LightningDataModule):
                 raise ValueError(f"model.tasks.{name}.init_args.shards.train: task '{name}' has no training shards")
         wanted = [(name, split) for name in self.tasks for split in _SPLITS.get(stage, ())
                   if split not in self.indexes.get(name, {}) and getattr(self.tasks[name].shards, split) is not None]
-        # Rank 0 scans and every rank uses its result (or raises its error), so that all ranks plan the same
-        # epochs even when a remote shard fails for one of them; it also reads remote shards only once.
-        scans = [self._scan(name, split) if self.rank == 0 else None for name, split in wanted]
+        specs = list(dict(reversed([self._spec(name, split) for name, split in wanted])).items())  # tasks may share shards
+        # Rank 0 plans and every rank uses its result (or raises its error), so that all ranks plan the same
+        # epochs even when a remote store fails for one of them; it also reads remote files only once.
+        plans = [self._plan(spec, key) if self.rank == 0 else None for spec, key in specs]
         if self.world_size > 1:
-            dist.broadcast_object_list(scans, src=0)
-        for (name, split), scan in zip(wanted, scans):
-            if isinstance(scan, Exception):
-                raise scan
-            self._index(name, split, scan)
+            dist.broadcast_object_list(plans, src=0)
+        planned = {}
+        for (spec, key), plan in zip(specs, plans):
+            if isinstance(plan, Exception):
+                raise plan
+            planned[spec] = plan
+        for name, split in wanted:
+            self._index(name, split, planned[self._spec(name, split)[0]])
         if stage == "fit":
             self._check_fit()
         if self.num_workers:
             start_fork_server(self.start_method, self._task_modules)
 
-    def _scan(self, name: str, split: str) -> ShardIndex | Exception:
-        key = f"model.tasks.{name}.init_args.shards.{split}"
+    def _spec(self, name: str, split: str) -> tuple[str, str]:
+        return getattr(self.tasks[name].shards, split), f"model.tasks.{name}.init_args.shards.{split}"
+
+    @property
+    def source(self) -> Source:
+        return self.source_class(allow_pipe=self.allow_pipe, storage_options=self.storage_options)
+
+    def _plan(self, spec: str, key: str) -> ShardIndex | Exception:
         try:
-            return scan_shards(resolve_shards(getattr(self.tasks[name].shards, split), key, allow_pipe=self.allow_pipe), key,
-                               allow_pipe=self.allow_pipe)
-        except (OSError, ValueError) as err:  # a missing or empty shard: raised on every rank
+            return plan_shards(spec, key, source=self.source, scan_remote=self.scan_remote)
+        except (OSError, ValueError) as err:  # a missing or empty shard, no index for remote shards: raised on every rank
             return err
 
     def _index(self, name: str, split: str, index: ShardIndex) -> None:
@@ -150,27 +174,45 @@ class MultiTaskDataModule(pl.LightningDataModule):
         """Training samples in one task epoch: the shards' samples, or the recipe's number in resampled mode."""
         return self.samples_per_epoch.get(name, index.total) if self.mode == "resampled" else index.total
 
-    def _stream(self, name: str, split: str) -> TaskStream:
-        task = self.tasks[name]
+    def groups(self, split: str) -> dict[str, list[str]]:
+        """The tasks that read each source of ``split``, keyed by the first one's name: tasks with the same shards and
+        batch size (and, in training, samples per epoch) read together when ``share_reads`` and every task is in every
+        step; otherwise each task reads on its own."""
+        share = self.share_reads and (split != "train" or isinstance(self.sampler, AllTasks))
+        groups: dict[tuple, list[str]] = {}
+        for name, task in self.tasks.items():
+            if split not in self.indexes.get(name, {}):
+                continue
+            samples = self.samples_per_epoch.get(name) if split == "train" else None
+            key = (getattr(task.shards, split), task.batch_size, samples) if share else (name,)
+            groups.setdefault(key, []).append(name)
+        return {names[0]: names for names in groups.values()}
+
+    def _stream(self, names: list[str], split: str) -> SourceStream:
+        first = self.tasks[names[0]]
         train = split == "train"
-        samples = self._samples_per_epoch(name, self.indexes[name]["train"]) if train and self.mode == "resampled" else None
-        return TaskStream(task, self.indexes[name][split], self.tokenizer, batch_size=task.batch_size, train=train,
-                          samples_per_epoch=samples, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
-                          rank=self.rank, world_size=self.world_size, allow_pipe=self.allow_pipe)
+        samples = self._samples_per_epoch(names[0], self.indexes[names[0]]["train"]) if train and self.mode == "resampled" else None
+        return SourceStream({name: self.tasks[name] for name in names}, self.indexes[names[0]][split], self.tokenizer,
+                            batch_size=first.batch_size, train=train, samples_per_epoch=samples, seed=self.seed,
+                            shuffle_buffer=self.shuffle_buffer, rank=self.rank, world_size=self.world_size,
+                            source=self.source, max_image_pixels=self.max_image_pixels)
 
     @property
     def _task_modules(self) -> set[str]:
         return {type(task).__module__ for task in self.tasks.values()}
 
-    def _loader(self, stream: TaskStream) -> DataLoader:
+    def _loader(self, stream: SourceStream) -> DataLoader:
         return task_loader(stream, workers=self.num_workers, start_method=self.start_method, persistent=stream.train,
                            preload=self._task_modules)
 
     @property
     def batches_per_epoch(self) -> dict[str, int]:
         """Batches of each task per rank in one task epoch."""
-        return {name: self._stream(name, "train").reader_batches(self.num_workers) * max(self.num_workers, 1)
-                for name in self.tasks}
+        batches = {}
+        for names in self.groups("train").values():
+            per_rank = self._stream(names, "train").reader_batches(self.num_workers) * max(self.num_workers, 1)
+            batches.update(dict.fromkeys(names, per_rank))
+        return {name: batches[name] for name in self.tasks}
 
     @property
     def epoch_samples(self) -> dict[str, int]:
@@ -183,17 +225,25 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return sum(batches.values())
 
     def train_dataloader(self) -> Mixture:
-        streams = {name: self._stream(name, "train") for name in self.tasks}
+        groups = self.groups("train")
         step, start = 0, {}
         if self._resume:
             step, start = self._resume_position()
-        self.mixture = Mixture({name: self._loader(s) for name, s in streams.items()}, self.sampler,
-                               self.steps_per_epoch or self._default_steps(), self.faults, step=step, start=start)
+            for names in groups.values():  # the tasks of a source read the same batches
+                known = sorted({start[name] for name in names if name in start})
+                if len(known) > 1:
+                    warnings.warn(f"data: tasks {', '.join(names)} read one source but were saved at different batches "
+                                  f"({known}); they continue from batch {known[0]}", stacklevel=2)
+                if known:  # (a task new in this run joins where the others are)
+                    start.update(dict.fromkeys(names, known[0]))
+        loaders = {group: self._loader(self._stream(names, "train")) for group, names in groups.items()}
+        self.mixture = Mixture(loaders, self.sampler, self.steps_per_epoch or self._default_steps(), self.faults,
+                               groups=groups, step=step, start=start)
         return self.mixture
 
     def _eval_loaders(self, split: str) -> Sequential:
-        loaders = [self._loader(self._stream(name, split)) for name in self.tasks if split in self.indexes.get(name, {})]
-        return Sequential(loaders, self.faults, split)
+        return Sequential([self._loader(self._stream(names, split)) for names in self.groups(split).values()],
+                          self.faults, split)
 
     def val_dataloader(self) -> Sequential:
         return self._eval_loaders("val")

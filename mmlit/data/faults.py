@@ -3,8 +3,8 @@
 Each rank appends one JSON line per skipped sample (task, split, shard URL, key or index, error)
 to ``{trainer.default_root_dir}/data_faults/rank{r}.jsonl`` as soon as the batch that skipped
 it reaches the main process, so the list survives a crash. ``DataMonitor`` sums the counts over
-ranks at every logging step, logs them under ``train/data/{task}/...`` and stops every rank
-together when a task's skipped share passes ``data.error_budget``.
+ranks at every training step and stops every rank together when a task's skipped share passes
+``data.error_budget``; at logging steps it logs them under ``train/data/{task}/...``.
 """
 
 from __future__ import annotations
@@ -67,34 +67,74 @@ class FaultLog:
 
 
 class DataMonitor(pl.Callback):
-    """Logs ``train/data/{task}/skipped`` and ``.../padded`` (all ranks) and ``train/mixture/{task}/p``
-    and ``.../epoch``, and enforces the error budget; added to every run by the CLI."""
+    """Enforces the error budget at every training step; logs ``train/data/{task}/skipped`` and ``.../padded``
+    (all ranks) and ``train/mixture/{task}/p`` and ``.../epoch`` at logging steps; added to every run by the CLI."""
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss) -> None:
+        # Checked here, right after the loss: training_step's non-finite-loss guard has just waited for the GPU, so
+        # reading this step's sums waits for nothing else queued (at batch end it would wait for backward and the
+        # optimizer step). Every rank sees the same sums, so every rank stops at the same step.
+        datamodule = trainer.datamodule
+        mixture = getattr(datamodule, "mixture", None)
+        if mixture is None:
+            return
+        names = list(mixture.tasks)
+        total = _sum_over_ranks(_local_counts(datamodule, names, ("samples", "skipped")), pl_module.device)
+        budget, samples = datamodule.error_budget, datamodule.epoch_samples
+        over = [i for i, name in enumerate(names) if total[i][1] > budget * max(total[i][0], samples[name])]
+        if over:
+            every = _gather(trainer, pl_module, _local_counts(datamodule, names))  # for the per-rank counts
+            _raise_over_budget(datamodule, names[over[0]], every[:, over[0]])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         datamodule = trainer.datamodule
         mixture = getattr(datamodule, "mixture", None)
-        if mixture is None or trainer.global_step % trainer.log_every_n_steps != 0:
+        every_n = trainer.log_every_n_steps  # 0: no logging on step boundaries
+        if mixture is None or every_n == 0 or trainer.global_step % every_n != 0:
             return  # the same decision on every rank: global_step is the same everywhere
-        names = list(mixture.loaders)
-        local = torch.tensor([[datamodule.faults.counts[n][c] for c in _COUNTS] for n in names], dtype=torch.long)
-        every = trainer.strategy.all_gather(local.to(pl_module.device)).cpu().reshape(-1, len(names), len(_COUNTS))
-        total = every.sum(0)
+        names = list(mixture.tasks)
+        total = _gather(trainer, pl_module, _local_counts(datamodule, names)).sum(0)
         probabilities = mixture.sampler.probabilities()
-        batches, samples = datamodule.batches_per_epoch, datamodule.epoch_samples  # built once, not per task
+        batches = datamodule.batches_per_epoch  # built once, not per task
         for i, name in enumerate(names):
             pl_module.log(f"train/data/{name}/skipped", float(total[i, 1]), rank_zero_only=True)
             pl_module.log(f"train/data/{name}/padded", float(total[i, 2]), rank_zero_only=True)
             pl_module.log(f"train/mixture/{name}/p", probabilities[name], rank_zero_only=True)
             epoch = (mixture.start[name] + mixture.pulled[name]) / batches[name]
             pl_module.log(f"train/mixture/{name}/epoch", epoch, rank_zero_only=True)
-        budget = datamodule.error_budget
-        for i, name in enumerate(names):
-            skipped, read = int(total[i, 1]), int(total[i, 0])
-            allowed = budget * max(read, samples[name])
-            if skipped > allowed:
-                per_rank = ", ".join(f"rank {r}: {int(every[r, i, 1])}" for r in range(every.shape[0]))
-                raise DataBudgetError(
-                    f"data.error_budget: task '{name}' skipped {skipped} of {read} training samples read "
-                    f"({per_rank}), more than the budget of {budget:g} allows ({allowed:.0f}). The samples and their "
-                    f"shards are listed in {datamodule.faults.path or 'the run folder'}; fix or remove those shards, "
-                    f"or raise data.error_budget.")
+
+
+def _local_counts(datamodule, names: list[str], counts: tuple[str, ...] = _COUNTS) -> torch.Tensor:
+    """This rank's (tasks, counts) counts; by default samples read, skipped, padded batches."""
+    return torch.tensor([[datamodule.faults.counts[n][c] for c in counts] for n in names], dtype=torch.long)
+
+
+def _sum_over_ranks(local: torch.Tensor, device: torch.device) -> list[list[int]]:
+    """``local`` summed over all ranks: one all_reduce of a few numbers per step, small beside a training step.
+
+    torch.distributed directly: the strategy's ``reduce`` adds a barrier (a second collective) before it."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_world_size() == 1:
+        return local.tolist()
+    total = local.to(device)  # NCCL reduces device tensors only
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def _gather(trainer: pl.Trainer, pl_module: pl.LightningModule, local: torch.Tensor) -> torch.Tensor:
+    """Every rank's counts, (ranks, *local.shape)."""
+    every = trainer.strategy.all_gather(local.to(pl_module.device)).cpu()
+    return every.reshape(-1, *local.shape)
+
+
+def _raise_over_budget(datamodule, name: str, every: torch.Tensor) -> None:
+    """``every``: the task's (ranks, 3) counts."""
+    budget, total = datamodule.error_budget, every.sum(0)
+    read, skipped = int(total[0]), int(total[1])
+    allowed = budget * max(read, datamodule.epoch_samples[name])
+    per_rank = ", ".join(f"rank {r}: {int(every[r, 1])}" for r in range(every.shape[0]))
+    raise DataBudgetError(
+        f"data.error_budget: task '{name}' skipped {skipped} of {read} training samples read "
+        f"({per_rank}), more than the budget of {budget:g} allows ({allowed:.0f}). The samples and their "
+        f"shards are listed in {datamodule.faults.path or 'the run folder'}; fix or remove those shards, "
+        f"or raise data.error_budget.")

@@ -3,8 +3,8 @@
 ``resolve_shards`` turns a recipe's pattern into URLs; ``open_shard`` opens one (a local path; every remote
 scheme, ``http(s)://``, ``s3://``, ``gs://`` ..., through ``fsspec``, with read timeouts and retries that resume
 at the byte where a connection broke; ``pipe:`` only when allowed) and ``shard_size`` gives its size;
-``iter_samples`` reads samples ``[start, stop)`` of a tar shard; ``scan_shards``
-counts the samples of every shard once at setup, so that epochs can be planned exactly.
+``iter_samples`` reads samples ``[start, stop)`` of a tar shard (``mmlit/data/index.py`` counts them to plan
+epochs; ``mmlit/data/sources.py`` reads them for the streams).
 
 mmlit reads tars itself rather than with ``webdataset.tariterators`` (which uses ``tarfile``) for
 three reasons: a reader that starts at sample ``start`` must skip the samples before it without
@@ -18,6 +18,7 @@ decoding a photo (see ``_tar_files``). Samples are grouped exactly as WebDataset
 from __future__ import annotations
 
 import bz2
+import contextlib
 import glob
 import gzip
 import http.client
@@ -27,8 +28,6 @@ import os
 import re
 import tarfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import IO, Callable, Iterator
 from urllib.parse import urlparse
 
@@ -37,7 +36,7 @@ from webdataset.tariterators import base_plus_ext
 
 from mmlit.data.remote import REMOTE_BUFFER, Reader, open_remote, remote_size
 
-__all__ = ["ShardError", "ShardIndex", "iter_samples", "open_shard", "resolve_shards", "scan_shards", "shard_size"]
+__all__ = ["ShardError", "iter_samples", "open_shard", "resolve_shards", "shard_size"]
 
 # What a broken tar, a broken gzip stream or a dropped connection raise while reading.
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, UnicodeDecodeError,
@@ -252,8 +251,17 @@ def _tar_files(stream: IO[bytes], seek: bool) -> Iterator[tuple[str, Callable[[]
             raise tarfile.ReadError("unexpected end of data")
 
 
+@contextlib.contextmanager
+def _counting(raw: IO[bytes], counter: dict | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if counter is not None:
+            counter["bytes"] = counter.get("bytes", 0) + raw.bytes_read
+
+
 def iter_samples(url: str, start: int = 0, stop: int | None = None, *, allow_pipe: bool = False,
-                 data: bool = True, storage_options: dict | None = None) -> Iterator[dict]:
+                 data: bool = True, storage_options: dict | None = None, counter: dict | None = None) -> Iterator[dict]:
     """Samples ``start <= i < stop`` of a tar shard (plain, or gzip, bzip2 or xz compressed), as
     ``{"__key__", "__url__", "__index__", ext: bytes}`` (without the ``ext`` entries when ``data`` is false).
 
@@ -261,11 +269,12 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None, *, allow_pip
     last part, extensions lower-cased, ``__meta__`` entries skipped. Members outside
     ``[start, stop)`` are skipped without reading their bytes where the stream can seek.
     Raises ``ShardError`` (after the samples read so far) if the tar is cut short or corrupt; a
-    sample whose members may have been cut off is not yielded. ``storage_options`` go to ``open_shard``.
+    sample whose members may have been cut off is not yielded. ``storage_options`` go to ``open_shard``;
+    ``counter["bytes"]`` is set to the bytes read from the source when the shard is closed.
     """
     index, key, sample = -1, None, {}
     try:
-        with open_shard(url, allow_pipe=allow_pipe, storage_options=storage_options) as raw:
+        with open_shard(url, allow_pipe=allow_pipe, storage_options=storage_options) as raw, _counting(raw, counter):
             for name, read in _tar_files(*_decompressed(raw)):
                 prefix, ext = base_plus_ext(name)
                 if prefix is None or _META.search(name):
@@ -287,43 +296,3 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None, *, allow_pip
         raise ShardError(url, max(index - start, 0), f"{type(err).__name__}: {err}") from err
     if sample:
         yield sample
-
-
-def _count(url: str, allow_pipe: bool) -> tuple[int, ShardError | None]:
-    count = 0
-    try:
-        for _ in iter_samples(url, allow_pipe=allow_pipe, data=False):
-            count += 1
-    except ShardError as err:
-        return count, err
-    return count, None
-
-
-@dataclass
-class ShardIndex:
-    """The readable shards of one task and split, with their sample counts."""
-
-    urls: list[str]
-    counts: list[int]
-    bad: list[ShardError] = field(default_factory=list)  # shards unreadable to the end, found by the scan
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-
-def scan_shards(urls: list[str], key: str, *, allow_pipe: bool = False, threads: int = 8) -> ShardIndex:
-    """Count every shard's samples (headers only, for local files). A shard that fails part way keeps the
-    samples before the failure and is listed in ``bad``; an empty tar is an error naming ``key``."""
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(lambda url: _count(url, allow_pipe), urls))
-    index = ShardIndex([], [])
-    for url, (count, error) in zip(urls, results):
-        if error is not None:
-            index.bad.append(error)
-        elif count == 0:
-            raise ValueError(f"{key}: shard '{url}' holds no sample (an empty tar); remove it from the pattern")
-        if count:
-            index.urls.append(url)
-            index.counts.append(count)
-    return index

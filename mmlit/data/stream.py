@@ -1,7 +1,9 @@
-"""Per-task streams over tar shards, and the mixture that turns them into training steps.
+"""Streams over a source's shards, and the mixture that turns them into training steps.
 
-A ``TaskStream`` is one task's ``IterableDataset``. Its readers are the ``ranks x workers`` slots,
-and what each reads is planned from the sample counts of ``scan_shards``:
+A ``SourceStream`` is the ``IterableDataset`` of one source (shards with known sample counts) and the tasks that
+read it: each sample is read and decoded once (only the entries the tasks declare in ``fields``), and every task
+prepares its own examples from it. A ``TaskStream`` is the stream of one task. Its readers are the
+``ranks x workers`` slots, and what each reads is planned from the index's sample counts alone:
 
 * **epoch mode**: an epoch is one pass over every sample. The shard order is shuffled per epoch
   (the same on every rank), the samples in that order are cut into one contiguous slice per
@@ -13,10 +15,15 @@ and what each reads is planned from the sample counts of ``scan_shards``:
   until it has its slice of ``samples_per_epoch``, which is a global number whatever the
   number of ranks and workers.
 
-Raw samples are shuffled in a buffer (seeded by epoch and reader) before decoding, so a stream
-can resume at any batch by reading the raw samples before it again without decoding them. The
-position is one number per task: the batches the rank's loader has delivered, which is the
-same on every rank. A sample that cannot be used is skipped and reported with its batch.
+Training samples are shuffled inside **windows**: a reader's slice, in shard order, is cut at shard boundaries
+into windows of at least ``shuffle_buffer`` samples, and each window is permuted by a generator seeded with
+(seed, epoch, reader, window). The order of an epoch is thus a pure function of those numbers, and a stream that
+resumes at any batch reads only the window that batch starts in (and the one before, for the stand-in batch below):
+a bounded amount, never the part of the epoch already trained on. Windows end at shard boundaries so that a resumed
+reader starts reading at the start of a shard (a remote shard cannot seek to a sample); a window holds
+``max(shuffle_buffer, one shard)`` raw samples in memory. The position is one number per source: the batches the
+rank's loader has delivered, which is the same on every rank. A sample that cannot be used is skipped and reported
+with its batch.
 """
 
 from __future__ import annotations
@@ -26,14 +33,15 @@ import copy
 import itertools
 import math
 import random
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
-import webdataset as wds
 from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmlit.data.decode import SampleError, UnsafeSampleError, decode_sample, sample_location
-from mmlit.data.shards import ShardError, ShardIndex, iter_samples
+from mmlit.data.index import ShardIndex, StaleIndexError
+from mmlit.data.shards import ShardError
+from mmlit.data.sources import Source, TarSource
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -42,7 +50,9 @@ if TYPE_CHECKING:
     from mmlit.data.mixing import TaskSampler
     from mmlit.tasks.base import Task
 
-__all__ = ["Mixture", "Sequential", "TaskStream"]
+__all__ = ["Mixture", "Sequential", "SourceStream", "TaskStream"]
+
+_Piece = tuple[int, int, int]  # (shard, first sample, end sample) of the shard that a reader reads in one go
 
 
 def _rng(*parts) -> random.Random:
@@ -65,8 +75,34 @@ def _batch_sizes(n: int, batches: int, batch_size: int) -> list[int]:
     return sizes
 
 
+def _windows(pieces: list[_Piece], size: int) -> list[list[_Piece]]:
+    """Consecutive pieces in groups of at least ``size`` samples (the last may be smaller)."""
+    windows: list[list[_Piece]] = [[]]
+    filled = 0
+    for piece in pieces:
+        if filled >= size:
+            windows.append([])
+            filled = 0
+        windows[-1].append(piece)
+        filled += piece[2] - piece[1]
+    return windows
+
+
 def _has_state(module: nn.Module) -> bool:
     return any(True for _ in itertools.chain(module.parameters(), module.buffers()))
+
+
+def _without_state(task: Task) -> Task:
+    """A copy of ``task`` without its parameters, buffers, hooks and the submodules that hold state (its head and
+    metrics: ``prepare`` and ``collate`` need none of them, and the head may live on a GPU). Submodules without
+    state (an image transform) and ``training`` stay."""
+    copied = copy.copy(task)
+    empty = nn.Module().__dict__
+    del empty["training"]
+    copied.__dict__.update(empty)  # no parameters, buffers or hooks
+    copied.__dict__["_modules"] = {name: module for name, module in task._modules.items()
+                                   if module is not None and not _has_state(module)}
+    return copied
 
 
 def _slot() -> tuple[int, int]:
@@ -74,40 +110,40 @@ def _slot() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-class TaskStream(IterableDataset):
-    """Batches of one task, as ``(task_name, batch, report)``; the report says what was read and skipped.
+class SourceStream(IterableDataset):
+    """Batches of the tasks that read one source, as ``({task_name: batch}, {task_name: report})``; a report says
+    what was read and skipped.
 
     Args:
-        task: the task that prepares and collates examples.
+        tasks: the tasks that prepare and collate examples from each sample (one read and decode for all), by name
+            (a sequence: by their ``name``).
         index: the shards and their sample counts.
-        batch_size: samples per batch (per rank).
+        batch_size: samples per batch (per rank), the same for every task of the source.
         train: training streams shuffle and never end; evaluation streams read every sample once.
         samples_per_epoch: resampled mode with this many samples per epoch (all ranks together);
             ``None`` is epoch mode.
+        source: how the shards are read (their format and store); default tar shards.
+        max_image_pixels: images with more pixels are skipped (see ``decode_sample``).
         start_batch: the number of batches the rank's loader delivered before (a resumed run).
     """
 
-    def __init__(self, task: Task, index: ShardIndex, tokenizer: Tokenizer, *, batch_size: int, train: bool,
+    def __init__(self, tasks: Mapping[str, Task] | Sequence[Task], index: ShardIndex, tokenizer: Tokenizer, *, batch_size: int, train: bool,
                  samples_per_epoch: int | None = None, seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0,
-                 world_size: int = 1, allow_pipe: bool = False, start_batch: int = 0):
+                 world_size: int = 1, source: Source | None = None, max_image_pixels: int | None = None,
+                 start_batch: int = 0):
         super().__init__()
-        self.task, self.index, self.tokenizer = task, index, tokenizer
+        named = tasks if isinstance(tasks, Mapping) else {task.name: task for task in tasks}
+        self.names, self.tasks, self.index, self.tokenizer = list(named), list(named.values()), index, tokenizer
         self.batch_size, self.train, self.samples_per_epoch = batch_size, train, samples_per_epoch
-        self.seed, self.shuffle_buffer, self.allow_pipe = seed, shuffle_buffer, allow_pipe
+        self.seed, self.shuffle_buffer, self.source = seed, shuffle_buffer, source or TarSource()
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.max_image_pixels = max_image_pixels
+        fields = [task.fields for task in self.tasks]
+        self.fields = None if not all(fields) else tuple(dict.fromkeys(f for fs in fields for f in fs))
 
     def __getstate__(self) -> dict:
-        """What a worker started by ``forkserver`` or ``spawn`` receives: the task without its parameters, buffers,
-        hooks and the submodules that hold state (its head and metrics: ``prepare`` and ``collate`` need none of
-        them, and the head may live on a GPU). Submodules without state (an image transform) and ``training`` stay."""
-        state = self.__dict__.copy()
-        task = state["task"] = copy.copy(self.task)
-        empty = nn.Module().__dict__
-        del empty["training"]
-        task.__dict__.update(empty)  # no parameters, buffers or hooks
-        task.__dict__["_modules"] = {name: module for name, module in self.task._modules.items()
-                                     if module is not None and not _has_state(module)}
-        return state
+        """What a worker started by ``forkserver`` or ``spawn`` receives: the tasks without their state."""
+        return {**self.__dict__, "tasks": [_without_state(task) for task in self.tasks]}
 
     @property
     def epoch_samples(self) -> int:
@@ -118,99 +154,157 @@ class TaskStream(IterableDataset):
         readers = self.world_size * max(workers, 1)
         return math.ceil(math.ceil(self.epoch_samples / readers) / self.batch_size)
 
-    # Raw samples (or placeholders for samples lost to an unreadable shard) of one reader and epoch.
-    def _read(self, url: str, start: int, stop: int) -> Iterator[dict]:
-        read = 0
-        try:
-            for sample in iter_samples(url, start, stop, allow_pipe=self.allow_pipe):
-                read += 1
-                yield sample
-        except ShardError as err:
-            for i in range(start + read, stop):
-                yield {"__fault__": err.reason, "__url__": url, "__index__": i}
-
-    def _epoch_source(self, epoch: int, reader: int, readers: int) -> Iterator[dict]:
+    # What one reader reads in one epoch: pieces of shards, in order (from the counts alone).
+    def _pieces(self, epoch: int, reader: int, readers: int) -> list[_Piece]:
+        if self.samples_per_epoch is not None and self.train:
+            lo, hi = _slice(self.samples_per_epoch, readers, reader)
+            rng, need, pieces = _rng(self.seed, "resample", epoch, reader), hi - lo, []
+            while need > 0:
+                i = rng.randrange(len(self.index.urls))
+                take = min(need, self.index.counts[i])
+                pieces.append((i, 0, take))
+                need -= take
+            return pieces
         order = list(range(len(self.index.urls)))
         if self.train:
             _rng(self.seed, "order", epoch).shuffle(order)
         lo, hi = _slice(self.index.total, readers, reader)
-        position = 0
+        position, pieces = 0, []
         for i in order:
             count = self.index.counts[i]
             start, stop = max(lo - position, 0), min(hi - position, count)
             position += count
             if start < stop:
-                yield from self._read(self.index.urls[i], start, stop)
+                pieces.append((i, start, stop))
             if position >= hi:
-                return
+                break
+        return pieces
 
-    def _resampled_source(self, epoch: int, reader: int, readers: int) -> Iterator[dict]:
-        lo, hi = _slice(self.epoch_samples, readers, reader)
-        rng, need = _rng(self.seed, "resample", epoch, reader), hi - lo
-        while need > 0:
-            i = rng.randrange(len(self.index.urls))
-            take = min(need, self.index.counts[i])
-            yield from self._read(self.index.urls[i], 0, take)
-            need -= take
+    def _read(self, piece: _Piece) -> Iterator[dict]:
+        """The raw samples of a piece, or placeholders for those lost to an unreadable shard."""
+        i, start, stop = piece
+        url, read = self.index.urls[i], 0
+        self._check_size(i)
+        try:
+            for sample in self.source.read(url, start, stop):
+                read += 1
+                yield sample
+        except ShardError as err:
+            for index in range(start + read, stop):
+                yield {"__fault__": err.reason, "__url__": url, "__index__": index}
+            return
+        if read < stop - start:
+            where = f"the index '{self.index.origin}'" if self.index.origin else "the scan at setup"
+            raise StaleIndexError(f"{url}: holds {start + read} sample(s), {where} counted {self.index.counts[i]}: the "
+                                  f"shard changed since it was counted; make the index again (`mmlit data index`)")
 
-    def _prepare(self, raw: list[dict], epoch: int) -> tuple[list[dict], dict]:
-        """The examples of a batch's raw samples, and the report of what was read and skipped."""
-        examples, faults, keys = [], [], []
+    def _check_size(self, i: int) -> None:
+        expected = self.index.sizes[i] if self.index.sizes else -1
+        if expected < 0:
+            return
+        url = self.index.urls[i]
+        try:
+            size = self.source.size(url)
+        except FileNotFoundError:
+            raise StaleIndexError(f"{url}: listed in the index '{self.index.origin}' but missing; make the index again "
+                                  f"(`mmlit data index`) or restore the shard") from None
+        if size != expected:
+            raise StaleIndexError(f"{url}: {size} bytes, the index '{self.index.origin}' says {expected}: the shard changed "
+                                  f"since the index was made; make it again (`mmlit data index`)")
+
+    def _ordered(self, pieces: list[_Piece], epoch: int, reader: int, begin: int) -> Iterator[dict]:
+        """The reader's raw samples in epoch order, from position ``begin`` on (reading only from the window of
+        ``begin``)."""
+        shuffle = self.train and self.shuffle_buffer > 1
+        position = 0
+        for w, window in enumerate(_windows(pieces, self.shuffle_buffer if shuffle else 1)):
+            size = sum(stop - start for _, start, stop in window)
+            position, first = position + size, position
+            if position <= begin:
+                continue
+            if not shuffle:  # in shard order: start at the sample itself
+                for i, start, stop in window:
+                    yield from self._read((i, start + max(begin - first, 0), stop))
+                continue
+            raw = [sample for piece in window for sample in self._read(piece)]
+            _rng(self.seed, "window", epoch, reader, w).shuffle(raw)
+            yield from raw[max(begin - first, 0):]
+
+    def _decode(self, sample: dict, fields: tuple[str, ...] | None) -> dict:
+        return decode_sample(sample, fields, max_image_pixels=self.max_image_pixels)
+
+    def _prepare(self, raw: list[dict], epoch: int) -> tuple[dict[str, list], dict[str, dict]]:
+        """Each task's examples of a batch's raw samples, and its report of what was read and skipped."""
+        examples: dict[str, list] = {name: [] for name in self.names}
+        faults: dict[str, list] = {name: [] for name in self.names}
+        keys = []
         for sample in raw:
             if "__fault__" in sample:
-                faults.append({"url": sample["__url__"], "index": sample["__index__"], "error": sample["__fault__"]})
+                for name in faults:
+                    faults[name].append({"url": sample["__url__"], "index": sample["__index__"], "error": sample["__fault__"]})
                 continue
             keys.append(sample["__key__"])
             try:
-                examples.extend(list(self.task.prepare(decode_sample(sample), self.tokenizer)))
+                decoded = self._decode(sample, self.fields)
             except UnsafeSampleError:
                 raise  # a shard that tries to run code stops the run
-            except SampleError as err:
-                faults.append({"url": sample["__url__"], "key": sample["__key__"], "error": str(err)})
-            except Exception as err:
-                raise SampleError(f"{sample_location(sample)}: task '{self.task.name}' failed to prepare it: "
-                                  f"{err!r}") from err
-        return examples, {"samples": len(raw), "faults": faults, "keys": keys, "padded": 0, "epoch": epoch}
+            except SampleError:
+                decoded = None  # an entry failed: decode again per task, to skip it only for the tasks that read it
+            for name, task in zip(self.names, self.tasks):
+                try:
+                    own = decoded if decoded is not None else self._decode(sample, task.fields or None)
+                    examples[name].extend(list(task.prepare(own, self.tokenizer)))
+                except UnsafeSampleError:
+                    raise
+                except SampleError as err:
+                    faults[name].append({"url": sample["__url__"], "key": sample["__key__"], "error": str(err)})
+                except Exception as err:
+                    raise SampleError(f"{sample_location(sample)}: task '{name}' failed to prepare it: "
+                                      f"{err!r}") from err
+        reports = {name: {"samples": len(raw), "faults": faults[name], "keys": keys, "padded": 0, "epoch": epoch}
+                   for name in examples}
+        return examples, reports
+
+    def _collated(self, examples: dict[str, list]) -> dict:
+        return {name: task.collate(examples[name]) for name, task in zip(self.names, self.tasks) if examples[name]}
 
     def _reader_epoch(self, epoch: int, reader: int, readers: int, batches: int, skip: int) -> Iterator[tuple]:
-        if self.samples_per_epoch is None:
-            source, total = self._epoch_source(epoch, reader, readers), self.index.total
-        else:
-            source, total = self._resampled_source(epoch, reader, readers), self.samples_per_epoch
-        lo, hi = _slice(total, readers, reader)
-        if self.shuffle_buffer > 1:
-            source = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=_rng(self.seed, "shuffle", epoch, reader))(source)
-        chunks = (list(itertools.islice(source, size)) for size in _batch_sizes(hi - lo, batches, self.batch_size))
+        pieces = self._pieces(epoch, reader, readers)
+        sizes = _batch_sizes(sum(stop - start for _, start, stop in pieces), batches, self.batch_size)
+        first = max(skip - 1, 0)  # batch skip - 1 is read again for its stand-in role (below), not delivered
+        source = self._ordered(pieces, epoch, reader, sum(sizes[:first]))
+        chunks = (list(itertools.islice(source, size)) for size in sizes[first:])
         ahead: collections.deque = collections.deque()  # chunks read ahead to find a stand-in batch
-        last = None  # the last usable batch of this epoch: the stand-in for a batch with no usable sample
-        for i in range(batches):
+        last: dict = {}  # each task's last usable batch of this epoch: the stand-in for a batch with no usable sample
+        for i in range(first, batches):
             raw = ahead.popleft() if ahead else next(chunks)
-            if i < skip:  # delivered before a resume: read, not decoded (but the last one sets the stand-in)
-                if i == skip - 1 and (examples := self._prepare(raw, epoch)[0]):
-                    last = self.task.collate(examples)
+            if i < skip:  # delivered before a resume: only sets the stand-ins
+                last.update(self._collated(self._prepare(raw, epoch)[0]))
                 continue
-            examples, report = self._prepare(raw, epoch)
-            if examples:
-                last = self.task.collate(examples)
-            elif last is None:  # no usable batch yet in this epoch: the next usable one stands in
-                for chunk in chunks:
-                    ahead.append(chunk)
-                    if later := self._prepare(chunk, epoch)[0]:
-                        last = self.task.collate(later)
-                        break
-                if last is None:
-                    raise SampleError(f"task '{self.task.name}': no sample of reader {reader}'s share of epoch {epoch} "
-                                      f"could be used: {report['faults'][:3]}")
-            # Every rank must take a batch of this task in every step: a batch with no usable sample repeats one.
-            report["padded"] = int(not examples)
-            yield self.task.name, last, report
+            examples, reports = self._prepare(raw, epoch)
+            last.update(self._collated(examples))
+            missing = [name for name in examples if name not in last]
+            for chunk in chunks if missing else ():  # no usable batch yet in this epoch: the next usable one stands in
+                ahead.append(chunk)
+                later = self._collated(self._prepare(chunk, epoch)[0])
+                last.update({name: later[name] for name in missing if name in later})
+                if not (missing := [name for name in missing if name not in last]):
+                    break
+            if missing:
+                raise SampleError(f"task '{missing[0]}': no sample of reader {reader}'s share of epoch {epoch} could be "
+                                  f"used: {reports[missing[0]]['faults'][:3]}")
+            # Every rank must take a batch of each task in every step: a batch with no usable sample repeats one.
+            for name in reports:
+                reports[name]["padded"] = int(not examples[name])
+            yield {name: last[name] for name in reports}, reports
 
     def _evaluation(self, reader: int, readers: int) -> Iterator[tuple]:
-        source = self._epoch_source(0, reader, readers)
+        source = self._ordered(self._pieces(0, reader, readers), 0, reader, 0)
         while raw := list(itertools.islice(source, self.batch_size)):
-            examples, report = self._prepare(raw, 0)
+            examples, reports = self._prepare(raw, 0)
             # A batch with no usable sample is None: evaluation skips it, the report still counts what was lost.
-            yield self.task.name, self.task.collate(examples) if examples else None, report
+            yield {name: task.collate(examples[name]) if examples[name] else None
+                   for name, task in zip(self.names, self.tasks)}, reports
 
     def __iter__(self) -> Iterator[tuple]:
         worker, workers = _slot()
@@ -228,20 +322,38 @@ class TaskStream(IterableDataset):
             skip = 0
 
 
+class TaskStream(SourceStream):
+    """The stream of one task, as ``(task_name, batch, report)``."""
+
+    def __init__(self, task: Task, index: ShardIndex, tokenizer: Tokenizer, **kwargs):
+        super().__init__([task], index, tokenizer, **kwargs)
+
+    @property
+    def task(self) -> Task:
+        return self.tasks[0]
+
+    def __iter__(self) -> Iterator[tuple]:
+        name = self.names[0]
+        for batches, reports in super().__iter__():
+            yield name, batches[name], reports[name]
+
+
 class Mixture:
     """Training steps: in each, the sampler's tasks each give one batch (``{task_name: batch}``).
 
-    An epoch is ``steps_per_epoch`` steps; the task streams run on across epochs. ``step`` is the
-    index of the next step and ``start`` the batch each task's stream starts at (both non-zero
-    after a resume).
+    ``loaders`` are keyed by source; ``groups`` names the tasks of each (default: one task per loader, named as its
+    key). An epoch is ``steps_per_epoch`` steps; the streams run on across epochs. ``step`` is the index of the next
+    step and ``start`` the batch each task's stream starts at (both non-zero after a resume).
     """
 
     def __init__(self, loaders: dict, sampler: TaskSampler, steps_per_epoch: int, faults: FaultLog, *,
-                 step: int = 0, start: dict[str, int] | None = None):
+                 groups: dict[str, list[str]] | None = None, step: int = 0, start: dict[str, int] | None = None):
         self.loaders, self.sampler, self.steps_per_epoch, self.faults = loaders, sampler, steps_per_epoch, faults
+        self.groups = groups or {name: [name] for name in loaders}
+        self.tasks = [name for names in self.groups.values() for name in names]
         self.step, self.first_step = step, step
-        self.start = {name: (start or {}).get(name, 0) for name in loaders}
-        self.pulled = dict.fromkeys(loaders, 0)
+        self.start = {name: (start or {}).get(name, 0) for name in self.tasks}
+        self.pulled = dict.fromkeys(self.tasks, 0)
         self.recent: dict[int, dict[str, list[str]]] = {}  # step -> sample keys per task, for the last steps
         self._iterators: dict | None = None
 
@@ -251,18 +363,24 @@ class Mixture:
     def position(self, step: int) -> dict[str, int]:
         """The batch each task's stream is at after ``step`` steps (from the schedule, not from what was pulled)."""
         drawn = self.sampler.counts(step, begin=self.first_step)
-        return {name: self.start[name] + drawn[name] for name in self.loaders}
+        return {name: self.start[name] + drawn[name] for name in self.tasks}
 
     def __iter__(self) -> Iterator[dict]:
         if self._iterators is None:
-            for name, loader in self.loaders.items():
-                loader.dataset.start_batch = self.start[name]  # read by the workers when they start
-            self._iterators = {name: iter(loader) for name, loader in self.loaders.items()}
+            for group, loader in self.loaders.items():
+                # read by the workers when they start; the tasks of a source are at the same batch
+                loader.dataset.start_batch = self.start[self.groups[group][0]]
+            self._iterators = {group: iter(loader) for group, loader in self.loaders.items()}
         end = (self.step // self.steps_per_epoch + 1) * self.steps_per_epoch
         while self.step < end:
+            pulled, wanted = {}, self.sampler.tasks(self.step)
+            for group, names in self.groups.items():
+                if set(wanted).intersection(names):
+                    batches, reports = _unpack(next(self._iterators[group]))
+                    pulled.update({name: (batches[name], reports[name]) for name in names})
             step, keys = {}, {}
-            for name in self.sampler.tasks(self.step):
-                _, batch, report = next(self._iterators[name])
+            for name in wanted:  # in the sampler's order (the objective sees the tasks in it)
+                batch, report = pulled[name]
                 self.faults.add(name, "train", report)
                 self.pulled[name] += 1
                 step[name], keys[name] = batch, report["keys"]
@@ -272,15 +390,25 @@ class Mixture:
             yield step
 
 
+def _unpack(item: tuple) -> tuple[dict, dict]:
+    """``({task: batch}, {task: report})`` of a ``SourceStream`` item or of a ``TaskStream`` one."""
+    if len(item) == 3:
+        name, batch, report = item
+        return {name: batch}, {name: report}
+    return item
+
+
 class Sequential:
-    """Evaluation: every task's loader in turn, as one iterable, so Lightning sees one dataloader
-    (and reports each metric once) while each batch still says which task it belongs to."""
+    """Evaluation: every source's loader in turn, as one iterable, so Lightning sees one dataloader
+    (and reports each metric once) while each batch still says which tasks it belongs to."""
 
     def __init__(self, loaders: list, faults: FaultLog, split: str):
         self.loaders, self.faults, self.split = loaders, faults, split
 
     def __iter__(self) -> Iterator[dict]:
-        for name, batch, report in itertools.chain.from_iterable(self.loaders):
-            self.faults.add(name, self.split, report)
-            if batch is not None:
-                yield {name: batch}
+        for item in itertools.chain.from_iterable(self.loaders):
+            batches, reports = _unpack(item)
+            for name, report in reports.items():
+                self.faults.add(name, self.split, report)
+            if batch := {name: b for name, b in batches.items() if b is not None}:
+                yield batch

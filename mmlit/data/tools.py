@@ -1,4 +1,4 @@
-"""``mmlit data ...``: make Sort-of-CLEVR shards, train a tokenizer on shards' text, inspect shards."""
+"""``mmlit data ...``: make Sort-of-CLEVR shards, index shards, train a tokenizer on shards' text, inspect shards."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Iterator
 
 from mmlit.data import sort_of_clevr
 from mmlit.data.decode import decode_sample
+from mmlit.data.index import write_index
 from mmlit.data.shards import iter_samples, resolve_shards
+from mmlit.data.sources import get_source
 from mmlit.text import train_tokenizer
 
 __all__ = ["main", "iter_texts"]
@@ -52,6 +54,16 @@ def _tokenizer(args: argparse.Namespace) -> None:
     print(f"tokenizer with {tokenizer.get_vocab_size()} tokens written to {args.out}")
 
 
+def _index(args: argparse.Namespace) -> None:
+    urls = [url for spec in args.shards for url in resolve_shards(spec, "SHARDS")]
+    options = json.loads(args.storage_options) if args.storage_options else None
+    content = write_index(urls, args.out, source=get_source(args.format, "--format")(storage_options=options),
+                          threads=args.threads)
+    shards = content["shardlist"]
+    print(f"{args.out}: {len(shards)} shard(s), {sum(s['nsamples'] for s in shards)} samples, "
+          f"{sum(s['filesize'] for s in shards) / 1e9:.2f} GB")
+
+
 def _inspect(args: argparse.Namespace) -> None:
     urls = resolve_shards(args.shards, "--shards")
     counts, entries = collections.Counter(), collections.Counter()
@@ -87,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     tok.add_argument("--out", required=True, help="where to write tokenizer.json")
     tok.add_argument("--vocab-size", type=int, default=2000)
     tok.set_defaults(run=_tokenizer)
+    idx = sub.add_parser("index", help="write a shard index (wids-shard-index-v1 JSON: samples and bytes per shard), "
+                                       "so that setup reads one file and opens no shard")
+    idx.add_argument("shards", nargs="+", help="shard patterns or URLs, e.g. 's3://bucket/train-{000000..009999}.tar'")
+    idx.add_argument("--out", required=True, help="the index file; shard URLs in it are relative to it")
+    idx.add_argument("--threads", type=int, default=16, help="shards counted at once")
+    idx.add_argument("--format", default="tar", help="the shard format (data.shard_format)")
+    idx.add_argument("--storage-options", default=None, help="fsspec options as JSON, e.g. '{\"anon\": true}'")
+    idx.set_defaults(run=_index)
     ins = sub.add_parser("inspect", help="count samples and entries in shards")
     ins.add_argument("--shards", required=True)
     ins.set_defaults(run=_inspect)

@@ -110,7 +110,7 @@ def _check_picklable(dataset: IterableDataset, key: str, method: StartMethod) ->
     try:
         pickle.loads(pickle.dumps(dataset))
     except Exception as err:  # pickle raises TypeError, AttributeError, PicklingError or ImportError, by what it met
-        name = getattr(getattr(dataset, "task", None), "name", type(dataset).__name__)
+        name = ", ".join(getattr(dataset, "names", [type(dataset).__name__]))
         raise TypeError(f"{key}: '{name}' cannot be sent to its DataLoader workers, which start by {method}: {err}. "
                         f"Keep the task's attributes picklable (no lambdas, open files, locks or local classes), "
                         f"or set {key}: fork (the workers may then deadlock; see mmlit/data/workers.py)") from err

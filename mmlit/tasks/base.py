@@ -96,7 +96,9 @@ class Task(nn.Module):
         """Yield the examples of one decoded sample (none to drop it).
 
         Runs in the DataLoader workers, on a pickled copy of the task without its parameters, buffers and
-        submodules (``TaskStream.__getstate__``): it may read the task's plain attributes, not its head."""
+        submodules (``SourceStream.__getstate__``): it may read the task's plain attributes, not its head. The
+        sample holds the entries named in ``fields`` (all entries when ``fields`` is empty) and may be shared with
+        other tasks that read the same shards: read it, do not modify it."""
         raise NotImplementedError
 
     def collate(self, examples: list[dict]) -> dict[str, Any]:

@@ -8,12 +8,11 @@ import json
 import pytest
 
 from mmlit.cli import main
-from mmlit.data import DataBudgetError, MultiTaskDataModule, RoundRobin, iter_samples
+from mmlit.data import DataBudgetError, MultiTaskDataModule, iter_samples, write_index
 from mmlit.registry import get_task
 from mmlit.tasks.base import Shards
 
 from ..conftest import tiny_recipe, write_recipe, write_tar
-from .test_shards import http_root  # noqa: F401 (fixture)
 
 
 def _fit(recipe, tmp_path):
@@ -86,16 +85,18 @@ def _keys(module: MultiTaskDataModule, steps: int) -> tuple[list, int]:
     return train, val
 
 
-def test_remote_shards_train_like_local_ones(soc, http_root, tmp_path):  # noqa: F811
+def test_remote_shards_train_like_local_ones(soc, http_store):
     import shutil
 
     for path in soc["shards"]["train"] + soc["shards"]["val"]:
-        shutil.copy(path, tmp_path)
-    remote = {"train": http_root + "/train-{000000..000003}.tar", "val": http_root + "/val-000000.tar"}
+        shutil.copy(path, http_store.root)
+    write_index(sorted(str(p) for p in http_store.root.glob("train-*.tar")), str(http_store.root / "train.json"),
+                progress=False)
+    remote = {"train": http_store.url + "/train.json", "val": http_store.url + "/val-000000.tar"}  # (val: scanned)
     seen = []
-    for shards in (remote, {"train": soc["train"], "val": soc["val"]}):
+    for shards, scan_remote in ((remote, True), ({"train": soc["train"], "val": soc["val"]}, False)):
         module = MultiTaskDataModule(soc["tokenizer"], tasks={"vqa": get_task("vqa")(Shards(**shards), batch_size=4)},
-                                     num_workers=1, steps_per_epoch=5)
+                                     num_workers=1, steps_per_epoch=5, scan_remote=scan_remote)
         module.tasks["vqa"].name = "vqa"
         module.setup("fit")
         seen.append(_keys(module, 5))

@@ -1,12 +1,16 @@
 """Exact mid-epoch resume: a run killed at step k and resumed from its checkpoint trains on exactly the samples
-of the uninterrupted run, in the same order, and ends with bit-identical weights (1 and 2 ranks, 0 and 2 workers)."""
+of the uninterrupted run, in the same order, and ends with bit-identical weights (1 and 2 ranks, 0 and 2 workers; local
+shards, and once each with an index and shards over HTTP and on S3)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
 import torch
+
+from mmlit.data import write_index
 
 from .._ddp_helpers import read_keys
 from .._processes import run_cli
@@ -39,11 +43,31 @@ def _callbacks(tmp, name: str, crash: int | None = None) -> list[dict]:
     return callbacks
 
 
+def _on_store(soc: dict, request, store: str) -> dict:
+    """``soc`` with its training shards (and an index of them) on a store on loopback: ``http`` or ``s3``."""
+    if store == "local":
+        return soc
+    folder = request.getfixturevalue("tmp_path") / "store"
+    folder.mkdir()
+    for path in soc["shards"]["train"]:
+        shutil.copy(path, folder)
+    write_index(sorted(str(p) for p in folder.iterdir()), str(folder / "train.json"), progress=False)
+    if store == "http":
+        server = request.getfixturevalue("http_store")
+        shutil.copytree(folder, server.root, dirs_exist_ok=True)
+        return {**soc, "train": server.url + "/train.json"}
+    server = request.getfixturevalue("s3_store")  # its environment reaches the fits through os.environ
+    server.upload(folder, prefix="soc/")
+    return {**soc, "train": server.url + "/soc/train.json"}
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(3 * FIT_TIMEOUT + 60)
-@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
-def test_killed_and_resumed_run_matches_the_uninterrupted_one(soc, tmp_path, world, workers):
+@pytest.mark.parametrize("world,workers,store", [(1, 0, "local"), (1, 2, "local"), (2, 0, "local"), (2, 2, "local"),
+                                                 (1, 2, "http"), (2, 0, "s3")])
+def test_killed_and_resumed_run_matches_the_uninterrupted_one(soc, tmp_path, request, world, workers, store):
+    soc = _on_store(soc, request, store)
     whole = _fit(_recipe(soc, tmp_path / "a", world, workers, _callbacks(tmp_path, "a")), tmp_path / "a.yaml")
     assert whole.returncode == 0, whole.stderr[-4000:]
 
