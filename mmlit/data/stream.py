@@ -18,8 +18,8 @@ prepares its own examples from it. A ``TaskStream`` is the stream of one task. I
 Training samples are shuffled inside **windows**: a reader's slice, in shard order, is cut at shard boundaries
 into windows of at least ``shuffle_buffer`` samples, and each window is permuted by a generator seeded with
 (seed, epoch, reader, window). The order of an epoch is thus a pure function of those numbers, and a stream that
-resumes at any batch reads only the window that batch starts in (and the one before, for the stand-in batch below):
-a bounded amount, never the part of the epoch already trained on. Windows end at shard boundaries so that a resumed
+resumes at any batch reads only the window that batch starts in (and the batch before it again, only if a stand-in
+batch is needed): a bounded amount, never the part of the epoch already trained on. Windows end at shard boundaries so that a resumed
 reader starts reading at the start of a shard (a remote shard cannot seek to a sample); a window holds
 ``max(shuffle_buffer, one shard)`` raw samples in memory. The position is one number per source: the batches the
 rank's loader has delivered, which is the same on every rank. A sample that cannot be used is skipped and reported
@@ -271,19 +271,20 @@ class SourceStream(IterableDataset):
     def _reader_epoch(self, epoch: int, reader: int, readers: int, batches: int, skip: int) -> Iterator[tuple]:
         pieces = self._pieces(epoch, reader, readers)
         sizes = _batch_sizes(sum(stop - start for _, start, stop in pieces), batches, self.batch_size)
-        first = max(skip - 1, 0)  # batch skip - 1 is read again for its stand-in role (below), not delivered
-        source = self._ordered(pieces, epoch, reader, sum(sizes[:first]))
-        chunks = (list(itertools.islice(source, size)) for size in sizes[first:])
+        source = self._ordered(pieces, epoch, reader, sum(sizes[:skip]))
+        chunks = (list(itertools.islice(source, size)) for size in sizes[skip:])
         ahead: collections.deque = collections.deque()  # chunks read ahead to find a stand-in batch
         last: dict = {}  # each task's last usable batch of this epoch: the stand-in for a batch with no usable sample
-        for i in range(first, batches):
+        before = skip - 1  # a resumed stream's batch before its first, read again only if a stand-in is needed
+        for i in range(skip, batches):
             raw = ahead.popleft() if ahead else next(chunks)
-            if i < skip:  # delivered before a resume: only sets the stand-ins
-                last.update(self._collated(self._prepare(raw, epoch)[0]))
-                continue
             examples, reports = self._prepare(raw, epoch)
             last.update(self._collated(examples))
             missing = [name for name in examples if name not in last]
+            if missing and before >= 0:  # what the uninterrupted stream had as its stand-in (so it is bit-identical)
+                again = itertools.islice(self._ordered(pieces, epoch, reader, sum(sizes[:before])), sizes[before])
+                last = {**self._collated(self._prepare(list(again), epoch)[0]), **last}
+                missing, before = [name for name in missing if name not in last], -1
             for chunk in chunks if missing else ():  # no usable batch yet in this epoch: the next usable one stands in
                 ahead.append(chunk)
                 later = self._collated(self._prepare(chunk, epoch)[0])

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import get_worker_info
 from torchmetrics import MetricCollection
 
 from mmlit.text import BOS, EOS, PAD
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
     from mmlit.models import Backbone
 
-__all__ = ["Shards", "Task", "batch_size_of", "collate_examples"]
+__all__ = ["Shards", "Task", "batch_size_of", "collate_examples", "stack_tensors"]
 
 
 @dataclass
@@ -36,6 +37,27 @@ class Shards:
     test: str | None = None
 
 
+def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, made for batches that go from a DataLoader worker to the training process.
+
+    Images made as (C, H, W) views of (H, W, C) pixels (``Task.image_tensor``) are stacked as they lie and viewed as
+    (B, C, H, W) in channels-last memory order: 64 images of 224x224 in 3.0 ms instead of 7.2 ms for the strided
+    copy into (B, C, H, W) order; normalising and the encoders take either layout. In a worker, a large batch is
+    stacked straight into shared memory, which the DataLoader would otherwise copy it into: 7.8 ms instead of
+    11.7 ms to stack and send those 64 images. Together ~6% of a loader worker's time (measured on the 2-core
+    machine, one thread, ``tools/bench_data.py``)."""
+    first = tensors[0]
+    images = first.dim() == 3 and not first.is_contiguous() and first.permute(1, 2, 0).is_contiguous()
+    if images:
+        tensors = [t.permute(1, 2, 0) for t in tensors]
+        first = tensors[0]
+    out = None
+    if get_worker_info() is not None and first.numel() * first.element_size() * len(tensors) >= 1 << 16:
+        out = torch.empty((len(tensors), *first.shape), dtype=first.dtype).share_memory_()
+    batch = torch.stack(tensors, out=out)
+    return batch.permute(0, 3, 1, 2) if images else batch
+
+
 def collate_examples(examples: list[dict]) -> dict[str, Any]:
     """Tensors are stacked, lists of token ids padded with ``PAD``, numbers and bools made tensors."""
     batch: dict[str, Any] = {}
@@ -43,7 +65,7 @@ def collate_examples(examples: list[dict]) -> dict[str, Any]:
         values = [e[key] for e in examples]
         first = values[0]
         if isinstance(first, torch.Tensor):
-            batch[key] = torch.stack(values)
+            batch[key] = stack_tensors(values)
         elif isinstance(first, list):
             ids = torch.full((len(values), max(map(len, values))), PAD, dtype=torch.long)
             for row, seq in enumerate(values):

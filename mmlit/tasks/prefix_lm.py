@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from mmlit.data.decode import sample_field, sample_image
 from mmlit.models.text import CausalTextDecoder
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, collate_examples
+from mmlit.tasks.base import Shards, Task, collate_examples, stack_tensors
 from mmlit.tasks.captioning import sequence_match, update_caption_metrics
 from mmlit.text import BOS, EOS, PAD
 
@@ -90,7 +90,7 @@ class PrefixLM(Task):
         batch["prompt"] = torch.full((len(prompts), max(map(len, prompts))), PAD, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             batch["prompt"][row, batch["prompt"].shape[1] - len(prompt):] = torch.tensor(prompt)
-        return {"image": torch.stack([e["image"] for e in examples]), **batch}  # images first: batch_size_of counts them
+        return {"image": stack_tensors([e["image"] for e in examples]), **batch}  # images first: batch_size_of counts them
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         prefix = self.prefix(backbone(image=batch["image"]).image_tokens)[batch["image_index"]]  # (Q, N, D)

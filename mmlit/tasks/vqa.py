@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
 from mmlit.data.sort_of_clevr import ANSWERS
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, collate_examples
+from mmlit.tasks.base import Shards, Task, collate_examples, stack_tensors
 
 __all__ = ["VQA"]
 
@@ -65,7 +65,7 @@ class VQA(Task):
         image_index (Q,)."""
         flat = [{"question": q, "answer": a, "relational": r, "image_index": i}
                 for i, e in enumerate(examples) for q, a, r in zip(e["question"], e["answer"], e["relational"])]
-        return {"image": torch.stack([e["image"] for e in examples]), **collate_examples(flat)}
+        return {"image": stack_tensors([e["image"] for e in examples]), **collate_examples(flat)}
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         features = backbone(image=batch["image"], text=batch["question"], image_index=batch["image_index"])

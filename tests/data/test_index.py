@@ -142,12 +142,12 @@ def _resume_reads(index, workers, fractions, shuffle_buffer):
 def test_resume_reads_one_window_wherever_it_starts(tmp_path):
     index = scan_shards(_shards(tmp_path, [25] * 40), "k")  # 1000 samples, windows of 2 shards (>= 40 samples)
     at_0, at_10, at_50, at_95 = _resume_reads(index, 0, [0, 0.1, 0.5, 0.95], shuffle_buffer=40)
-    assert at_0 <= 50 and max(at_10, at_50, at_95) <= 2 * 50  # the window (and the one before, for the stand-in)
+    assert at_0 <= 50 and max(at_10, at_50, at_95) <= 2 * 50  # the window(s) of the first batch, nothing before
 
 
 def test_unshuffled_resume_starts_at_its_sample(tmp_path):
     index = scan_shards(_shards(tmp_path, [25] * 8), "k")
-    assert _resume_reads(index, 0, [0.5], shuffle_buffer=0) == [8]  # batch 24 again (the stand-in), then batch 25
+    assert _resume_reads(index, 0, [0.5], shuffle_buffer=0) == [4]  # batch 25 alone
 
 
 def test_windows_shuffle_across_their_shards(tmp_path):
