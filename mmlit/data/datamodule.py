@@ -145,6 +145,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
             return plan_shards(spec, key, source=self.source, scan_remote=self.scan_remote)
         except (OSError, ValueError) as err:  # a missing or empty shard, no index for remote shards: raised on every rank
             return err
+        except Exception as err:  # (a missing fsspec protocol package ...): every rank must hear of it, picklable
+            return RuntimeError(f"{key}: {type(err).__name__}: {err}")
 
     def _index(self, name: str, split: str, index: ShardIndex) -> None:
         key = f"model.tasks.{name}.init_args.shards.{split}"

@@ -147,8 +147,10 @@ def _relative(url: str, base: str) -> str:
     if _is_remote(url):
         folder = base.rsplit("/", 1)[0] + "/"
         return url[len(folder):] if url.startswith(folder) else url
-    relative = os.path.relpath(os.path.abspath(url), os.path.dirname(os.path.abspath(base)))
-    return url if relative.startswith("..") else relative.replace(os.sep, "/")
+    try:
+        return os.path.relpath(os.path.abspath(url), os.path.dirname(os.path.abspath(base))).replace(os.sep, "/")
+    except ValueError:  # another drive (Windows)
+        return os.path.abspath(url)
 
 
 def _absolute(url: str, base: str) -> str:
@@ -203,6 +205,7 @@ def load_index(url: str, key: str, *, storage_options: dict | None = None) -> Sh
                          f"and a \"shardlist\"; `mmlit data index` writes one)")
     urls, counts, sizes = [], [], []
     for i, entry in enumerate(content["shardlist"]):
+        _check_entry(str(entry.get("url", "")) if isinstance(entry, dict) else "", url, key)
         try:
             urls.append(_absolute(str(entry["url"]), url))
             counts.append(int(entry["nsamples"]))
@@ -214,6 +217,17 @@ def load_index(url: str, key: str, *, storage_options: dict | None = None) -> Sh
     if not urls:
         raise ValueError(f"{key}: index file '{url}' lists no shard")
     return ShardIndex(urls, counts, sizes=sizes, origin=url)
+
+
+def _check_entry(entry: str, index: str, key: str) -> None:
+    """An index names shards, never commands: ``pipe:`` entries are refused whatever ``data.allow_pipe`` says (it
+    is for the recipe's own patterns), and a remote index may not point at local files."""
+    scheme = urlparse(entry).scheme
+    if scheme == "pipe":
+        raise ValueError(f"{key}: the index '{index}' lists '{entry}', a shell command; an index may list shards only")
+    if _is_remote(index) and (scheme == "file" or (not _is_remote(entry) and os.path.isabs(entry))):
+        raise ValueError(f"{key}: the remote index '{index}' lists the local file '{entry}'; list shards relative to "
+                         f"the index or by URL")
 
 
 def _stats_counts(urls: list[str], threads: int, storage_options: dict | None) -> list[int | None]:

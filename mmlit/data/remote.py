@@ -99,7 +99,7 @@ class _HTTPStream:
     def __init__(self, fs: Any, url: str, offset: int):
         from fsspec.asyn import sync
 
-        self._fs, self._sync, self.url = fs, sync, url
+        self._fs, self._sync, self.url, self._end = fs, sync, url, False
         self._response = sync(fs.loop, self._get, offset)
 
     async def _get(self, offset: int):
@@ -110,6 +110,9 @@ class _HTTPStream:
         session = await self._fs.set_session()
         response = await session.get(self._fs.encode_url(self.url), headers=headers, **options)
         try:
+            if response.status == 416 and offset and response.headers.get("Content-Range") == f"bytes */{offset}":
+                self._end = True  # the connection broke after the last byte: nothing is left to read
+                return response
             if response.status >= 400:
                 raise _status_error(self.url, response.status, response.reason)
             if offset and response.status == 206:
@@ -128,6 +131,8 @@ class _HTTPStream:
         return response
 
     async def _read(self, n: int) -> bytes:
+        if self._end:
+            return b""
         chunks, got = [], 0
         while got < n:  # aiohttp returns what has arrived: fill n bytes in one hop to the loop thread
             try:

@@ -184,14 +184,15 @@ class SourceStream(IterableDataset):
         """The raw samples of a piece, or placeholders for those lost to an unreadable shard."""
         i, start, stop = piece
         url, read = self.index.urls[i], 0
-        self._check_size(i)
         try:
+            self._check_size(i)
             for sample in self.source.read(url, start, stop):
                 read += 1
                 yield sample
-        except ShardError as err:
+        except (ShardError, OSError) as err:  # (OSError: the store did not answer the size request)
+            reason = err.reason if isinstance(err, ShardError) else f"{type(err).__name__}: {err}"
             for index in range(start + read, stop):
-                yield {"__fault__": err.reason, "__url__": url, "__index__": index}
+                yield {"__fault__": reason, "__url__": url, "__index__": index}
             return
         if read < stop - start:
             where = f"the index '{self.index.origin}'" if self.index.origin else "the scan at setup"

@@ -124,6 +124,8 @@ class Task(nn.Module):
         raise NotImplementedError
 
     def collate(self, examples: list[dict]) -> dict[str, Any]:
+        """One batch of examples (``collate_examples``: images from ``image_tensor`` come as (B, 3, S, S) uint8 in
+        channels-last memory order, so reshape them, do not ``.view`` them)."""
         return collate_examples(examples)
 
     def forward(self, backbone: Backbone, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

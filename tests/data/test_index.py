@@ -228,3 +228,26 @@ def test_an_index_and_its_shards_on_s3(tmp_path, s3_store):
     local = [b["key"] for _, b, _ in TaskStream(KeyTask(Shards()), load_index(str(tmp_path / "local" / "i.json"), "k"),
                                                 None, batch_size=2, train=False)]
     assert remote == local and len(remote) == 4
+
+
+def test_an_index_beside_its_shards_folder_points_back_into_it(tmp_path, monkeypatch):
+    _shards(tmp_path / "data", [2, 3])
+    (tmp_path / "indexes").mkdir()
+    monkeypatch.chdir(tmp_path)
+    write_index(["data/s-000.tar", "data/s-001.tar"], "indexes/train.json", progress=False)
+    assert [e["url"] for e in json.loads((tmp_path / "indexes" / "train.json").read_text())["shardlist"]] == [
+        "../data/s-000.tar", "../data/s-001.tar"]
+    index = load_index("indexes/train.json", "k")
+    assert [os.path.normpath(u) for u in index.urls] == ["data/s-000.tar", "data/s-001.tar"]
+    assert len(list(TaskStream(KeyTask(Shards()), index, None, batch_size=5, train=False))) == 1
+
+
+def test_an_index_lists_shards_not_commands(tmp_path, http_store):
+    entries = {"shardlist": [{"url": "pipe:curl http://x/a.tar", "nsamples": 1}], "__kind__": "wids-shard-index-v1"}
+    (tmp_path / "i.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match="a shell command; an index may list shards only"):
+        load_index(str(tmp_path / "i.json"), "k")
+    entries["shardlist"][0]["url"] = "/etc/passwd"
+    (http_store.root / "i.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match="the remote index .* lists the local file '/etc/passwd'"):
+        load_index(http_store.url + "/i.json", "k")
