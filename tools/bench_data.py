@@ -20,7 +20,8 @@ Measures, on shards it writes once under ``--out`` (and reuses on later runs):
   per worker, for each of ``--workers``. Targets: mmlit per worker at least 95% of the plain loop, and ahead of
   webdataset.
 
-Each setup and resume number is the median of 3 runs; each loader number is one run of ``--batches`` batches.
+Each setup and resume number is the median of 3 runs; each loader rate the median of 3 rounds of ``--batches``
+batches, each round with the plain loop measured right before, and each ratio the median of the rounds' ratios.
 Progress goes to stderr, the table to stdout.
 """
 
@@ -245,21 +246,30 @@ def webdataset_pipeline(urls: list[str], workers: int, batches: int) -> float:
     return rate
 
 
-def bench_loader_rates(urls: list[str], workers: list[int], batches: int) -> list[tuple[str, str, str, str]]:
-    _log("loader: plain PIL loop")
-    plain = bench_loader.plain_loop(urls)
-    rows = [("loader", "plain PIL decode + crop loop, 1 process", f"{plain:.1f} samples/s", "")]
+def bench_loader_rates(urls: list[str], workers: list[int], batches: int, rounds: int = 3) -> list[tuple[str, str, str, str]]:
+    """Each rate is measured ``rounds`` times, the plain loop right before each pipeline run, and each ratio is the
+    median of the rounds' ratios: the shared machine's speed drifts by 20% between minutes, which a plain loop
+    measured once at the start would put into the ratio."""
+    rows = []
     for w in workers:
-        _log(f"loader: webdataset, {w} worker(s)")
-        theirs = webdataset_pipeline(urls, w, batches) / w
-        _log(f"loader: mmlit, {w} worker(s)")
-        ours = bench_loader.pipeline(urls, w, batches) / w
-        gc.collect()
-        rows += [("loader", f"mmlit TaskStream + task_loader, {w} worker(s), shuffle 256",
-                  f"{ours:.1f} samples/s per worker ({ours / plain:.0%} of plain, {ours / theirs:.0%} of webdataset)",
-                  f">= 95% of plain: {_met(ours >= 0.95 * plain)}; ahead of webdataset: {_met(ours > theirs)}"),
+        plain, ours, theirs = [], [], []
+        for r in range(rounds):
+            _log(f"loader: {w} worker(s), round {r + 1} of {rounds}: plain loop, webdataset, mmlit")
+            plain.append(bench_loader.plain_loop(urls))
+            theirs.append(webdataset_pipeline(urls, w, batches) / w)
+            ours.append(bench_loader.pipeline(urls, w, batches) / w)
+            gc.collect()
+        to_plain = statistics.median(o / p for o, p in zip(ours, plain))
+        to_theirs = statistics.median(o / t for o, t in zip(ours, theirs))
+        theirs_to_plain = statistics.median(t / p for t, p in zip(theirs, plain))
+        rows += [("loader", f"plain PIL decode + crop loop, 1 process (before the {w}-worker runs)",
+                  f"{statistics.median(plain):.1f} samples/s (median of {rounds})", ""),
+                 ("loader", f"mmlit TaskStream + task_loader, {w} worker(s), shuffle 256",
+                  f"{statistics.median(ours):.1f} samples/s per worker ({to_plain:.0%} of plain, {to_theirs:.0%} of "
+                  f"webdataset)",
+                  f">= 95% of plain: {_met(to_plain >= 0.95)}; ahead of webdataset: {_met(to_theirs > 1)}"),
                  ("loader", f"webdataset pipeline, {w} worker(s), shuffle 1000",
-                  f"{theirs:.1f} samples/s per worker ({theirs / plain:.0%} of plain)", "")]
+                  f"{statistics.median(theirs):.1f} samples/s per worker ({theirs_to_plain:.0%} of plain)", "")]
     return rows
 
 
