@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -11,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
+from mmlit.compile import Compile, compile_modules
 from mmlit.data.mixing import AllTasks
 from mmlit.models import Backbone
 from mmlit.objectives import Objective, StaticWeights
@@ -51,11 +54,16 @@ class MultiTaskModule(pl.LightningModule):
             (e.g. a fusion that the pre-training run did not have) start fresh; task heads never load.
         layer_decay: layer-wise learning-rate decay: each encoder layer trains at ``layer_decay`` times the
             rate of the layer above it; fusion and heads at the full rate (1: off).
+        compile: ``torch.compile`` the backbone (block by block, by default) and the heads (see ``mmlit/compile.py``);
+            checkpoints keep their keys, so they load with or without it.
+        matmul_precision: ``torch.set_float32_matmul_precision`` for the run (``high`` lets float32 matrix products
+            use TF32 on GPUs that have it); None leaves it as it is.
     """
 
     def __init__(self, backbone: Backbone, tasks: dict[str, Task], objective: Objective | str | None = None,
                  optimizer: OptimizerCallable = _default_optimizer, scheduler: LRSchedulerCallable | None = None,
-                 pretrained: str | None = None, layer_decay: float = 1.0):
+                 pretrained: str | None = None, layer_decay: float = 1.0, compile: Compile | None = None,
+                 matmul_precision: Literal["highest", "high", "medium"] | None = None):
         super().__init__()
         if not tasks:
             raise ValueError("model.tasks: the recipe declares no task")
@@ -82,6 +90,12 @@ class MultiTaskModule(pl.LightningModule):
             stage: nn.ModuleDict({name: task.metrics() for name, task in tasks.items()}) for stage in _EVAL_STAGES})
         self.eval_losses = nn.ModuleDict({
             stage: nn.ModuleDict({name: MeanMetric() for name in tasks}) for stage in _EVAL_STAGES})
+        if matmul_precision is not None:
+            torch.set_float32_matmul_precision(matmul_precision)
+        if compile is not None:
+            parts = [p for p in (backbone.image_encoder, backbone.text_encoder, backbone.fusion) if p is not None]
+            heads = [child for task in tasks.values() for child in task.children() if any(True for _ in child.parameters())]
+            compile_modules(parts, heads, compile)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

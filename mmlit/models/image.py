@@ -34,11 +34,15 @@ class TimmImageEncoder(nn.Module):
         pooling: ``mean`` of the tokens, or ``flatten``: a linear map of all tokens in grid order (the
             CNN+MLP baseline of Santoro et al. 2017), which keeps *where* each feature is, so a
             fact such as "the red object is on the left" is a linear function of the pooled vector.
+        channels_last: run the timm model in channels-last memory order (faster convolutions on GPUs with tensor
+            cores and on recent CPUs; batches from ``collate_examples`` arrive in that order already).
+        checkpointing: activation checkpointing per block of the timm model (timm's ``set_grad_checkpointing``):
+            blocks' activations are recomputed in the backward pass instead of kept, for larger batches.
     """
 
     def __init__(self, model_name: str = "resnet10t", dim: int = 128, image_size: int = 75, feature_index: int = -1,
                  pretrained: str | None = None, model_kwargs: dict | None = None,
-                 pooling: Literal["mean", "flatten"] = "mean"):
+                 pooling: Literal["mean", "flatten"] = "mean", channels_last: bool = False, checkpointing: bool = False):
         super().__init__()
         kwargs = dict(model_kwargs or {})
         if pretrained is not None:
@@ -56,6 +60,11 @@ class TimmImageEncoder(nn.Module):
                              persistent=False)
         self.register_buffer("std", torch.tensor(config.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1) * 255,
                              persistent=False)
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if checkpointing:
+            self.model.set_grad_checkpointing(True)
         self.indices = self.model.prune_intermediate_layers(indices=[feature_index], prune_norm=True, prune_head=True)
         try:
             self.model.eval()  # the probe must not move batch-norm statistics (of pretrained weights, say)
@@ -83,6 +92,8 @@ class TimmImageEncoder(nn.Module):
     def _feature_map(self, image: torch.Tensor) -> torch.Tensor:
         if image.dtype == torch.uint8:  # the model's own normalisation, on the batch, on the device
             image = (image.float() - self.mean) / self.std
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
         return self.model.forward_intermediates(image, indices=self.indices, intermediates_only=True)[-1]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

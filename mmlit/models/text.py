@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from mmlit.text import PAD
@@ -40,10 +41,12 @@ class TransformerTextEncoder(nn.Module):
         pooling: ``mean`` over real tokens, or ``cls``: a learned [CLS] token is put first and its
             output is the pooled vector (it is also the first of the returned tokens).
         dropout: dropout inside the layers.
+        checkpointing: activation checkpointing per layer in training: each layer's activations are recomputed in
+            the backward pass instead of kept, for larger batches or longer texts.
     """
 
     def __init__(self, vocab_size: int = 2000, dim: int = 128, depth: int = 2, heads: int = 4, max_length: int = 64,
-                 pooling: Literal["mean", "cls"] = "mean", dropout: float = 0.0):
+                 pooling: Literal["mean", "cls"] = "mean", dropout: float = 0.0, checkpointing: bool = False):
         super().__init__()
         self.dim, self.vocab_size, self.max_length, self.pooling = dim, vocab_size, max_length, pooling
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=PAD)
@@ -51,6 +54,7 @@ class TransformerTextEncoder(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, max_length + (pooling == "cls"), dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        self.checkpointing = checkpointing
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``ids`` (B, T) -> tokens (B, T', D), pooled (B, D), mask (B, T') with True on real tokens;
@@ -61,7 +65,13 @@ class TransformerTextEncoder(nn.Module):
         if self.cls is not None:
             x = torch.cat([self.cls.expand(len(ids), -1, -1), x], dim=1)
             mask = torch.cat([mask.new_ones(len(ids), 1), mask], dim=1)
-        tokens = self.layers(x + self.pos[:, : x.shape[1]], src_key_padding_mask=~mask)
+        x = x + self.pos[:, : x.shape[1]]
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            for layer in self.layers.layers:  # (what nn.TransformerEncoder does in training, a layer at a time)
+                x = torch.utils.checkpoint.checkpoint(layer, x, src_key_padding_mask=~mask, use_reentrant=False)
+            tokens = self.layers.norm(x)
+        else:
+            tokens = self.layers(x, src_key_padding_mask=~mask)
         return tokens, tokens[:, 0] if self.cls is not None else masked_mean(tokens, mask), mask
 
 

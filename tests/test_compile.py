@@ -1,0 +1,72 @@
+"""``model.compile`` and the speed options: regional compilation finds the repeated blocks, a compiled run trains with a
+loss-based and a gradient-based objective and its checkpoint loads into an uncompiled model; channels-last and
+activation checkpointing change no output and no gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmlit.cli import main
+from mmlit.compile import Compile, _blocks, compile_modules
+from mmlit.models import TimmImageEncoder, TransformerTextEncoder
+
+from .conftest import tiny_recipe, write_recipe
+
+
+def test_regional_compilation_compiles_each_repeated_block():
+    text = TransformerTextEncoder(vocab_size=50, dim=16, depth=3, heads=2, max_length=8)
+    assert _blocks(text) == list(text.layers.layers)
+    image = TimmImageEncoder("test_vit", dim=16, image_size=32, model_kwargs={"img_size": 32, "patch_size": 8})
+    assert _blocks(image) == list(image.model.blocks)
+    head = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))  # no repeats: whole
+    compiled = compile_modules([text, head], [], Compile())
+    assert compiled == [*text.layers.layers, head] and all(m._compiled_call_impl is not None for m in compiled)
+
+
+def _same_outputs_and_gradients(a: torch.nn.Module, b: torch.nn.Module, inputs: torch.Tensor) -> None:
+    b.load_state_dict(a.state_dict())
+    outputs = [m(inputs) for m in (a, b)]
+    for x, y in zip(*outputs):
+        torch.testing.assert_close(x, y)
+    for m, out in zip((a, b), outputs):
+        out[1].square().sum().backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_channels_last_and_checkpointing_change_no_output_or_gradient():
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    for options in ({"channels_last": True}, {"checkpointing": True}):
+        plain = TimmImageEncoder("test_byobnet", dim=16, image_size=32, feature_index=2)
+        _same_outputs_and_gradients(plain, TimmImageEncoder("test_byobnet", dim=16, image_size=32, feature_index=2,
+                                                            **options), images)
+    ids = torch.randint(1, 50, (3, 7))
+    ids[0, 4:] = 0
+    _same_outputs_and_gradients(TransformerTextEncoder(vocab_size=50, dim=16, depth=2, heads=2, max_length=8),
+                                TransformerTextEncoder(vocab_size=50, dim=16, depth=2, heads=2, max_length=8,
+                                                       checkpointing=True), ids)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_compiled_run_trains_and_its_checkpoint_loads_into_an_uncompiled_model(soc, tmp_path):
+    """Inductor on the CPU: about a minute to compile the first run, seconds for the next (its cache)."""
+    def recipe(name: str, **model) -> dict:
+        r = tiny_recipe(soc, tmp_path / name, tasks=["vqa", "contrastive"], logger=False, max_steps=3,
+                        limit_val_batches=1, num_sanity_val_steps=0)
+        r["model"].update(model)
+        return r
+
+    for objective in ("static", "pcgrad"):  # loss-based, and one backward per task through the compiled blocks
+        main(["fit", "--config", str(write_recipe(recipe(objective, compile={}, objective=objective), tmp_path / "c.yaml"))])
+    main(["fit", "--config", str(write_recipe(recipe("eager", objective="static"), tmp_path / "e.yaml"))])
+    compiled = torch.load(tmp_path / "static" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    eager = torch.load(tmp_path / "eager" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert list(compiled) == list(eager) and not any("_orig_mod" in key for key in compiled)
+    assert all(torch.isfinite(v).all() for v in compiled.values() if v.is_floating_point())
+    # the compiled run's checkpoint into an uncompiled model (strict), and evaluated
+    assert main(["validate", "--config", str(tmp_path / "e.yaml"), "--ckpt_path",
+                 str(tmp_path / "static" / "checkpoints" / "last.ckpt")]) in (0, None)
