@@ -6,7 +6,9 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -141,11 +143,24 @@ class MultiTaskModule(pl.LightningModule):
         for key, value in values.items():
             self.log(f"train/objective/{key}", torch.as_tensor(value, dtype=torch.float32, device=self.device))
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Lightning's move, but a tensor that several task batches hold (the images of tasks that read one source)
+        is moved once and stays one tensor, which the backbone's shared pass encodes once."""
+        moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in moved:
+                moved[id(tensor)] = (tensor, move_data_to_device(tensor, device))
+            return moved[id(tensor)][1]
+
+        return apply_to_collection(batch, torch.Tensor, move)
+
     def training_step(self, batch: dict[str, dict], batch_idx: int) -> torch.Tensor:
         losses = {}
-        for name, task_batch in batch.items():
-            losses[name] = self.tasks[name](self.backbone, task_batch)["loss"]
-            self.log(f"train/{name}/loss", losses[name], batch_size=batch_size_of(task_batch))
+        with self.backbone.shared_pass():  # tasks on one source: each image encoded once, every head reads it
+            for name, task_batch in batch.items():
+                losses[name] = self.tasks[name](self.backbone, task_batch)["loss"]
+                self.log(f"train/{name}/loss", losses[name], batch_size=batch_size_of(task_batch))
         loss = self.objective(losses, self.global_step)
         # Decided over all ranks, so that every rank raises (a rank that raised alone would leave the others waiting).
         bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.device)
@@ -256,11 +271,12 @@ class MultiTaskModule(pl.LightningModule):
         self._log_objective(self.objective.state())
 
     def _eval_step(self, stage: str, batch: dict[str, dict]) -> None:
-        for name, task_batch in batch.items():
-            task = self.tasks[name]
-            outputs = task(self.backbone, task_batch)
-            task.update_metrics(self.metrics[stage][name], outputs, task_batch)
-            self.eval_losses[stage][name].update(outputs["loss"], weight=batch_size_of(task_batch))
+        with self.backbone.shared_pass():
+            for name, task_batch in batch.items():
+                task = self.tasks[name]
+                outputs = task(self.backbone, task_batch)
+                task.update_metrics(self.metrics[stage][name], outputs, task_batch)
+                self.eval_losses[stage][name].update(outputs["loss"], weight=batch_size_of(task_batch))
 
     def _eval_epoch_end(self, stage: str) -> None:
         # compute() syncs across ranks; every rank calls it for every task in the same order.

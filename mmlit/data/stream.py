@@ -35,6 +35,7 @@ import math
 import random
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
+import torch
 from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -103,6 +104,24 @@ def _without_state(task: Task) -> Task:
     copied.__dict__["_modules"] = {name: module for name, module in task._modules.items()
                                    if module is not None and not _has_state(module)}
     return copied
+
+
+def _share_equal(batches: dict[str, dict]) -> dict[str, dict]:
+    """Tasks' batches with every tensor that equals one of an earlier task under the same key (the images of tasks that
+    prepared them from the same samples alike) replaced by that one: the same tensor reaches the training process once
+    and the backbone encodes it once (``Backbone.shared_pass``)."""
+    seen: dict[str, list] = {}
+    for batch in batches.values():
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            same = next((t for t in seen.get(key, ()) if t.shape == value.shape and t.dtype == value.dtype
+                         and torch.equal(t, value)), None)
+            if same is None:
+                seen.setdefault(key, []).append(value)
+            else:
+                batch[key] = same
+    return batches
 
 
 def _slot() -> tuple[int, int]:
@@ -267,7 +286,8 @@ class SourceStream(IterableDataset):
         return examples, reports
 
     def _collated(self, examples: dict[str, list]) -> dict:
-        return {name: task.collate(examples[name]) for name, task in zip(self.names, self.tasks) if examples[name]}
+        return _share_equal({name: task.collate(examples[name]) for name, task in zip(self.names, self.tasks)
+                             if examples[name]})
 
     def _reader_epoch(self, epoch: int, reader: int, readers: int, batches: int, skip: int) -> Iterator[tuple]:
         pieces = self._pieces(epoch, reader, readers)
@@ -305,8 +325,8 @@ class SourceStream(IterableDataset):
         while raw := list(itertools.islice(source, self.batch_size)):
             examples, reports = self._prepare(raw, 0)
             # A batch with no usable sample is None: evaluation skips it, the report still counts what was lost.
-            yield {name: task.collate(examples[name]) if examples[name] else None
-                   for name, task in zip(self.names, self.tasks)}, reports
+            batches = self._collated(examples)
+            yield {name: batches.get(name) for name in self.names}, reports
 
     def __iter__(self) -> Iterator[tuple]:
         worker, workers = _slot()

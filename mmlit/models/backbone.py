@@ -7,7 +7,10 @@ otherwise hold parameters without gradients (which plain DDP rejects).
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -64,6 +67,26 @@ class Backbone(nn.Module):
         self.vocab_size = text_encoder.vocab_size if text_encoder is not None else vocab_size
         self.max_length = text_encoder.max_length if text_encoder is not None else max_length
 
+    @contextlib.contextmanager
+    def shared_pass(self) -> Iterator[None]:
+        """Within it, an image batch given again (the same tensor: tasks that read one source in a step get one, see
+        ``SourceStream``) is encoded once, and each task's head reads that pass. Its graph is shared: a loss-based
+        objective back-propagates through it once, a gradient-based one once per task (with ``retain_graph``)."""
+        self._passes = {}
+        try:
+            yield
+        finally:
+            self._passes = None
+
+    def _encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        passes = getattr(self, "_passes", None)
+        if passes is None:
+            return self.image_encoder(image)
+        done = passes.get(id(image))
+        if done is None or done[0] is not image:  # (the tensor is kept, so its id is not reused within the step)
+            done = passes[id(image)] = (image, self.image_encoder(image))
+        return done[1]
+
     def require(self, part: str, task: str) -> nn.Module:
         """The part ``text_encoder`` or ``fusion``, or a clear error that task ``task`` needs it."""
         module = getattr(self, part)
@@ -80,7 +103,7 @@ class Backbone(nn.Module):
         """
         out = Features()
         if image is not None:
-            out.image_tokens, out.image_pooled = self.image_encoder(image)
+            out.image_tokens, out.image_pooled = self._encode_image(image)
         if text is not None:
             if self.text_encoder is None:
                 raise ValueError("model.backbone: a task passed text, but the backbone has no text_encoder")

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 
-from tests.objectives._train import TASKS, build_module, loader, step_batches, trainer, weights
+from tests.objectives._train import TASKS, build_module, loader, shared, step_batches, trainer, weights
 
 STEPS = 3
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--train", nargs="+", required=True)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", nargs="+", required=True, help="method, then _inf (32-bit), _fp16_inf, _absent or _imageonly")
+    parser.add_argument("--runs", nargs="+", required=True, help="method, then _inf (32-bit), _fp16_inf, _absent, _imageonly or _shared")
     args = parser.parse_args()
     rank = int(os.environ["RANK"])
     batches = step_batches(args.train, args.tokenizer, STEPS, part=rank)
@@ -34,6 +34,8 @@ def main() -> None:
         steps = batches
         if run.endswith("_absent"):  # step 1 has vqa only
             steps = [batches[0], {"vqa": batches[1]["vqa"]}, *batches[2:]]
+        if run.endswith("_shared"):  # one image tensor for both tasks: encoded once, both heads read it
+            steps = shared(batches)
         if run.endswith("_imageonly"):  # the text encoder and the fusion get no gradient
             steps = [{"image_classification": b["image_classification"]} for b in batches]
         if run.endswith("_inf"):

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from mmlit.data import iter_samples
 from mmlit.data.decode import decode_sample
+from mmlit.data.stream import _share_equal
 from mmlit.models import Backbone, CrossAttentionFusion, TimmImageEncoder, TransformerTextEncoder
 from mmlit.module import MultiTaskModule
 from mmlit.registry import get_objective, get_task
@@ -50,6 +51,14 @@ def step_batches(train_urls: list[str], tokenizer: str, steps: int, part: str | 
                 examples = examples[part * IMAGES // 2:(part + 1) * IMAGES // 2]
             batch[name] = task.collate(examples)
         out.append(batch)
+    return out
+
+
+def shared(batches: list[dict]) -> list[dict]:
+    """The same batches with the tasks' equal image tensors made one, as tasks reading one source get them
+    (``SourceStream``): the backbone then encodes them once per step (its shared pass)."""
+    out = [_share_equal({name: dict(batch) for name, batch in step.items()}) for step in batches]
+    assert all(step["vqa"]["image"] is step["image_classification"]["image"] for step in out)
     return out
 
 

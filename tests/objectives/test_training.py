@@ -21,7 +21,7 @@ from mmlit.data import RoundRobin
 
 from .._processes import run as run_process
 from ..conftest import REPO, tiny_recipe, write_recipe
-from ._train import build_module, interleave, loader, step_batches, trainer, weights
+from ._train import build_module, interleave, loader, shared, step_batches, trainer, weights
 
 STEPS = 3
 
@@ -52,6 +52,17 @@ def test_gradient_accumulation_matches_the_whole_batch(method, batches, tmp_path
     accumulated = weights(_fit(method, interleave(batches[0], batches[1]), tmp_path, accumulate_grad_batches=2))
     assert _max_difference(whole, accumulated) < 1e-5
     assert _max_difference(whole, weights(build_module(method))) > 1e-2  # it trained
+
+
+@pytest.mark.parametrize("method", ["static", "pcgrad", "gradnorm"])
+def test_the_shared_encoder_pass_trains_as_separate_passes(method, batches, tmp_path):
+    """Tasks with one image tensor (as tasks on one source get it) are encoded once a step and back-propagated
+    through that pass (once, or once per task for a gradient method, also over accumulated micro-batches): the
+    weights are those of separate passes."""
+    separate = weights(_fit(method, batches["whole"], tmp_path))
+    assert _max_difference(separate, weights(_fit(method, shared(batches["whole"]), tmp_path))) < 1e-5
+    accumulated = shared(interleave(batches[0], batches[1]))
+    assert _max_difference(separate, weights(_fit(method, accumulated, tmp_path, accumulate_grad_batches=2))) < 1e-5
 
 
 def test_fp16_gradients_are_unscaled_before_the_method_sees_them(batches, tmp_path):
@@ -152,9 +163,11 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(soc, batches, tmp_pat
     """2 gloo ranks, each on half of every global batch: identical weights on both ranks, equal to the one-process
     run on the whole batches; an infinite gradient on rank 1 alone skips the step on both (and, under fp16, lowers
     both ranks' loss scale); a task absent from a step, or a backbone part no task uses, needs no unused-parameter
-    detection with a gradient objective, and is a clear error with plain DDP and a loss-based one."""
+    detection with a gradient objective, and is a clear error with plain DDP and a loss-based one; tasks sharing one
+    image tensor (one encoder pass per step) train as with separate passes, with a loss-based and a gradient-based
+    objective."""
     runs = ["static", "uncertainty", "dwa", "rlw", "famo", "gradnorm", "cagrad", "mgda", "pcgrad_absent", "static_inf",
-            "pcgrad_fp16_inf", "static_imageonly", "pcgrad_imageonly"]
+            "pcgrad_fp16_inf", "static_imageonly", "pcgrad_imageonly", "static_shared", "pcgrad_shared"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                "-m", "tests.objectives._ddp_run", "--train", *soc["shards"]["train"][:2], "--tokenizer", soc["tokenizer"],
                "--out", str(tmp_path), "--runs", *runs]
@@ -169,7 +182,8 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(soc, batches, tmp_pat
     runs.remove("static_imageonly")
     whole = batches["whole"]
     references = {**{run: whole for run in runs if "_" not in run},
-                  "pcgrad_absent": [whole[0], {"vqa": whole[1]["vqa"]}, whole[2]], "static_inf": [whole[0], whole[2]]}
+                  "pcgrad_absent": [whole[0], {"vqa": whole[1]["vqa"]}, whole[2]], "static_inf": [whole[0], whole[2]],
+                  "static_shared": whole, "pcgrad_shared": whole}  # the shared pass: the separate passes' result
     for run in runs:
         ranks = [torch.load(tmp_path / run / f"rank{r}.pt", weights_only=True) for r in range(2)]
         info = [json.loads((tmp_path / run / f"rank{r}.json").read_text()) for r in range(2)]
