@@ -6,9 +6,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -142,18 +140,6 @@ class MultiTaskModule(pl.LightningModule):
     def _log_objective(self, values: dict) -> None:
         for key, value in values.items():
             self.log(f"train/objective/{key}", torch.as_tensor(value, dtype=torch.float32, device=self.device))
-
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        """Lightning's move, but a tensor that several task batches hold (the images of tasks that read one source)
-        is moved once and stays one tensor, which the backbone's shared pass encodes once."""
-        moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def move(tensor: torch.Tensor) -> torch.Tensor:
-            if id(tensor) not in moved:
-                moved[id(tensor)] = (tensor, move_data_to_device(tensor, device))
-            return moved[id(tensor)][1]
-
-        return apply_to_collection(batch, torch.Tensor, move)
 
     def training_step(self, batch: dict[str, dict], batch_idx: int) -> torch.Tensor:
         losses = {}

@@ -7,9 +7,13 @@ import warnings
 from typing import Literal, get_args
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader
 
+from mmlit.data.device_images import decode_batch_images
 from mmlit.data.faults import DataBudgetError, FaultLog
 from mmlit.data.mixing import AllTasks, TaskSampler
 from mmlit.data.index import ShardIndex, plan_shards
@@ -55,6 +59,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         scan_remote: remote shards without an index (or img2dataset stats) are read in full at setup to count their
             samples, instead of an error.
         max_image_pixels: images with more pixels than this are skipped (counted); default Pillow's limit.
+        decode_images: ``worker`` (the DataLoader workers decode images) or ``device``: the workers check each JPEG's
+            header and the training process decodes a batch of them on its device (nvJPEG on a GPU) and resizes it
+            there (``mmlit/data/device_images.py``); other formats are decoded in the workers either way.
         share_reads: tasks whose shards (and batch size) are the same read and decode each sample once, and each
             prepares its examples from it (with the all-task mixture; a sampled mixture reads per task).
     """
@@ -65,7 +72,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
                  multiprocessing_context: StartMethod = "forkserver", shuffle_buffer: int = 1000, seed: int = 0,
                  error_budget: float = 0.01, allow_pipe: bool = False, shard_format: str = "tar",
                  storage_options: dict | None = None, scan_remote: bool = False, max_image_pixels: int | None = None,
-                 share_reads: bool = True):
+                 decode_images: Literal["worker", "device"] = "worker", share_reads: bool = True):
         super().__init__()
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"data.steps_per_epoch must be at least 1, got {steps_per_epoch}")
@@ -82,7 +89,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             raise ValueError(f"data.max_image_pixels must be at least 1, got {max_image_pixels}")
         self.source_class = get_source(shard_format)
         self.storage_options, self.scan_remote, self.max_image_pixels = storage_options, scan_remote, max_image_pixels
-        self.share_reads = share_reads
+        self.share_reads, self.decode_images = share_reads, decode_images
         self.tokenizer_path, self.tasks, self.mode = tokenizer, tasks or {}, mode
         self.samples_per_epoch, self.sampler = dict(samples_per_epoch or {}), mixture or AllTasks()
         self.steps_per_epoch, self.num_workers, self.start_method = steps_per_epoch, num_workers, multiprocessing_context
@@ -197,7 +204,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return SourceStream({name: self.tasks[name] for name in names}, self.indexes[names[0]][split], self.tokenizer,
                             batch_size=first.batch_size, train=train, samples_per_epoch=samples, seed=self.seed,
                             shuffle_buffer=self.shuffle_buffer, rank=self.rank, world_size=self.world_size,
-                            source=self.source, max_image_pixels=self.max_image_pixels)
+                            source=self.source, max_image_pixels=self.max_image_pixels,
+                            decode_images=self.decode_images)
 
     @property
     def _task_modules(self) -> set[str]:
@@ -252,6 +260,19 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> Sequential:
         return self._eval_loaders("test")
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Lightning's move, but a tensor that several task batches hold (the images of tasks that read one source)
+        is moved once and stays one tensor, which the backbone's shared pass encodes once; JPEGs left for the device
+        (``decode_images: device``) are decoded there."""
+        moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in moved:
+                moved[id(tensor)] = (tensor, move_data_to_device(tensor, device))
+            return moved[id(tensor)][1]
+
+        return decode_batch_images(apply_to_collection(batch, torch.Tensor, move), device)
 
     # Resume: the position is rank-independent (every rank takes the same steps), saved from rank 0.
     def state_dict(self) -> dict:

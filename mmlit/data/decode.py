@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "UNSAFE_EXTENSIONS", "UnsafeSampleError", "SampleError", "decode_sample", "sample_field", "sample_image",
+__all__ = ["EncodedImage", "IMAGE_EXTENSIONS", "UNSAFE_EXTENSIONS", "UnsafeSampleError", "SampleError", "decode_sample", "sample_field", "sample_image",
            "sample_location"]
 
 # The Pillow format each image extension names (as ``PIL.Image.registered_extensions()`` maps them).
@@ -95,7 +95,20 @@ def _format_of(data: bytes) -> str | None:
     return None
 
 
-def _decode_image(ext: str, data: bytes, max_pixels: int | None) -> Image.Image:
+class EncodedImage:
+    """A JPEG entry whose header was checked in the worker and whose pixels are decoded on the training device
+    (``data.decode_images: device``); ``size`` is (width, height), ``target`` the square side a task resizes it to."""
+
+    __slots__ = ("data", "size", "target")
+
+    def __init__(self, data: bytes, size: tuple[int, int], target: int | None = None):
+        self.data, self.size, self.target = data, size, target
+
+    def convert(self, mode: str) -> EncodedImage:  # (decode_jpeg's RGB mode converts on the device)
+        return self
+
+
+def _decode_image(ext: str, data: bytes, max_pixels: int | None, jpeg_on_device: bool = False) -> Any:
     expected = _IMAGE_FORMATS[ext]
     try:
         image = Image.open(io.BytesIO(data), formats=[expected])
@@ -114,13 +127,15 @@ def _decode_image(ext: str, data: bytes, max_pixels: int | None) -> Image.Image:
     if max_pixels is not None and width * height > max_pixels:  # before load(): the pixels are never decoded
         raise ValueError(f"{width}x{height} = {width * height} pixels, more than data.max_image_pixels ({max_pixels}) "
                          f"allows; raise it to train on images this large")
+    if jpeg_on_device and expected == "JPEG":
+        return EncodedImage(data, image.size)
     image.load()  # fail here, on the bad sample, rather than later in a transform
     return image
 
 
-def _decode_entry(ext: str, data: bytes, max_pixels: int | None) -> Any:
+def _decode_entry(ext: str, data: bytes, max_pixels: int | None, jpeg_on_device: bool = False) -> Any:
     if ext in IMAGE_EXTENSIONS:
-        return _decode_image(ext, data, max_pixels)
+        return _decode_image(ext, data, max_pixels, jpeg_on_device)
     if ext in TEXT_EXTENSIONS:
         return data.decode("utf-8")
     if ext == "json":
@@ -132,7 +147,8 @@ def _decode_entry(ext: str, data: bytes, max_pixels: int | None) -> Any:
     return data
 
 
-def decode_sample(sample: dict, fields: tuple[str, ...] | None = None, *, max_image_pixels: int | None = None) -> dict:
+def decode_sample(sample: dict, fields: tuple[str, ...] | None = None, *, max_image_pixels: int | None = None,
+                  jpeg_on_device: bool = False) -> dict:
     """Decode the entries of a raw sample that ``fields`` read, by extension (the part of the name after the key).
 
     Args:
@@ -140,6 +156,7 @@ def decode_sample(sample: dict, fields: tuple[str, ...] | None = None, *, max_im
         fields: a task's ``Task.fields``; the entries none of them reads are dropped undecoded (an unused
             ``.pth`` too). None or empty: every entry is decoded.
         max_image_pixels: an image with more pixels (width x height) is a ``SampleError``; None: Pillow's limit.
+        jpeg_on_device: JPEG entries are checked (format, size) but not decoded: ``EncodedImage``, for the device.
     """
     if max_image_pixels is not None:
         _allow_pillow(max_image_pixels)
@@ -148,24 +165,24 @@ def decode_sample(sample: dict, fields: tuple[str, ...] | None = None, *, max_im
         if name.startswith("__"):
             decoded[name] = value
         elif not fields or any(_reads(field, name) for field in fields):
-            decoded[name] = _decode_checked(sample, name, value, max_image_pixels)
+            decoded[name] = _decode_checked(sample, name, value, max_image_pixels, jpeg_on_device)
     return decoded
 
 
-def _decode_checked(sample: dict, name: str, value: bytes, max_pixels: int | None) -> Any:
+def _decode_checked(sample: dict, name: str, value: bytes, max_pixels: int | None, jpeg_on_device: bool = False) -> Any:
     ext = _extension(name)
     if ext in UNSAFE_EXTENSIONS:
         raise UnsafeSampleError(f"{sample_location(sample)}: refusing entry '{name}': .{ext} files can run code when loaded")
     try:
-        return _decode_entry(ext, value, max_pixels)
+        return _decode_entry(ext, value, max_pixels, jpeg_on_device)
     except Exception as err:
         raise SampleError(f"{sample_location(sample)}: cannot decode entry '{name}': {err}") from err
 
 
-def sample_image(sample: dict, task: str) -> Image.Image:
-    """The sample's image, whatever its extension, as RGB."""
+def sample_image(sample: dict, task: str) -> Image.Image | EncodedImage:
+    """The sample's image, whatever its extension, as RGB (or a JPEG left for the device, ``EncodedImage``)."""
     for name, value in sample.items():
-        if isinstance(value, Image.Image):
+        if isinstance(value, (Image.Image, EncodedImage)):
             return value.convert("RGB")
     raise SampleError(f"{sample_location(sample)}: task '{task}' needs an image entry (one of .png, .jpg, ...); "
                       f"the sample has {_entries(sample)}")

@@ -33,13 +33,14 @@ import copy
 import itertools
 import math
 import random
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmlit.data.decode import SampleError, UnsafeSampleError, decode_sample, sample_location
+from mmlit.data.device_images import EncodedImages
 from mmlit.data.index import ShardIndex, StaleIndexError
 from mmlit.data.shards import ShardError
 from mmlit.data.sources import Source, TarSource
@@ -113,10 +114,13 @@ def _share_equal(batches: dict[str, dict]) -> dict[str, dict]:
     seen: dict[str, list] = {}
     for batch in batches.values():
         for key, value in batch.items():
-            if not isinstance(value, torch.Tensor):
+            if isinstance(value, EncodedImages):
+                same = next((t for t in seen.get(key, ()) if t == value), None)
+            elif isinstance(value, torch.Tensor):
+                same = next((t for t in seen.get(key, ()) if isinstance(t, torch.Tensor) and t.shape == value.shape
+                             and t.dtype == value.dtype and torch.equal(t, value)), None)
+            else:
                 continue
-            same = next((t for t in seen.get(key, ()) if t.shape == value.shape and t.dtype == value.dtype
-                         and torch.equal(t, value)), None)
             if same is None:
                 seen.setdefault(key, []).append(value)
             else:
@@ -143,20 +147,22 @@ class SourceStream(IterableDataset):
             ``None`` is epoch mode.
         source: how the shards are read (their format and store); default tar shards.
         max_image_pixels: images with more pixels are skipped (see ``decode_sample``).
+        decode_images: ``worker``: images are decoded here; ``device``: JPEGs are checked here and decoded on the
+            training device (``mmlit/data/device_images.py``).
         start_batch: the number of batches the rank's loader delivered before (a resumed run).
     """
 
     def __init__(self, tasks: Mapping[str, Task] | Sequence[Task], index: ShardIndex, tokenizer: Tokenizer, *, batch_size: int, train: bool,
                  samples_per_epoch: int | None = None, seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0,
                  world_size: int = 1, source: Source | None = None, max_image_pixels: int | None = None,
-                 start_batch: int = 0):
+                 decode_images: Literal["worker", "device"] = "worker", start_batch: int = 0):
         super().__init__()
         named = tasks if isinstance(tasks, Mapping) else {task.name: task for task in tasks}
         self.names, self.tasks, self.index, self.tokenizer = list(named), list(named.values()), index, tokenizer
         self.batch_size, self.train, self.samples_per_epoch = batch_size, train, samples_per_epoch
         self.seed, self.shuffle_buffer, self.source = seed, shuffle_buffer, source or TarSource()
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels, self.decode_images = max_image_pixels, decode_images
         fields = [task.fields for task in self.tasks]
         self.fields = None if not all(fields) else tuple(dict.fromkeys(f for fs in fields for f in fs))
 
@@ -251,7 +257,8 @@ class SourceStream(IterableDataset):
             yield from raw[max(begin - first, 0):]
 
     def _decode(self, sample: dict, fields: tuple[str, ...] | None) -> dict:
-        return decode_sample(sample, fields, max_image_pixels=self.max_image_pixels)
+        return decode_sample(sample, fields, max_image_pixels=self.max_image_pixels,
+                             jpeg_on_device=self.decode_images == "device")
 
     def _prepare(self, raw: list[dict], epoch: int) -> tuple[dict[str, list], dict[str, dict]]:
         """Each task's examples of a batch's raw samples, and its report of what was read and skipped."""

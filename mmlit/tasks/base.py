@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.data import get_worker_info
 from torchmetrics import MetricCollection
 
+from mmlit.data.decode import EncodedImage
+from mmlit.data.device_images import EncodedImages
 from mmlit.text import BOS, EOS, PAD
 
 if TYPE_CHECKING:
@@ -47,6 +49,8 @@ def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
     11.7 ms to stack and send those 64 images. Together ~6% of a loader worker's time (measured on the 2-core
     machine, one thread, ``tools/bench_data.py``)."""
     first = tensors[0]
+    if isinstance(first, EncodedImage):  # decoded on the training device (data.decode_images: device)
+        return EncodedImages(tensors)
     images = first.dim() == 3 and not first.is_contiguous() and first.permute(1, 2, 0).is_contiguous()
     if images:
         tensors = [t.permute(1, 2, 0) for t in tensors]
@@ -64,7 +68,7 @@ def collate_examples(examples: list[dict]) -> dict[str, Any]:
     for key in examples[0]:
         values = [e[key] for e in examples]
         first = values[0]
-        if isinstance(first, torch.Tensor):
+        if isinstance(first, (torch.Tensor, EncodedImage)):
             batch[key] = stack_tensors(values)
         elif isinstance(first, list):
             ids = torch.full((len(values), max(map(len, values))), PAD, dtype=torch.long)
@@ -140,9 +144,12 @@ class Task(nn.Module):
         raise NotImplementedError
 
     # Helpers for prepare(), shared by the tasks.
-    def image_tensor(self, image: Image.Image) -> torch.Tensor:
+    def image_tensor(self, image: Image.Image | EncodedImage) -> torch.Tensor | EncodedImage:
         """RGB image -> (3, S, S) uint8 tensor at the encoder's size. Pixels stay uint8 until the
-        encoder normalises the whole batch (4x less to copy between processes and to the GPU)."""
+        encoder normalises the whole batch (4x less to copy between processes and to the GPU). A JPEG left for the
+        device (``data.decode_images: device``) stays encoded and is resized there."""
+        if isinstance(image, EncodedImage):
+            return EncodedImage(image.data, image.size, self.image_size)
         if self.image_size is not None and image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)

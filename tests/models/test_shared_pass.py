@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from jsonargparse import ArgumentParser
 
-from mmlit.data import SourceStream, plan_shards
+from mmlit.data import MultiTaskDataModule, SourceStream, plan_shards
 from mmlit.models import Backbone
 from mmlit.module import MultiTaskModule
 from mmlit.registry import get_task
@@ -60,6 +60,6 @@ def test_tasks_on_one_source_get_one_image_tensor_which_is_encoded_once(soc):
 
 def test_a_tensor_two_task_batches_hold_is_moved_to_the_device_once(soc):
     model, batches = _model_and_step(soc)
-    moved = model.transfer_batch_to_device(batches, torch.device("cpu"), 0)
+    moved = MultiTaskDataModule("unused").transfer_batch_to_device(batches, torch.device("cpu"), 0)
     assert moved["contrastive"]["image"] is moved["captioning"]["image"]
     assert moved["contrastive"]["caption"] is not moved["captioning"]["image"]

@@ -1,0 +1,74 @@
+"""The device image path (``data.decode_images: device``): DataLoader workers check each JPEG's header (format, size)
+and pass its bytes on; the training process decodes a whole batch on its device with ``torchvision.io.decode_jpeg``
+(nvJPEG on a CUDA device) and resizes it there, so the workers only read. PNG and the other formats are decoded in
+the workers as before. On the CPU the same code runs with the CPU decoder (libjpeg-turbo, as Pillow's).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from mmlit.data.decode import EncodedImage
+
+__all__ = ["EncodedImages", "decode_batch_images"]
+
+_log = logging.getLogger(__name__)
+
+
+class EncodedImages:
+    """A batch of JPEGs left for the device: their bytes (1-D uint8 tensors: they go to the training process through
+    shared memory like any tensor) and the square side ``target`` to resize them to (None: as they are)."""
+
+    def __init__(self, images: list[EncodedImage]):
+        self.data = [torch.frombuffer(bytearray(image.data), dtype=torch.uint8) for image in images]
+        self.target = images[0].target
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, EncodedImages) and self.target == other.target and len(self) == len(other)
+                and all(torch.equal(a, b) for a, b in zip(self.data, other.data)))
+
+    __hash__ = object.__hash__
+
+    def decode(self, device: torch.device) -> torch.Tensor:
+        """(B, 3, S, S) uint8 on ``device``; an image the decoder cannot read is black, and logged."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            images = decode_jpeg(self.data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad JPEG fails the batch call: decode them one by one to find it
+            images = []
+            for i, data in enumerate(self.data):
+                try:
+                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as err:
+                    _log.warning("image %d of a batch cannot be decoded on %s (%s); it trains as a black image", i,
+                                 device, err)
+                    images.append(torch.zeros(3, self.target or 8, self.target or 8, dtype=torch.uint8, device=device))
+        return torch.stack([self._resized(image) for image in images])
+
+    def _resized(self, image: torch.Tensor) -> torch.Tensor:
+        """Bilinear with antialiasing, as Pillow's ``BILINEAR`` resize in ``Task.image_tensor``."""
+        if self.target is None or tuple(image.shape[1:]) == (self.target, self.target):
+            return image
+        resized = F.interpolate(image[None].float(), size=(self.target, self.target), mode="bilinear",
+                                antialias=True, align_corners=False)
+        return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def decode_batch_images(batch: dict, device: torch.device) -> dict:
+    """``{task: {key: value}}`` with every ``EncodedImages`` decoded on ``device``; one object several task batches
+    hold (tasks on one source) is decoded once and stays one tensor (the backbone's shared pass needs it)."""
+    done: dict[int, tuple[EncodedImages, torch.Tensor]] = {}
+    for task_batch in batch.values():
+        for key, value in list(task_batch.items()):
+            if isinstance(value, EncodedImages):
+                if id(value) not in done:
+                    done[id(value)] = (value, value.decode(device))
+                task_batch[key] = done[id(value)][1]
+    return batch

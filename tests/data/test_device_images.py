@@ -1,0 +1,74 @@
+"""The device image path (``data.decode_images: device``), run with the CPU decoder: the workers pass JPEG bytes, the
+training process decodes and resizes them to the pixels the worker path makes; a bad JPEG trains as a black image."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from mmlit.cli import main
+from mmlit.data import SourceStream, TaskStream, scan_shards
+from mmlit.data.device_images import EncodedImages, decode_batch_images
+from mmlit.data.sort_of_clevr import write_dataset
+from mmlit.registry import get_task
+from mmlit.tasks.base import Shards
+
+from ..conftest import tiny_recipe, write_recipe
+
+
+@pytest.fixture(scope="module")
+def jpeg_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpg")
+    return write_dataset(root, {"train": 24, "val": 8}, seed=0, shard_size=8, image_format="jpg")
+
+
+def _first_batch(index, mode: str, size: int, name: str = "image_classification") -> dict:
+    task = get_task(name)(Shards(), batch_size=8)
+    task.image_size = size
+    _, batch, _ = next(iter(TaskStream(task, index, None, batch_size=8, train=False, decode_images=mode)))
+    return batch
+
+
+@pytest.mark.parametrize("size", [75, 64, 96])
+def test_the_device_path_gives_the_worker_paths_pixels(jpeg_shards, size):
+    index = scan_shards(jpeg_shards["train"], "k")
+    encoded = _first_batch(index, "device", size)["image"]
+    assert isinstance(encoded, EncodedImages) and all(t.dtype == torch.uint8 and t.dim() == 1 for t in encoded.data)
+    decoded, worker = encoded.decode(torch.device("cpu")), _first_batch(index, "worker", size)["image"]
+    assert decoded.shape == worker.shape == (8, 3, size, size) and decoded.dtype == torch.uint8
+    # the same libjpeg decode; Pillow's and torch's antialiased bilinear resizes differ by rounding only
+    assert (decoded.int() - worker.int()).abs().max() <= 1
+
+
+def test_tasks_on_one_source_share_one_encoded_batch_which_is_decoded_once(jpeg_shards):
+    tasks = {name: get_task("image_classification")(Shards(), batch_size=4) for name in ("a", "b")}
+    for task in tasks.values():
+        task.image_size = 75
+    stream = SourceStream(tasks, scan_shards(jpeg_shards["train"], "k"), None, batch_size=4, train=False,
+                          decode_images="device")
+    batches, _ = next(iter(stream))
+    assert isinstance(batches["a"]["image"], EncodedImages) and batches["a"]["image"] is batches["b"]["image"]
+    batch = decode_batch_images(batches, torch.device("cpu"))
+    assert batch["a"]["image"] is batch["b"]["image"] and batch["a"]["image"].shape == (4, 3, 75, 75)
+
+
+def test_a_jpeg_the_decoder_cannot_read_trains_as_a_black_image(jpeg_shards, caplog):
+    images = _first_batch(scan_shards(jpeg_shards["train"], "k"), "device", 75)["image"]
+    images.data[3] = images.data[3][:200].clone()  # the header, then nothing: decode_jpeg fails on it
+    with caplog.at_level(logging.WARNING):
+        decoded = images.decode(torch.device("cpu"))
+    assert decoded.shape == (8, 3, 75, 75) and decoded[3].sum() == 0 and decoded[2].sum() > 0
+    assert "image 3 of a batch cannot be decoded" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_fit_with_images_decoded_on_the_device(soc, jpeg_shards, tmp_path):
+    recipe = tiny_recipe(soc, tmp_path / "run", tasks=["vqa", "image_classification"], logger=False, max_steps=3,
+                         limit_val_batches=2, num_sanity_val_steps=0)
+    for task in recipe["model"]["tasks"].values():
+        task["init_args"]["shards"] = {"train": "{" + ",".join(jpeg_shards["train"]) + "}", "val": jpeg_shards["val"][0]}
+    recipe["data"].update(decode_images="device", num_workers=1)
+    main(["fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml"))])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
