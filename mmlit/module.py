@@ -166,12 +166,8 @@ class MultiTaskModule(pl.LightningModule):
         return loss
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        wrapper = self.trainer.strategy.model
-        if self.task_gradients is not None and isinstance(wrapper, DistributedDataParallel):
-            # DDP's reducer fires once per parameter per backward pass; with one pass per task, mmlit reduces the
-            # gradients itself. DDP still broadcasts buffers (batch-norm statistics) from rank 0 before the forward.
-            wrapper.require_backward_grad_sync = False
-            wrapper.require_forward_param_sync = True
+        if self.task_gradients is not None:
+            self.task_gradients.reduce_instead_of_ddp(self.trainer.strategy.model)
 
     def on_after_backward(self) -> None:
         wrapper = self.trainer.strategy.model
@@ -234,26 +230,12 @@ class MultiTaskModule(pl.LightningModule):
         self.skipped_steps = checkpoint.get("mmlit_skipped_steps", 0)
 
     def _combine_task_gradients(self) -> None:
-        engine = self.task_gradients
-        if not engine.grads:
-            raise RuntimeError("no per-task gradients reached the objective: the strategy back-propagated without "
-                               "LightningModule.backward")
-        shared = {id(p) for p in engine.params}
+        shared = {id(p) for p in self.task_gradients.params}
         others = [p for p in self.parameters() if p.requires_grad and id(p) not in shared]
-        tasks, grads, losses = engine.gather(others)
-        scale = self._loss_scale()
-        grads = grads / scale  # unscaled before any norm or projection
-        finite = torch.isfinite(grads).all()
-        for p in others:
-            if p.grad is not None:
-                finite = finite & torch.isfinite(p.grad).all()
-        if not finite:  # the same on every rank: the gradients were averaged over ranks
+        statistics = self._log_objective if self._logging_step() else None
+        if not self.task_gradients.step(self.objective, others, self._loss_scale(), self.global_step, statistics):
             self._skip_step()
             return
-        if self._logging_step():
-            self._log_objective(gradient_statistics(grads, tasks))
-        update = self.objective.combine(grads, losses, tasks, self.global_step)
-        engine.write(update * scale)  # the precision plugin unscales it again
         self._log_objective(self.objective.state())
 
     def _eval_step(self, stage: str, batch: dict[str, dict]) -> None:

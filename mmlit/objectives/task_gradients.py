@@ -7,8 +7,9 @@ leaves the head gradients in ``.grad``. When the optimizer is about to step, ``g
 DDP ranks in one all-reduce (the task buffers, the task losses and every other gradient), so that the objective gets
 the same input on every rank; ``write`` puts the objective's update into the shared parameters' ``.grad``.
 
-DDP's own reducer fires once per parameter per backward pass and cannot serve one pass per task, so the module turns
-it off for these objectives (``require_backward_grad_sync = False``) and this class reduces instead. Parameters that
+DDP's own reducer fires once per parameter per backward pass and cannot serve one pass per task, so it is turned
+off for these objectives (``reduce_instead_of_ddp``) and this class reduces instead; ``step`` is the whole gradient
+step the module runs before the optimizer steps. Parameters that
 no task used keep ``grad = None`` on every rank (the same tasks are present on every rank), so DDP never fails on
 them. The gradients it gathers are still multiplied by the fp16 loss scale; the caller divides before the objective
 sees them and multiplies again when writing, so that the precision plugin's own unscale and inf check see them.
@@ -20,8 +21,9 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
-from mmlit.objectives.base import mean_over_ranks
+from mmlit.objectives.base import Objective, mean_over_ranks
 
 __all__ = ["TaskGradients", "flat_task_gradients", "gradient_statistics"]
 
@@ -57,8 +59,8 @@ class TaskGradients:
         for k, name in enumerate(names):
             for p in self.params:
                 p.grad = None
-            # Task graphs only meet at the parameters, but a module may cache a tensor across calls: keep graphs
-            # until the last task (they are all alive at this point anyway, so the peak memory does not grow).
+            # Task graphs meet in the backbone's shared pass (tasks on one source) and a module may cache a tensor
+            # across calls: keep graphs until the last task (they are all alive anyway: the peak memory does not grow).
             scale(losses[name]).backward(retain_graph=k < len(names) - 1)
             self.used = [u or p.grad is not None for u, p in zip(self.used, self.params)]
             flat = _flat(self.params, [p.grad for p in self.params])
@@ -88,6 +90,37 @@ class TaskGradients:
                 p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
             offset += p.numel()
         return tasks, grads, losses
+
+    @staticmethod
+    def reduce_instead_of_ddp(wrapper: nn.Module) -> None:
+        """Before each training batch: DDP's reducer fires once per parameter per backward pass and cannot serve one
+        pass per task, so it is turned off and ``gather`` reduces; DDP still broadcasts buffers (batch-norm
+        statistics) from rank 0 before the forward."""
+        if isinstance(wrapper, DistributedDataParallel):
+            wrapper.require_backward_grad_sync = False
+            wrapper.require_forward_param_sync = True
+
+    def step(self, objective: Objective, others: list[nn.Parameter], loss_scale: float, step: int,
+             statistics: Callable[[dict[str, Tensor]], None] | None = None) -> bool:
+        """The gradient step, just before the optimizer steps: gather over ranks, unscale, check, let ``objective``
+        combine the task gradients and write its update (scaled again, for the precision plugin) into ``.grad``.
+        Returns False, having written nothing, when a gradient is not finite (the same on every rank: they were
+        averaged). ``statistics`` gets the per-task gradient norms and cosines (at logging steps)."""
+        if not self.grads:
+            raise RuntimeError("no per-task gradients reached the objective: the strategy back-propagated without "
+                               "LightningModule.backward")
+        tasks, grads, losses = self.gather(others)
+        grads = grads / loss_scale  # unscaled before any norm or projection
+        finite = torch.isfinite(grads).all()
+        for p in others:
+            if p.grad is not None:
+                finite = finite & torch.isfinite(p.grad).all()
+        if not finite:
+            return False
+        if statistics is not None:
+            statistics(gradient_statistics(grads, tasks))
+        self.write(objective.combine(grads, losses, tasks, step) * loss_scale)
+        return True
 
     def write(self, update: Tensor | None) -> None:
         """Set the shared parameters' ``.grad`` from the flat ``update`` (P,); ``None`` writes NaN (skip the step)."""
