@@ -56,6 +56,10 @@ class MultiTaskModule(pl.LightningModule):
             rate of the layer above it; fusion and heads at the full rate (1: off).
         compile: ``torch.compile`` the backbone (block by block, by default) and the heads (see ``mmlit/compile.py``);
             checkpoints keep their keys, so they load with or without it.
+        gradient_statistics: log each task's gradient norm on the backbone and the pairwise cosines at logging steps.
+            A loss-based objective pays one extra backward pass per task for them at those steps (about 9% of a
+            CPU run's time with ``log_every_n_steps: 10``, measured by ``tools/bench_train.py``); a gradient-based
+            one has the gradients already.
         matmul_precision: ``torch.set_float32_matmul_precision`` for the run (``high`` lets float32 matrix products
             use TF32 on GPUs that have it); None leaves it as it is.
     """
@@ -63,6 +67,7 @@ class MultiTaskModule(pl.LightningModule):
     def __init__(self, backbone: Backbone, tasks: dict[str, Task], objective: Objective | str | None = None,
                  optimizer: OptimizerCallable = _default_optimizer, scheduler: LRSchedulerCallable | None = None,
                  pretrained: str | None = None, layer_decay: float = 1.0, compile: Compile | None = None,
+                 gradient_statistics: bool = True,
                  matmul_precision: Literal["highest", "high", "medium"] | None = None):
         super().__init__()
         if not tasks:
@@ -84,7 +89,7 @@ class MultiTaskModule(pl.LightningModule):
         self.objective = objective if objective is not None else StaticWeights()
         self.objective.bind(list(tasks))
         self.task_gradients = TaskGradients(self._shared_parameters) if self.objective.uses_gradients else None
-        self.skipped_steps = 0
+        self.skipped_steps, self.gradient_statistics = 0, gradient_statistics
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.metrics = nn.ModuleDict({
             stage: nn.ModuleDict({name: task.metrics() for name, task in tasks.items()}) for stage in _EVAL_STAGES})
@@ -160,7 +165,8 @@ class MultiTaskModule(pl.LightningModule):
             self._step_losses = losses  # back-propagated one task at a time by ``backward``
         else:
             self._log_objective(self.objective.state())
-            if self._logging_step() and batch_idx % self.trainer.accumulate_grad_batches == 0:  # once per step
+            if (self.gradient_statistics and self._logging_step()
+                    and batch_idx % self.trainer.accumulate_grad_batches == 0):  # once per step
                 grads = flat_task_gradients(losses, self._shared_parameters(), self._scale)
                 self._log_objective(gradient_statistics(grads / self._loss_scale(), list(losses)))
         return loss
@@ -232,7 +238,7 @@ class MultiTaskModule(pl.LightningModule):
     def _combine_task_gradients(self) -> None:
         shared = {id(p) for p in self.task_gradients.params}
         others = [p for p in self.parameters() if p.requires_grad and id(p) not in shared]
-        statistics = self._log_objective if self._logging_step() else None
+        statistics = self._log_objective if self.gradient_statistics and self._logging_step() else None
         if not self.task_gradients.step(self.objective, others, self._loss_scale(), self.global_step, statistics):
             self._skip_step()
             return

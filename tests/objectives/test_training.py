@@ -196,3 +196,16 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(soc, batches, tmp_pat
             assert _max_difference(ranks[0], weights(reference)) < 1e-5, run
     assert [i["scale"] for i in (json.loads((tmp_path / "pcgrad_fp16_inf" / f"rank{r}.json").read_text())
                                  for r in range(2))] == [128.0, 128.0]  # 2^8 halved once, on both ranks
+
+
+@pytest.mark.parametrize("method", ["static", "pcgrad"])
+def test_gradient_statistics_can_be_turned_off(method, batches, tmp_path):
+    logged = {}
+    for on in (True, False):
+        module = build_module(method)
+        module.gradient_statistics = on
+        fit = trainer(tmp_path, STEPS)
+        fit.fit(module, loader(batches["whole"]))
+        logged[on] = set(fit.logged_metrics)
+    assert "train/objective/grad_norm/vqa" in logged[True] and "train/objective/cosine/vqa:image_classification" in logged[True]
+    assert not any("grad_norm" in key or "cosine" in key for key in logged[False])
