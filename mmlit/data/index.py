@@ -80,11 +80,12 @@ def scan_shards(urls: list[str], key: str, *, source: Source | None = None, thre
     shards counted before (same path, size and modification time) are not read again."""
     source = source or TarSource()
     known = _ScanCache.load() if cache else None
-    todo = [u for u in urls if known is None or known.get(u) is None]
+    cached = {u: c for u in urls if (c := known.get(u)) is not None} if known is not None else {}
+    todo = [u for u in urls if u not in cached]
     counted = dict(zip(todo, _map(lambda u: _count(source, u), todo, threads, "counting" if progress else None)))
     index = ShardIndex([], [])
     for url in urls:
-        count, error = counted[url] if url in counted else (known.get(url), None)
+        count, error = counted[url] if url in counted else (cached[url], None)
         if error is not None:
             index.bad.append(error)
         elif count == 0:

@@ -405,7 +405,7 @@ class Mixture:
             pulled, wanted = {}, self.sampler.tasks(self.step)
             for group, names in self.groups.items():
                 if set(wanted).intersection(names):
-                    batches, reports = _unpack(next(self._iterators[group]))
+                    batches, reports = next(self._iterators[group])  # a SourceStream's item
                     pulled.update({name: (batches[name], reports[name]) for name in names})
             step, keys = {}, {}
             for name in wanted:  # in the sampler's order (the objective sees the tasks in it)
@@ -419,14 +419,6 @@ class Mixture:
             yield step
 
 
-def _unpack(item: tuple) -> tuple[dict, dict]:
-    """``({task: batch}, {task: report})`` of a ``SourceStream`` item or of a ``TaskStream`` one."""
-    if len(item) == 3:
-        name, batch, report = item
-        return {name: batch}, {name: report}
-    return item
-
-
 class Sequential:
     """Evaluation: every source's loader in turn, as one iterable, so Lightning sees one dataloader
     (and reports each metric once) while each batch still says which tasks it belongs to."""
@@ -435,8 +427,7 @@ class Sequential:
         self.loaders, self.faults, self.split = loaders, faults, split
 
     def __iter__(self) -> Iterator[dict]:
-        for item in itertools.chain.from_iterable(self.loaders):
-            batches, reports = _unpack(item)
+        for batches, reports in itertools.chain.from_iterable(self.loaders):  # SourceStream items
             for name, report in reports.items():
                 self.faults.add(name, self.split, report)
             if batch := {name: b for name, b in batches.items() if b is not None}:

@@ -8,7 +8,6 @@ otherwise hold parameters without gradients (which plain DDP rejects).
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -66,6 +65,7 @@ class Backbone(nn.Module):
         self.dim = image_encoder.dim
         self.vocab_size = text_encoder.vocab_size if text_encoder is not None else vocab_size
         self.max_length = text_encoder.max_length if text_encoder is not None else max_length
+        self._passes: dict | None = None  # image tensor id -> (tensor, encoder output), inside shared_pass()
 
     @contextlib.contextmanager
     def shared_pass(self) -> Iterator[None]:
@@ -79,7 +79,7 @@ class Backbone(nn.Module):
             self._passes = None
 
     def _encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        passes = getattr(self, "_passes", None)
+        passes = self._passes
         if passes is None:
             return self.image_encoder(image)
         done = passes.get(id(image))
