@@ -29,7 +29,8 @@ from urllib.parse import urlparse
 from mmlit.data.shards import ShardError, _is_remote, open_shard, resolve_shards
 from mmlit.data.sources import Source, TarSource
 
-__all__ = ["INDEX_KIND", "ShardIndex", "StaleIndexError", "load_index", "plan_shards", "scan_shards", "write_index"]
+__all__ = ["INDEX_KIND", "ShardIndex", "StaleIndexError", "load_index", "plan_shards", "save_index", "scan_shards",
+           "write_index"]
 
 INDEX_KIND = "wids-shard-index-v1"
 
@@ -172,13 +173,19 @@ def write_index(urls: list[str], out: str, *, source: Source | None = None, thre
         raise ShardError(index.bad[0].url, index.bad[0].read, f"{index.bad[0].reason}; {len(index.bad)} shard(s) cannot "
                          f"be read to the end; fix or leave them out of the index")
     sizes = _map(source.size, index.urls, threads)
+    return save_index(list(zip(index.urls, index.counts, sizes)), out, storage_options=source.storage_options)
+
+
+def save_index(shards: list[tuple[str, int, int]], out: str, *, storage_options: dict | None = None) -> dict:
+    """Write the ``wids-shard-index-v1`` file ``out`` for shards given as (URL, samples, bytes), URLs relative to it
+    (a local file is replaced atomically)."""
     content = {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": [
-        {"url": _relative(u, out), "nsamples": n, "filesize": s} for u, n, s in zip(index.urls, index.counts, sizes)]}
+        {"url": _relative(u, out), "nsamples": n, "filesize": s} for u, n, s in shards]}
     text = json.dumps(content, indent=1)
     if _is_remote(out):
         import fsspec
 
-        with fsspec.open(out, "w", **(source.storage_options or {})) as f:
+        with fsspec.open(out, "w", **(storage_options or {})) as f:
             f.write(text)
     else:
         folder = os.path.dirname(os.path.abspath(out))

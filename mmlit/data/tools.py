@@ -1,40 +1,63 @@
-"""``mmlit data ...``: make Sort-of-CLEVR shards, index shards, train a tokenizer on shards' text, inspect shards."""
+"""``mmlit data ...``: make Sort-of-CLEVR shards, convert a data set to shards, index shards, train a tokenizer on
+shards' text, build a VQA answer vocabulary, inspect shards."""
 
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import os
+import sys
 from typing import Iterator
 
 from mmlit.data import sort_of_clevr
-from mmlit.data.decode import decode_sample
+from mmlit.data.decode import SampleError, decode_sample, sample_field
 from mmlit.data.index import write_index
 from mmlit.data.shards import iter_samples, resolve_shards
 from mmlit.data.sources import get_source
 from mmlit.text import train_tokenizer
 
-__all__ = ["main", "iter_texts"]
+__all__ = ["TEXT_FIELDS", "field_values", "iter_texts", "main"]
+
+# The texts of the shipped converters and the Sort-of-CLEVR generator: captions, class names, questions and answers.
+TEXT_FIELDS = ("txt", "json.caption", "json.captions", "json.class", "json.questions.question", "json.questions.answer",
+               "json.questions.answers")
 
 
 def _strings(value) -> Iterator[str]:
     if isinstance(value, str):
         yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
     elif isinstance(value, list):
         for v in value:
             yield from _strings(v)
 
 
-def iter_texts(urls: list[str]) -> Iterator[str]:
-    """Every text in the shards: ``.txt`` entries and every string inside ``.json`` entries."""
+def _walk(value, path: list[str]) -> Iterator:
+    if not path:
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _walk(item, path)
+    elif isinstance(value, dict) and path[0] in value:
+        yield from _walk(value[path[0]], path[1:])
+
+
+def field_values(sample: dict, field: str) -> Iterator[str]:
+    """The strings a field names in a decoded sample; a path goes through lists (``json.questions.question`` is every
+    question's text) and a missing part yields nothing."""
+    names = [n for n in sample if not n.startswith("__") and (field == n or field.startswith(n + "."))]
+    if names:
+        head = max(names, key=len)
+        for value in _walk(sample[head], field[len(head) + 1:].split(".") if field != head else []):
+            yield from _strings(value)
+
+
+def iter_texts(urls: list[str], fields: tuple[str, ...] = TEXT_FIELDS) -> Iterator[str]:
+    """The texts that ``fields`` name in every sample of the shards (only their entries are decoded)."""
     for sample in (s for url in urls for s in iter_samples(url)):
-        sample = {k: v for k, v in sample.items() if k.startswith("__") or k.rsplit(".", 1)[-1] in ("txt", "json")}
-        for key, value in decode_sample(sample).items():
-            if not key.startswith("__"):
-                yield from _strings(value)
+        decoded = decode_sample(sample, fields)
+        for field in fields:
+            yield from field_values(decoded, field)
 
 
 def _sort_of_clevr(args: argparse.Namespace) -> None:
@@ -49,9 +72,59 @@ def _sort_of_clevr(args: argparse.Namespace) -> None:
 
 
 def _tokenizer(args: argparse.Namespace) -> None:
-    urls = resolve_shards(args.shards, "--shards")
-    tokenizer = train_tokenizer(iter_texts(urls), args.out, vocab_size=args.vocab_size)
-    print(f"tokenizer with {tokenizer.get_vocab_size()} tokens written to {args.out}")
+    urls = [url for spec in args.shards for url in resolve_shards(spec, "--shards")]
+    fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
+    texts = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal texts
+        for text in iter_texts(urls, fields):
+            texts += 1
+            yield text
+
+    tokenizer = train_tokenizer(counted(), args.out, vocab_size=args.vocab_size)
+    if not texts:
+        raise ValueError(f"--fields: no text in {', '.join(fields)} of the shards; name the entries that hold text "
+                         f"(e.g. --fields txt,json.caption)")
+    print(f"tokenizer with {tokenizer.get_vocab_size()} tokens, trained on {texts} texts of {len(urls)} shard(s), "
+          f"written to {args.out}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from mmlit.data.converters import CONVERTERS
+
+    for report in CONVERTERS[args.format].run(args):
+        print(report.summary())
+
+
+def _answers(args: argparse.Namespace) -> None:
+    from mmlit.data.converters.vqa import write_answers
+
+    urls = [url for spec in args.shards for url in resolve_shards(spec, "--shards")]
+    questions = []
+    for sample in (s for url in urls for s in iter_samples(url)):
+        try:
+            items = sample_field(decode_sample(sample, (args.field,)), args.field, "answers")
+        except SampleError:
+            continue  # a sample without questions
+        questions.append(items if isinstance(items, list) else [items])
+    answers, coverage = write_answers(questions, args.top, args.out)
+    print(f"{args.out}: {len(answers)} answers from {len(questions)} samples; they answer {coverage:.1%} of the questions")
+
+
+def _shapes(args: argparse.Namespace) -> None:
+    from mmlit.data import shapes
+
+    common = dict(seed=args.seed, size=args.size)
+    if args.layout == "coco":
+        written = [shapes.write_coco(args.out, args.images, split=args.split, **common)]
+    elif args.layout == "folder":
+        written = [shapes.write_folder(args.out, args.images, **common)]
+    elif args.layout == "vqa":
+        written = list(shapes.write_vqa(args.out, args.images, split=args.split, **common))
+    else:
+        written = [shapes.write_table(args.out, args.images, kind=args.layout, **common)]
+    print("wrote " + ", ".join(map(str, written)))
 
 
 def _index(args: argparse.Namespace) -> None:
@@ -95,10 +168,34 @@ def main(argv: list[str] | None = None) -> int:
     soc.add_argument("--format", choices=("png", "jpg"), default="png")
     soc.set_defaults(run=_sort_of_clevr)
     tok = sub.add_parser("tokenizer", help="train a WordPiece tokenizer on the shards' text")
-    tok.add_argument("--shards", required=True, help="shard pattern, e.g. 'data/sort_of_clevr/train-{000000..000007}.tar'")
+    tok.add_argument("--shards", required=True, action="append",
+                     help="shard pattern, e.g. 'data/sort_of_clevr/train-{000000..000007}.tar' (repeat for more sets)")
     tok.add_argument("--out", required=True, help="where to write tokenizer.json")
     tok.add_argument("--vocab-size", type=int, default=2000)
+    tok.add_argument("--fields", default=",".join(TEXT_FIELDS),
+                     help="comma-separated entries that hold text, paths through JSON and its lists "
+                          "(json.questions.question); default: .txt and the text fields the converters write")
     tok.set_defaults(run=_tokenizer)
+    conv = sub.add_parser("convert", help="convert a data set (image folder, table, COCO, VQAv2) to shards and an index")
+    formats = conv.add_subparsers(dest="format", required=True)
+    from mmlit.data.converters import CONVERTERS
+
+    for name, module in CONVERTERS.items():
+        fmt = formats.add_parser(name, help=module.HELP, description=module.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(fmt)
+        fmt.add_argument("--out", required=True, help="the folder of the shards, their index and the report")
+        fmt.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+        fmt.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="shards written at once")
+        fmt.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+        fmt.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        fmt.set_defaults(run=_convert)
+    ans = sub.add_parser("answers", help="the answer vocabulary of VQA shards: the most frequent answers, as a JSON list")
+    ans.add_argument("--shards", required=True, action="append", help="shard pattern or URL (repeat for more)")
+    ans.add_argument("--top", type=int, default=3129, help="how many answers (3,129: the usual VQAv2 vocabulary)")
+    ans.add_argument("--out", required=True, help="the file to write (answers.json)")
+    ans.add_argument("--field", default="json.questions", help="the entry holding the questions")
+    ans.set_defaults(run=_answers)
     idx = sub.add_parser("index", help="write a shard index (wids-shard-index-v1 JSON: samples and bytes per shard), "
                                        "so that setup reads one file and opens no shard")
     idx.add_argument("shards", nargs="+", help="shard patterns or URLs, e.g. 's3://bucket/train-{000000..009999}.tar'")
@@ -107,9 +204,22 @@ def main(argv: list[str] | None = None) -> int:
     idx.add_argument("--format", default="tar", help="the shard format (data.shard_format)")
     idx.add_argument("--storage-options", default=None, help="fsspec options as JSON, e.g. '{\"anon\": true}'")
     idx.set_defaults(run=_index)
+    shp = sub.add_parser("shapes", help="write the synthetic Shapes images in a user layout (COCO captions, an image "
+                                        "folder, VQAv2, a table), for trying the converters")
+    shp.add_argument("--out", required=True, help="the folder to write")
+    shp.add_argument("--layout", choices=("coco", "folder", "vqa", "csv", "tsv", "jsonl"), required=True)
+    shp.add_argument("--images", type=int, default=1000, help="images (per class, for the folder layout)")
+    shp.add_argument("--split", default="train", help="the split name in COCO and VQAv2 file names")
+    shp.add_argument("--seed", type=int, default=0)
+    shp.add_argument("--size", type=int, default=96, help="image side in pixels")
+    shp.set_defaults(run=_shapes)
     ins = sub.add_parser("inspect", help="count samples and entries in shards")
     ins.add_argument("--shards", required=True)
     ins.set_defaults(run=_inspect)
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except (ValueError, OSError, ImportError) as err:  # bad input: the message names the file, the row or the flag
+        print(f"mmlit data {args.command}: error: {err}", file=sys.stderr)
+        return 2
     return 0

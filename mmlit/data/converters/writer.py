@@ -1,0 +1,165 @@
+"""Writing a converted data set as shards, the part every converter shares.
+
+A converter plans its samples (``Planned``: a key, an image file and the other entries) in a fixed order;
+``write_split`` writes them as ``{split}-000000.tar, ...`` of ``shard_size`` samples each, one shard per worker
+process at a time, with a progress bar. Each image is read and decoded as the training loader will decode it
+(``decode_sample``), and kept byte for byte as found; one that cannot be read is left out and listed, with where it
+came from, in ``{split}-skipped.jsonl``. The index ``{split}.json`` (``wids-shard-index-v1``) is written from what
+was written, so setup never opens a shard and nothing is read twice. The output is a function of the input: samples
+in the planned order, tar members with fixed metadata (mtime 0), JSON with sorted keys; each shard is written to a
+temporary name and renamed, so a crash leaves no half shard under a shard's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from mmlit.data.decode import IMAGE_EXTENSIONS, SampleError, decode_sample
+from mmlit.data.index import save_index
+
+__all__ = ["Planned", "Skipped", "SplitReport", "check_output", "write_split"]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One sample to write: its key, where it comes from (``labels.csv row 12``, for the report), its image file and
+    its other entries by extension (``txt``: str, ``cls``: int, ``json``: a dict)."""
+
+    key: str
+    origin: str
+    image: str
+    entries: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample (or an annotation) left out, where it came from and why."""
+
+    origin: str
+    reason: str
+    path: str | None = None
+
+
+@dataclass
+class SplitReport:
+    split: str
+    shards: list[tuple[str, int, int]]  # (path, samples, bytes)
+    skipped: list[Skipped]
+    index: str
+
+    @property
+    def samples(self) -> int:
+        return sum(n for _, n, _ in self.shards)
+
+    def summary(self) -> str:
+        line = f"{self.split}: {self.samples} samples in {len(self.shards)} shard(s), index {self.index}"
+        if self.skipped:
+            line += f"; {len(self.skipped)} skipped, listed in {Path(self.index).with_name(f'{self.split}-skipped.jsonl')}"
+        return line
+
+
+def _outputs(out: Path, split: str) -> list[Path]:
+    return sorted([*out.glob(f"{split}-[0-9]*.tar"), *(p for p in (out / f"{split}.json", out / f"{split}-skipped.jsonl")
+                                                         if p.exists())])
+
+
+def check_output(out: str | Path, splits: list[str], overwrite: bool, extra: tuple[str, ...] = ()) -> Path:
+    """Make ``out``; if it holds a split's shards, index or report (or one of ``extra``), fail unless ``overwrite``,
+    which removes them first (so that no shard of an earlier, larger conversion is left behind)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [p for split in splits for p in _outputs(out, split)] + [out / e for e in extra if (out / e).exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more file(s)" if len(existing) > 1 else ""
+        raise FileExistsError(f"{existing[0]}{more} exist(s) already; pass --overwrite to replace them")
+    for path in existing:
+        path.unlink()
+    return out
+
+
+def _encode(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return str(value).encode("utf-8")
+
+
+def _read_image(planned: Planned) -> tuple[str, bytes]:
+    """The image's extension and bytes, checked as the training loader decodes them (``SampleError`` if not)."""
+    ext = Path(planned.image).suffix.lower().lstrip(".")
+    if ext not in IMAGE_EXTENSIONS:
+        raise SampleError(f"not an image format mmlit reads (.{ext}); readable: {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    try:
+        data = Path(planned.image).read_bytes()
+    except OSError as err:
+        raise SampleError(f"cannot read the image: {err.strerror or err}") from None
+    decode_sample({"__key__": planned.key, ext: data}, ("image",))
+    return ext, data
+
+
+def _write_shard(path: str, samples: list[Planned]) -> tuple[int, int, list[Skipped]]:
+    """Write one shard (to a temporary name, then renamed); returns (samples written, bytes, skipped)."""
+    skipped, written = [], 0
+    partial = path + ".partial"
+    with wds.TarWriter(partial, encoder=False, mtime=0, user="mmlit", group="mmlit") as sink:
+        for planned in samples:
+            try:
+                ext, data = _read_image(planned)
+            except SampleError as err:  # (the decoder's own message, without the shard-and-key prefix)
+                skipped.append(Skipped(planned.origin, str(err.__cause__ or err), planned.image))
+                continue
+            sink.write({"__key__": planned.key, ext: data, **{k: _encode(v) for k, v in planned.entries.items()}})
+            written += 1
+    if not written:
+        os.unlink(partial)
+        return 0, 0, skipped
+    os.replace(partial, path)
+    return written, os.path.getsize(path), skipped
+
+
+def write_split(samples: list[Planned], out: str | Path, split: str, *, shard_size: int = 1000, workers: int = 1,
+                skipped: list[Skipped] | None = None, progress: bool = True) -> SplitReport:
+    """Write ``samples`` as the shards of ``split`` in ``out`` with their index and the report of what was skipped
+    (``skipped``: what the converter left out before, added to the report)."""
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    out = Path(out)
+    keys = [s.key for s in samples]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{split}: sample keys repeat (e.g. {next(k for k in keys if keys.count(k) > 1)!r})")
+    jobs = [(str(out / f"{split}-{i:06d}.tar"), samples[start:start + shard_size])
+            for i, start in enumerate(range(0, len(samples), shard_size))]
+    results: dict[str, tuple[int, int, list[Skipped]]] = {}
+    from tqdm import tqdm  # a Lightning dependency
+
+    with tqdm(total=len(samples), desc=f"{split} ({Path(out).name})", unit="sample", disable=not progress) as bar:
+        if workers <= 1 or len(jobs) <= 1:
+            for path, chunk in jobs:
+                results[path] = _write_shard(path, chunk)
+                bar.update(len(chunk))
+        else:
+            with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+                futures = {pool.submit(_write_shard, path, chunk): (path, len(chunk)) for path, chunk in jobs}
+                for future in as_completed(futures):
+                    path, size = futures[future]
+                    results[path] = future.result()
+                    bar.update(size)
+    shards = [(path, n, size) for path, _ in jobs for n, size, _ in [results[path]] if n]
+    lost = list(skipped or []) + [s for path, _ in jobs for s in results[path][2]]
+    if not shards:
+        raise ValueError(f"{split}: no sample could be written ({len(lost)} skipped; first: {lost[0] if lost else None})")
+    index = str(out / f"{split}.json")
+    save_index(shards, index)
+    if lost:
+        with open(out / f"{split}-skipped.jsonl", "w") as f:
+            for s in lost:
+                f.write(json.dumps({"origin": s.origin, "path": s.path, "reason": s.reason}) + "\n")
+    return SplitReport(split, shards, lost, index)
