@@ -7,6 +7,7 @@ the workers as before. On the CPU the same code runs with the CPU decoder (libjp
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,18 +21,20 @@ _log = logging.getLogger(__name__)
 
 class EncodedImages:
     """A batch of JPEGs left for the device: their bytes (1-D uint8 tensors: they go to the training process through
-    shared memory like any tensor) and the square side ``target`` to resize them to (None: as they are)."""
+    shared memory like any tensor), the square side ``target`` to crop them to (None: as they are) and the share
+    ``crop_pct`` of the resized shorter side that the centre crop keeps (the evaluation pipeline of
+    ``mmlit/data/transforms.py``)."""
 
     def __init__(self, images: list[EncodedImage]):
         self.data = [torch.frombuffer(bytearray(image.data), dtype=torch.uint8) for image in images]
-        self.target = images[0].target
+        self.target, self.crop_pct = images[0].target, images[0].crop_pct
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, EncodedImages) and self.target == other.target and len(self) == len(other)
-                and all(torch.equal(a, b) for a, b in zip(self.data, other.data)))
+        return (isinstance(other, EncodedImages) and (self.target, self.crop_pct) == (other.target, other.crop_pct)
+                and len(self) == len(other) and all(torch.equal(a, b) for a, b in zip(self.data, other.data)))
 
     __hash__ = object.__hash__
 
@@ -53,12 +56,18 @@ class EncodedImages:
         return torch.stack([self._resized(image) for image in images])
 
     def _resized(self, image: torch.Tensor) -> torch.Tensor:
-        """Bilinear with antialiasing, as Pillow's ``BILINEAR`` resize in ``Task.image_tensor``."""
+        """The shorter side resized to ``target / crop_pct`` (bilinear with antialiasing, as Pillow's), then the centre
+        ``target`` x ``target`` (torchvision's ``Resize`` and ``CenterCrop`` arithmetic)."""
         if self.target is None or tuple(image.shape[1:]) == (self.target, self.target):
             return image
-        resized = F.interpolate(image[None].float(), size=(self.target, self.target), mode="bilinear",
-                                antialias=True, align_corners=False)
-        return resized[0].round().clamp(0, 255).to(torch.uint8)
+        height, width = image.shape[1:]
+        short = math.floor(self.target / self.crop_pct)
+        size = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+        if size != (height, width):
+            image = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True,
+                                  align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        top, left = (int(round((side - self.target) / 2.0)) for side in size)
+        return image[:, top:top + self.target, left:left + self.target]
 
 
 def decode_batch_images(batch: dict, device: torch.device) -> dict:

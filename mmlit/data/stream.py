@@ -44,6 +44,7 @@ from mmlit.data.device_images import EncodedImages
 from mmlit.data.index import ShardIndex, StaleIndexError
 from mmlit.data.shards import ShardError
 from mmlit.data.sources import Source, TarSource
+from mmlit.data.transforms import sample_context
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -280,7 +281,12 @@ class SourceStream(IterableDataset):
             for name, task in zip(self.names, self.tasks):
                 try:
                     own = decoded if decoded is not None else self._decode(sample, task.fields or None)
-                    examples[name].extend(list(task.prepare(own, self.tokenizer)))
+                    # Each task draws from the same seeded state: tasks with one pipeline get the same crop of the image.
+                    with sample_context((self.seed, epoch, sample["__key__"]), train=self.train):
+                        produced = list(task.prepare(own, self.tokenizer))
+                    for example in produced:
+                        example["key"] = sample["__key__"]  # (what mmlit predict names each prediction by)
+                    examples[name].extend(produced)
                 except UnsafeSampleError:
                     raise
                 except SampleError as err:

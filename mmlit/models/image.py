@@ -89,6 +89,13 @@ class TimmImageEncoder(nn.Module):
         if pooling == "flatten":
             self.pool = nn.Sequential(nn.Flatten(1), nn.Linear(height * width * dim, dim), nn.LayerNorm(dim))
 
+    def data_config(self) -> dict:
+        """The timm model's preprocessing (``interpolation``, ``crop_pct``, ``mean``, ``std``) from its pretrained
+        config: what task image pipelines default to."""
+        from timm.data import resolve_data_config
+
+        return resolve_data_config(model=self.model)
+
     def _feature_map(self, image: torch.Tensor) -> torch.Tensor:
         if image.dtype == torch.uint8:  # the model's own normalisation, on the batch, on the device
             image = (image.float() - self.mean) / self.std

@@ -12,10 +12,9 @@ from mmlit.cli import main
 from mmlit.data import SourceStream, TaskStream, scan_shards
 from mmlit.data.device_images import EncodedImages, decode_batch_images
 from mmlit.data.sort_of_clevr import write_dataset
-from mmlit.registry import get_task
 from mmlit.tasks.base import Shards
 
-from ..conftest import tiny_recipe, write_recipe
+from ..conftest import soc_task, tiny_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,7 @@ def jpeg_shards(tmp_path_factory):
 
 
 def _first_batch(index, mode: str, size: int, name: str = "image_classification") -> dict:
-    task = get_task(name)(Shards(), batch_size=8)
+    task = soc_task(name, Shards(), batch_size=8)
     task.image_size = size
     _, batch, _ = next(iter(TaskStream(task, index, None, batch_size=8, train=False, decode_images=mode)))
     return batch
@@ -43,7 +42,7 @@ def test_the_device_path_gives_the_worker_paths_pixels(jpeg_shards, size):
 
 
 def test_tasks_on_one_source_share_one_encoded_batch_which_is_decoded_once(jpeg_shards):
-    tasks = {name: get_task("image_classification")(Shards(), batch_size=4) for name in ("a", "b")}
+    tasks = {name: soc_task("image_classification", Shards(), batch_size=4) for name in ("a", "b")}
     for task in tasks.values():
         task.image_size = 75
     stream = SourceStream(tasks, scan_shards(jpeg_shards["train"], "k"), None, batch_size=4, train=False,
@@ -72,3 +71,47 @@ def test_a_fit_with_images_decoded_on_the_device(soc, jpeg_shards, tmp_path):
     recipe["data"].update(decode_images="device", num_workers=1)
     main(["fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml"))])
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_device_path_crops_the_centre_as_the_evaluation_pipeline_does(tmp_path):
+    """A 120x80 JPEG: the worker's pipeline resizes its shorter side to 48 / 0.75 = 64 and crops the centre 48; the
+    device path does the same arithmetic."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmlit.data.transforms import ImageTransform, build_pipelines
+    from mmlit.tasks import ImageClassification
+
+    from ..conftest import write_tar
+
+    y, x = np.mgrid[0:80, 0:120]
+    samples = []
+    for i in range(3):
+        pixels = np.stack([x * 2 + i * 9, y * 3, (x + y) + i * 20], -1).clip(0, 255).astype(np.uint8)  # smooth ramps
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+        samples.append({"__key__": f"k{i}", "jpg": buffer.getvalue(), "cls": b"1"})
+    index = scan_shards([str(write_tar(tmp_path / "photos.tar", samples))], "k")
+    task = ImageClassification(Shards(), batch_size=3, num_classes=2,
+                               transform=ImageTransform(crop_pct=0.75, interpolation="bilinear"))
+    task.image_size = 48
+    task._pipelines = build_pipelines(task.transform, 48, {}, "k")
+
+    def first(mode: str):
+        return next(iter(TaskStream(task, index, None, batch_size=3, train=False, decode_images=mode)))[1]["image"]
+
+    worker, device = first("worker"), first("device").decode(torch.device("cpu"))
+    assert worker.shape == device.shape == (3, 3, 48, 48)
+    assert (worker.int() - device.int()).abs().max() <= 2
+
+
+def test_device_decoding_refuses_training_augmentation_it_cannot_apply(soc):
+    from mmlit.data import MultiTaskDataModule
+
+    tasks = {"shapes": soc_task("image_classification", Shards(train=soc["train"]), transform={"augment": True})}
+    module = MultiTaskDataModule(soc["tokenizer"], tasks=tasks, decode_images="device", num_workers=0)
+    with pytest.raises(ValueError, match=r"data.decode_images: device .* task\(s\) shapes; set their "
+                                         r"init_args.transform.augment: false"):
+        module.setup("fit")

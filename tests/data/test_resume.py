@@ -1,6 +1,6 @@
 """Exact mid-epoch resume: a run killed at step k and resumed from its checkpoint trains on exactly the samples
-of the uninterrupted run, in the same order, and ends with bit-identical weights (1 and 2 ranks, 0 and 2 workers; local
-shards, and once each with an index and shards over HTTP and on S3)."""
+of the uninterrupted run, in the same order, with the same augmentations, and ends with bit-identical weights (1 and 2
+ranks, 0 and 2 workers; local shards, and once each with an index and shards over HTTP and on S3)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def _recipe(soc, root, world: int, workers: int, callbacks: list[dict]) -> dict:
                          strategy="ddp_find_unused_parameters_true" if world > 1 else "auto")
     recipe["data"].update(num_workers=workers, mixture={"class_path": "mmlit.data.Temperature", "init_args": {"temperature": 2.0}})
     recipe["model"]["tasks"]["image_classification"]["init_args"]["batch_size"] = 3
+    # Augmentation on (random crops, flips, RandAugment): a resumed run draws the same augmentations
+    recipe["model"]["tasks"]["image_classification"]["init_args"]["transform"] = {"auto_augment": "rand-m9-mstd0.5"}
+    recipe["model"]["tasks"]["vqa"]["init_args"].pop("transform")  # VQA's own: random crops
     recipe["checkpoint"] = {"every_n_train_steps": CRASH}
     recipe["trainer"]["callbacks"] = callbacks
     return recipe
