@@ -95,6 +95,8 @@ class MultiTaskModule(pl.LightningModule):
             stage: nn.ModuleDict({name: task.metrics() for name, task in tasks.items()}) for stage in _EVAL_STAGES})
         self.eval_losses = nn.ModuleDict({
             stage: nn.ModuleDict({name: MeanMetric() for name in tasks}) for stage in _EVAL_STAGES})
+        self._eval_batches = {stage: dict.fromkeys(tasks, 0) for stage in _EVAL_STAGES}
+        self.tokenizer = None  # the data module's, once a stage is set up (decodes predictions)
         if matmul_precision is not None:
             torch.set_float32_matmul_precision(matmul_precision)
         if compile is not None:
@@ -109,6 +111,9 @@ class MultiTaskModule(pl.LightningModule):
             raise ValueError(
                 f"model.backbone's vocab_size (its text_encoder's, or its own without one) is {self.backbone.vocab_size}, but "
                 f"data.tokenizer has {tokenizer.get_vocab_size()} tokens; raise vocab_size to at least that")
+        self.tokenizer = tokenizer
+        for task in self.tasks.values():
+            task.setup(tokenizer)
         if stage != "fit":
             return
         strategy = self.trainer.strategy
@@ -250,19 +255,24 @@ class MultiTaskModule(pl.LightningModule):
                 task = self.tasks[name]
                 outputs = task(self.backbone, task_batch)
                 task.update_metrics(self.metrics[stage][name], outputs, task_batch)
-                self.eval_losses[stage][name].update(outputs["loss"], weight=batch_size_of(task_batch))
+                self._eval_batches[stage][name] += 1
+                if "loss" in outputs:  # (a batch of an evaluation source, zero-shot images, may have none)
+                    self.eval_losses[stage][name].update(outputs["loss"], weight=batch_size_of(task_batch))
 
     def _eval_epoch_end(self, stage: str) -> None:
         # compute() syncs across ranks; every rank calls it for every task in the same order.
         values = {}
         # A task without batches on any rank (no shards for this split, or the sanity check stopped before it) is
         # left out; the decision is taken over all ranks, because compute() of the others would wait for it.
-        seen = torch.tensor([float(self.eval_losses[stage][name].update_count) for name in self.tasks], device=self.device)
+        seen = torch.tensor([[float(self._eval_batches[stage][name]), float(self.eval_losses[stage][name].update_count)]
+                             for name in self.tasks], device=self.device)  # (tasks, [batches, batches with a loss])
         seen = self.trainer.strategy.reduce(seen, reduce_op="sum") if self._trainer is not None else seen
-        for (name, task), count in zip(self.tasks.items(), seen.tolist()):
-            if getattr(task.shards, stage) is None or count == 0:
+        self._eval_batches[stage] = dict.fromkeys(self.tasks, 0)
+        for name, (batches, with_loss) in zip(self.tasks, seen.tolist()):
+            if batches == 0:
                 continue
-            values[f"{stage}/{name}/loss"] = self.eval_losses[stage][name].compute()
+            if with_loss:
+                values[f"{stage}/{name}/loss"] = self.eval_losses[stage][name].compute()
             for key, value in self.metrics[stage][name].compute().items():
                 values[f"{stage}/{name}/{key}"] = value
             self.eval_losses[stage][name].reset()
@@ -274,6 +284,15 @@ class MultiTaskModule(pl.LightningModule):
 
     def test_step(self, batch: dict[str, dict], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", batch)
+
+    def predict_step(self, batch: dict[str, dict], batch_idx: int, dataloader_idx: int = 0) -> dict[str, list[dict]]:
+        """Each task's prediction rows for its batch (``Task.predict``); ``PredictionWriter`` writes them."""
+        rows = {}
+        with self.backbone.shared_pass():
+            for name, task_batch in batch.items():
+                rows[name] = self.tasks[name].predict(self.tasks[name](self.backbone, task_batch), task_batch,
+                                                      self.tokenizer)
+        return rows
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")

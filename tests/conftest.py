@@ -20,13 +20,16 @@ from mmlit.data.tools import iter_texts  # noqa: E402
 from mmlit.registry import get_task, list_tasks  # noqa: E402
 from mmlit.text import train_tokenizer  # noqa: E402
 
+from ._soc import soc_settings, soc_task  # noqa: E402, F401 (soc_task: for the tests that import it from here)
+
 from ._stores import http_store, s3_store  # noqa: E402, F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_soc(root: Path) -> dict:
-    """Sort-of-CLEVR in ``root``: train 40 images in 4 shards, val 12 and test 12 in one shard each, plus a tokenizer."""
+    """Sort-of-CLEVR in ``root``: train 40 images in 4 shards, val 12 and test 12 in 2 shards each (10 + 2), plus a
+    tokenizer; ``soc["val"]`` and ``soc["test"]`` name the first shard of each."""
     shards = write_dataset(root, {"train": 40, "val": 12, "test": 12}, seed=0, shard_size=10)
     tokenizer = root / "tokenizer.json"
     train_tokenizer(iter_texts(shards["train"]), tokenizer, vocab_size=200)
@@ -63,7 +66,7 @@ def tiny_recipe(soc: dict, root: Path, tasks: list[str] | None = None, **trainer
         cls = get_task(name)
         task_specs[name] = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
                             "init_args": {"shards": {"train": soc["train"], "val": soc["val"], "test": soc["test"]},
-                                          "batch_size": 4}}
+                                          "batch_size": 4, **soc_settings(name)}}
     return {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "log_every_n_steps": 1,

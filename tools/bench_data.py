@@ -121,7 +121,7 @@ def _plan_cold(spec: str) -> object:
 
 
 def _datamodule_setup(index: str, tokenizer: str) -> MultiTaskDataModule:
-    task = get_task("text_classification")(Shards(train=index), batch_size=BATCH)
+    task = get_task("text_classification")(Shards(train=index), classes=["unused"], batch_size=BATCH)
     datamodule = MultiTaskDataModule(tokenizer, tasks={task.name: task}, num_workers=0)
     datamodule.setup("fit")
     return datamodule

@@ -64,6 +64,7 @@ from mmlit.data import decode_sample, iter_samples
 from mmlit.data.stream import _share_equal
 from mmlit.data.tools import iter_texts
 from mmlit.module import MultiTaskModule
+from mmlit.data.transforms import ImageTransform
 from mmlit.tasks.base import Shards, batch_size_of
 from mmlit.text import train_tokenizer
 
@@ -100,15 +101,18 @@ class Preset:
         return (self.warmup + self.steps) * self.batch_size
 
 
+# Both loops prepare the same pixels: no augmentation (the plain loop prepares outside a training sample), the
+# shorter side resized and the centre cropped; the captions are the generators' json.caption.
+_SAME = {"caption_field": "json.caption", "transform": {"augment": False, "crop_pct": 1.0}}
 PRESETS = {
     "cpu": Preset(image_size=64, model_name="vit_tiny_patch16_224", model_kwargs={"img_size": 64, "patch_size": 8},
                   dim=128, text_depth=2, heads=4, vocab_size=256, max_length=40, batch_size=32, precision="32-true",
                   warmup=5, steps=30, workers=1, data="soc",
-                  task_args={"contrastive": {"embed_dim": 128}, "captioning": {"depth": 2, "heads": 4}}),
+                  task_args={"contrastive": {"embed_dim": 128, **_SAME}, "captioning": {"depth": 2, "heads": 4, **_SAME}}),
     "gpu": Preset(image_size=224, model_name="vit_base_patch16_224", model_kwargs={}, dim=512, text_depth=12, heads=8,
                   vocab_size=1024, max_length=77, batch_size=256, precision="bf16-mixed", warmup=10, steps=30,
                   workers=12, data="photos", compile=True,
-                  task_args={"contrastive": {"embed_dim": 512}, "captioning": {"depth": 2, "heads": 8}}),
+                  task_args={"contrastive": {"embed_dim": 512, **_SAME}, "captioning": {"depth": 2, "heads": 8, **_SAME}}),
 }
 
 
@@ -117,7 +121,7 @@ def _dry(preset: Preset) -> Preset:
     return dataclasses.replace(
         preset, image_size=32, model_kwargs={"img_size": 32, "patch_size": 8, "depth": 2}, dim=32, text_depth=1,
         heads=2, max_length=40, batch_size=4, warmup=1, steps=1, workers=1, photo_size=(100, 75),
-        task_args={"contrastive": {"embed_dim": 32}, "captioning": {"depth": 1, "heads": 2}})
+        task_args={"contrastive": {"embed_dim": 32, **_SAME}, "captioning": {"depth": 1, "heads": 2, **_SAME}})
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -221,6 +225,8 @@ def _build(spec):
         args = {k: _build(v) for k, v in spec.get("init_args", {}).items()}
         if "shards" in args:
             args["shards"] = Shards(**args["shards"])
+        if "transform" in args:
+            args["transform"] = ImageTransform(**args["transform"])
         return getattr(importlib.import_module(module), name)(**args)
     return spec
 

@@ -20,6 +20,7 @@ from mmlit.data.index import ShardIndex, plan_shards
 from mmlit.data.sources import Source, get_source
 from mmlit.data.stream import Mixture, Sequential, SourceStream
 from mmlit.data.workers import StartMethod, start_fork_server, task_loader
+from mmlit.tasks.base import Task
 from mmlit.text import load_tokenizer
 
 __all__ = ["MultiTaskDataModule"]
@@ -27,14 +28,15 @@ __all__ = ["MultiTaskDataModule"]
 # Tokenizers' own thread pool does not survive fork; DataLoader workers tokenize one sample each anyway.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
 class MultiTaskDataModule(pl.LightningDataModule):
     """Streams every task's shards.
 
     Args:
-        tokenizer: path to the ``tokenizer.json`` made by ``mmlit data tokenizer``.
+        tokenizer: path to the ``tokenizer.json`` made by ``mmlit data tokenizer``; none for recipes whose tasks read no
+            text (image classification).
         tasks: the model's tasks (linked from ``model.tasks`` by the CLI; not a recipe key).
         mode: ``epoch``: every training sample once per task epoch; ``resampled``: shards drawn with
             replacement, ``samples_per_epoch`` samples per task epoch.
@@ -66,7 +68,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             prepares its examples from it (with the all-task mixture; a sampled mixture reads per task).
     """
 
-    def __init__(self, tokenizer: str, tasks: dict | None = None, mode: Literal["epoch", "resampled"] = "epoch",
+    def __init__(self, tokenizer: str | None = None, tasks: dict | None = None, mode: Literal["epoch", "resampled"] = "epoch",
                  samples_per_epoch: dict[str, int] | None = None, mixture: TaskSampler | None = None,
                  steps_per_epoch: int | None = None, num_workers: int = 2,
                  multiprocessing_context: StartMethod = "forkserver", shuffle_buffer: int = 1000, seed: int = 0,
@@ -97,7 +99,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.tokenizer = None
         self.rank, self.world_size = 0, 1
         self.faults = FaultLog()
-        self.indexes: dict[str, dict[str, ShardIndex]] = {}
+        self.indexes: dict[str, dict[str, ShardIndex]] = {}  # reader (a task, or its evaluation source) -> split -> index
+        self._sources: dict[str, list] = {}  # task -> its evaluation sources (Task.evaluation_sources)
         self.mixture: Mixture | None = None
         self._resume: dict | None = None
 
@@ -111,7 +114,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         unknown = sorted(set(self.samples_per_epoch) - set(self.tasks))
         if unknown:
             raise ValueError(f"data.samples_per_epoch: no task named {', '.join(unknown)}; the tasks are {', '.join(self.tasks)}")
-        self.tokenizer = load_tokenizer(self.tokenizer_path, key="data.tokenizer")
+        self.tokenizer = load_tokenizer(self.tokenizer_path, key="data.tokenizer") if self.tokenizer_path else None
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.faults.rank = self.rank
@@ -120,9 +123,15 @@ class MultiTaskDataModule(pl.LightningDataModule):
         for name, task in self.tasks.items():
             if task.shards.train is None and stage == "fit":
                 raise ValueError(f"model.tasks.{name}.init_args.shards.train: task '{name}' has no training shards")
-        wanted = [(name, split) for name in self.tasks for split in _SPLITS.get(stage, ())
-                  if split not in self.indexes.get(name, {}) and getattr(self.tasks[name].shards, split) is not None]
-        specs = list(dict(reversed([self._spec(name, split) for name, split in wanted])).items())  # tasks may share shards
+        if self.decode_images == "device" and stage == "fit":
+            augmented = [n for n, t in self.tasks.items() if t.transform is not None and t.transform.augment]
+            if augmented:
+                raise ValueError(f"data.decode_images: device decodes and resizes JPEGs on the device, without the "
+                                 f"training augmentation of task(s) {', '.join(augmented)}; set their "
+                                 f"init_args.transform.augment: false, or data.decode_images: worker")
+        wanted = [(reader, split) for split in _SPLITS.get(stage, ()) for reader in self._readers(split)
+                  if split not in self.indexes.get(reader, {}) and self._spec(reader, split)[0] is not None]
+        specs = list(dict(reversed([self._spec(reader, split) for reader, split in wanted])).items())  # tasks may share shards
         # Rank 0 plans and every rank uses its result (or raises its error), so that all ranks plan the same
         # epochs even when a remote store fails for one of them; it also reads remote files only once.
         plans = [self._plan(spec, key) if self.rank == 0 else None for spec, key in specs]
@@ -133,15 +142,32 @@ class MultiTaskDataModule(pl.LightningDataModule):
             if isinstance(plan, Exception):
                 raise plan
             planned[spec] = plan
-        for name, split in wanted:
-            self._index(name, split, planned[self._spec(name, split)[0]])
+        for reader, split in wanted:
+            self._index(reader, split, planned[self._spec(reader, split)[0]])
         if stage == "fit":
             self._check_fit()
         if self.num_workers:
             start_fork_server(self.start_method, self._task_modules)
 
-    def _spec(self, name: str, split: str) -> tuple[str, str]:
-        return getattr(self.tasks[name].shards, split), f"model.tasks.{name}.init_args.shards.{split}"
+    def _readers(self, split: str) -> dict[str, tuple[str, Task]]:
+        """What reads ``split``: reader -> (the task its batches go to, the task that prepares them). A task reads its
+        own shards; on evaluation splits its evaluation sources (``Task.evaluation_sources``) read theirs too, as
+        readers ``{task}/1``, ``{task}/2``, ..."""
+        readers = {name: (name, task) for name, task in self.tasks.items()}
+        if split != "train":
+            for name, task in self.tasks.items():
+                if name not in self._sources:
+                    self._sources[name] = task.evaluation_sources()
+                readers.update({f"{name}/{i}": (name, source) for i, source in enumerate(self._sources[name], 1)})
+        return readers
+
+    def _spec(self, reader: str, split: str) -> tuple[str | None, str]:
+        """A reader's shards for ``split`` and their recipe key (``predict`` falls back to ``test``)."""
+        name, task = self._readers(split)[reader]
+        key = getattr(task, "shards_key", f"model.tasks.{name}.init_args.shards")
+        if split == "predict" and task.shards.predict is None:
+            split = "test"
+        return getattr(task.shards, split), f"{key}.{split}"
 
     @property
     def source(self) -> Source:
@@ -155,8 +181,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         except Exception as err:  # (a missing fsspec protocol package ...): every rank must hear of it, picklable
             return RuntimeError(f"{key}: {type(err).__name__}: {err}")
 
-    def _index(self, name: str, split: str, index: ShardIndex) -> None:
-        key = f"model.tasks.{name}.init_args.shards.{split}"
+    def _index(self, reader: str, split: str, index: ShardIndex) -> None:
+        name, key = self._readers(split)[reader][0], self._spec(reader, split)[1]
         if self.rank == 0:
             self.faults.add_bad_shards(name, split, index.bad)
         shards = len(index.urls) + sum(1 for e in index.bad if e.url not in index.urls)
@@ -173,7 +199,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             warnings.warn(f"{key}: {len(index.urls)} shard(s) for {self.readers} readers (ranks x workers): readers share "
                           f"shards and skip to their own samples, which reads some bytes more than once; more shards "
                           f"than readers read every byte once", stacklevel=2)
-        self.indexes.setdefault(name, {})[split] = index
+        self.indexes.setdefault(reader, {})[split] = index
 
     def _check_fit(self) -> None:
         self.sampler.bind(self.epoch_samples, self.seed)
@@ -184,24 +210,26 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return self.samples_per_epoch.get(name, index.total) if self.mode == "resampled" else index.total
 
     def groups(self, split: str) -> dict[str, list[str]]:
-        """The tasks that read each source of ``split``, keyed by the first one's name: tasks with the same shards and
-        batch size (and, in training, samples per epoch) read together when ``share_reads`` and every task is in every
-        step; otherwise each task reads on its own."""
+        """The readers (tasks, and on evaluation splits their evaluation sources) of each source of ``split``, keyed by
+        the first one's name: tasks with the same shards and batch size (and, in training, samples per epoch) read
+        together when ``share_reads`` and every task is in every step; otherwise each reads on its own."""
         share = self.share_reads and (split != "train" or isinstance(self.sampler, AllTasks))
         groups: dict[tuple, list[str]] = {}
-        for name, task in self.tasks.items():
-            if split not in self.indexes.get(name, {}):
+        for reader, (name, task) in self._readers(split).items():
+            if split not in self.indexes.get(reader, {}):
                 continue
             samples = self.samples_per_epoch.get(name) if split == "train" else None
-            key = (getattr(task.shards, split), task.batch_size, samples) if share else (name,)
-            groups.setdefault(key, []).append(name)
-        return {names[0]: names for names in groups.values()}
+            own = reader != name  # an evaluation source's batches go to its task: never in one stream with it
+            key = (self._spec(reader, split)[0], task.batch_size, samples) if share and not own else (reader,)
+            groups.setdefault(key, []).append(reader)
+        return {readers[0]: readers for readers in groups.values()}
 
-    def _stream(self, names: list[str], split: str) -> SourceStream:
-        first = self.tasks[names[0]]
+    def _stream(self, readers: list[str], split: str) -> SourceStream:
+        tasks = dict(self._readers(split)[reader] for reader in readers)  # task name -> what prepares its batches
+        first = next(iter(tasks.values()))
         train = split == "train"
-        samples = self._samples_per_epoch(names[0], self.indexes[names[0]]["train"]) if train and self.mode == "resampled" else None
-        return SourceStream({name: self.tasks[name] for name in names}, self.indexes[names[0]][split], self.tokenizer,
+        samples = self._samples_per_epoch(readers[0], self.indexes[readers[0]]["train"]) if train and self.mode == "resampled" else None
+        return SourceStream(tasks, self.indexes[readers[0]][split], self.tokenizer,
                             batch_size=first.batch_size, train=train, samples_per_epoch=samples, seed=self.seed,
                             shuffle_buffer=self.shuffle_buffer, rank=self.rank, world_size=self.world_size,
                             source=self.source, max_image_pixels=self.max_image_pixels,
@@ -260,6 +288,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> Sequential:
         return self._eval_loaders("test")
+
+    def predict_dataloader(self) -> Sequential:
+        return self._eval_loaders("predict")
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         """Lightning's move, but a tensor that several task batches hold (the images of tasks that read one source)

@@ -1,12 +1,14 @@
 """Tasks: one file each, registered by name (``mmlit tasks`` lists them)."""
 
+from mmlit.data.transforms import ImageTransform
 from mmlit.tasks.base import Shards, Task, collate_examples
 from mmlit.tasks.captioning import Captioning
-from mmlit.tasks.contrastive import Contrastive
+from mmlit.tasks.contrastive import Contrastive, ZeroShot
 from mmlit.tasks.image_classification import ImageClassification
+from mmlit.tasks.multilabel_classification import MultiLabelClassification
 from mmlit.tasks.prefix_lm import PrefixLM
 from mmlit.tasks.text_classification import TextClassification
 from mmlit.tasks.vqa import VQA
 
-__all__ = ["VQA", "Captioning", "Contrastive", "ImageClassification", "PrefixLM", "Shards", "Task", "TextClassification",
-           "collate_examples"]
+__all__ = ["VQA", "Captioning", "Contrastive", "ImageClassification", "ImageTransform", "MultiLabelClassification",
+           "PrefixLM", "Shards", "Task", "TextClassification", "ZeroShot", "collate_examples"]

@@ -8,7 +8,9 @@ registered with ``@register_task("name")``; adding one edits no core file.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import numpy as np
@@ -20,6 +22,7 @@ from torchmetrics import MetricCollection
 
 from mmlit.data.decode import EncodedImage
 from mmlit.data.device_images import EncodedImages
+from mmlit.data.transforms import ImageTransform, training_sample, build_pipelines
 from mmlit.text import BOS, EOS, PAD
 
 if TYPE_CHECKING:
@@ -27,16 +30,38 @@ if TYPE_CHECKING:
 
     from mmlit.models import Backbone
 
-__all__ = ["Shards", "Task", "batch_size_of", "collate_examples", "stack_tensors"]
+__all__ = ["Shards", "Task", "batch_size_of", "collate_examples", "names_from", "stack_tensors"]
 
 
 @dataclass
 class Shards:
-    """Shard URLs or brace/glob patterns of one task, per split (``data/x/train-{000000..000007}.tar``)."""
+    """Shard URLs or brace/glob patterns (or an index file) of one task, per split
+    (``data/x/train-{000000..000007}.tar``, ``data/x/train.json``); ``predict`` is what ``mmlit predict`` reads
+    (default: ``test``)."""
 
     train: str | None = None
     val: str | None = None
     test: str | None = None
+    predict: str | None = None
+
+
+def names_from(value: str | list[str], key: str) -> list[str]:
+    """A list of names (classes, answers) given in the recipe, or read from a JSON file that holds one
+    (``classes.json``, ``answers.json``); ``key`` is the recipe key named in errors."""
+    if isinstance(value, str):
+        path = Path(value)
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{key}: no file '{path}' (give a JSON list of names, or the list itself)") from None
+        except ValueError as err:
+            raise ValueError(f"{key}: '{path}' is not JSON: {err}") from None
+    if not isinstance(value, list) or not value or not all(isinstance(v, (str, int)) for v in value):
+        raise ValueError(f"{key}: expected a non-empty list of names, got {str(value)[:100]}")
+    names = [str(v) for v in value]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{key}: names repeat (e.g. {next(n for n in names if names.count(n) > 1)!r})")
+    return names
 
 
 def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -110,6 +135,8 @@ class Task(nn.Module):
         self.name = getattr(self, "task_name", type(self).__name__.lower())
         self.image_size: int | None = None
         self.max_length: int | None = None
+        self.transform: ImageTransform | None = None  # set by tasks that read images
+        self._pipelines: dict | None = None  # {training: PIL image -> uint8 tensor}, made by build()
 
     def build(self, backbone: Backbone) -> None:
         """Create the head for ``backbone``; subclasses call ``super().build(backbone)`` first."""
@@ -117,6 +144,9 @@ class Task(nn.Module):
             backbone.require(part, self.name)
         self.image_size = backbone.image_encoder.image_size
         self.max_length = backbone.max_length
+        if self.transform is not None:
+            self._pipelines = build_pipelines(self.transform, self.image_size, backbone.image_encoder.data_config(),
+                                              f"model.tasks.{self.name}.init_args.transform")
 
     def prepare(self, sample: dict, tokenizer: Tokenizer) -> Iterator[dict]:
         """Yield the examples of one decoded sample (none to drop it).
@@ -143,19 +173,40 @@ class Task(nn.Module):
     def update_metrics(self, metrics: MetricCollection, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def predict(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any], tokenizer: Tokenizer) -> list[dict]:
+        """One JSON-able row per example of an evaluation batch (``mmlit predict``): the sample ``key``, the
+        ``prediction`` and its ``score``, plus whatever names the example (a question's id)."""
+        raise NotImplementedError(f"task '{self.name}' ({type(self).__name__}) does not implement predict()")
+
+    def setup(self, tokenizer: Tokenizer) -> None:
+        """Called in the training process once the tokenizer is loaded, before any stage runs (a task that needs
+        token ids of its own, such as zero-shot class prompts, makes them here)."""
+
+    def evaluation_sources(self) -> list[Task]:
+        """Other sources this task is evaluated on: tasks that read them and prepare their examples, whose batches
+        come to this task's ``forward`` and ``update_metrics`` under its name (zero-shot classification shards of a
+        contrastive task)."""
+        return []
+
     # Helpers for prepare(), shared by the tasks.
     def image_tensor(self, image: Image.Image | EncodedImage) -> torch.Tensor | EncodedImage:
-        """RGB image -> (3, S, S) uint8 tensor at the encoder's size. Pixels stay uint8 until the
+        """RGB image -> (3, S, S) uint8 tensor at the encoder's size, through the task's ``transform``: augmented for
+        a training sample (``training_sample()``), resized and centre-cropped otherwise. Pixels stay uint8 until the
         encoder normalises the whole batch (4x less to copy between processes and to the GPU). A JPEG left for the
-        device (``data.decode_images: device``) stays encoded and is resized there."""
+        device (``data.decode_images: device``) stays encoded and is resized and cropped there."""
         if isinstance(image, EncodedImage):
-            return EncodedImage(image.data, image.size, self.image_size)
+            crop = self.transform.crop_pct if self.transform is not None else None
+            return EncodedImage(image.data, image.size, self.image_size, crop or 1.0)
+        if self._pipelines is not None:
+            return self._pipelines[training_sample()](image)
         if self.image_size is not None and image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
     def token_ids(self, tokenizer: Tokenizer, text: str, *, bos_eos: bool = False) -> list[int]:
         """Token ids of ``text``, cut to the text encoder's ``max_length``."""
+        if tokenizer is None:
+            raise ValueError(f"task '{self.name}' reads text, which needs data.tokenizer (`mmlit data tokenizer` makes one)")
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         limit = self.max_length or len(ids) + 2
         if bos_eos:

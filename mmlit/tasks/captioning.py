@@ -1,41 +1,82 @@
 """Image captioning with a transformer decoder over the backbone's image tokens.
 
-The encoder-decoder captioner of "Show, Attend and Tell" (Xu et al. 2015) in its transformer
-form (Vaswani et al. 2017): a causal decoder cross-attends to image tokens and is trained with
-teacher forcing. Validation decodes greedily and reports exact match of the whole caption and
-token accuracy (position by position over the reference, EOS included).
+The encoder-decoder captioner of "Show, Attend and Tell" (Xu et al. 2015) in its transformer form (Vaswani et al.
+2017): a causal decoder cross-attends to image tokens and is trained with teacher forcing. Evaluation decodes
+greedily, or with beam search (``beam_size``), and scores the caption against every reference of the image: CIDEr-D
+(``cider``), BLEU-4 (``bleu4``), exact match with one of them, and token accuracy against the first
+(``mmlit/metrics/caption.py``).
 
-Data contract: an image entry and a caption (``json.caption`` by default).
+Data contract: an image entry and its caption(s) at ``caption_field``: a text (``txt``, the WebDataset convention) or a
+list of texts (``json.captions``, what ``mmlit data convert coco`` writes). A training sample takes one of its
+captions, drawn anew each epoch (seeded, so a resumed run draws the same).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import random
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MetricCollection
 
-from mmlit.data.decode import sample_field, sample_image
+from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
+from mmlit.data.transforms import ImageTransform, training_sample
+from mmlit.metrics.caption import caption_metrics, update_caption_metrics
+from mmlit.models.generation import generate
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task
+from mmlit.tasks.base import Shards, Task, collate_examples, stack_tensors
 from mmlit.text import BOS, EOS, PAD
 
-__all__ = ["Captioning", "sequence_match", "update_caption_metrics"]
+__all__ = ["Captioning", "captions_of", "pad_references"]
+
+
+def captions_of(sample: dict, field: str, task: str) -> list[str]:
+    """The non-empty caption(s) at ``field``: a text, or a list of texts."""
+    value = sample_field(sample, field, task)
+    captions = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    captions = [c for c in captions if isinstance(c, str) and c.strip()]
+    if not captions:
+        raise SampleError(f"{sample_location(sample)}: task '{task}' found no caption at '{field}'")
+    return captions
+
+
+def pad_references(references: list[list[list[int]]]) -> torch.Tensor:
+    """Each image's reference token lists -> (B, R, T), PAD-filled (an all-PAD row: no reference)."""
+    rows, length = max(map(len, references)), max(len(r) for refs in references for r in refs)
+    out = torch.full((len(references), rows, length), PAD, dtype=torch.long)
+    for b, refs in enumerate(references):
+        for r, ref in enumerate(refs):
+            out[b, r, :len(ref)] = torch.tensor(ref)
+    return out
 
 
 @register_task("captioning")
 class Captioning(Task):
-    """Describe an image in words (teacher-forced decoder; greedy decoding on evaluation)."""
+    """Describe an image in words (teacher-forced decoder; greedy or beam-search decoding on evaluation).
 
-    fields = ("image", "json.caption")
+    Args:
+        caption_field: the entry (or ``json.path``) holding the caption, or a list of captions.
+        depth, heads, dropout: the decoder's layers, attention heads and dropout.
+        beam_size: hypotheses kept by beam search on evaluation (1: greedy).
+        length_penalty: beam search ranks hypotheses by log-probability / length ** length_penalty.
+        transform: the image pipeline (crops without flips or colour changes by default: captions name sides and
+            colours).
+    """
 
-    def __init__(self, shards: Shards, batch_size: int = 32, caption_field: str = "json.caption", depth: int = 2,
-                 heads: int = 4, dropout: float = 0.0):
+    fields = ("image", "txt")
+
+    def __init__(self, shards: Shards, batch_size: int = 32, caption_field: str = "txt", depth: int = 2, heads: int = 4,
+                 dropout: float = 0.0, beam_size: int = 1, length_penalty: float = 0.0,
+                 transform: ImageTransform | None = None):
         super().__init__(shards, batch_size)
+        if beam_size < 1:
+            raise ValueError(f"model.tasks.{self.name}.init_args.beam_size must be at least 1, got {beam_size}")
         self.caption_field, self.depth, self.heads, self.dropout = caption_field, depth, heads, dropout
+        self.beam_size, self.length_penalty = beam_size, length_penalty
         self.fields = ("image", caption_field)
+        self.transform = transform or ImageTransform(scale=(0.5, 1.0), hflip=0.0, color_jitter=0.0)
 
     def build(self, backbone) -> None:
         super().build(backbone)
@@ -51,9 +92,21 @@ class Captioning(Task):
         self.out = nn.Linear(dim, backbone.vocab_size)
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        caption = sample_field(sample, self.caption_field, self.name)
-        yield {"image": self.image_tensor(sample_image(sample, self.name)),
-               "caption": self.token_ids(tokenizer, caption, bos_eos=True)}
+        captions = captions_of(sample, self.caption_field, self.name)
+        ids = [self.token_ids(tokenizer, c, bos_eos=True) for c in captions]
+        example = {"image": self.image_tensor(sample_image(sample, self.name))}
+        if training_sample():
+            yield {**example, "caption": random.choice(ids)}  # (seeded by the sample: see mmlit/data/transforms.py)
+        else:
+            yield {**example, "caption": ids[0], "references": [c[1:] for c in ids]}
+
+    def collate(self, examples: list[dict]) -> dict[str, Any]:
+        """image (B, 3, H, W), caption (B, T) BOS ... EOS PAD ..., and on evaluation references (B, R, T') without
+        BOS."""
+        batch = collate_examples([{k: v for k, v in e.items() if k != "references"} for e in examples])
+        if "references" in examples[0]:
+            batch["references"] = pad_references([e["references"] for e in examples])
+        return batch
 
     def logits(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """memory (B, N, D), ids (B, T) -> next-token logits (B, T, V)."""
@@ -62,49 +115,29 @@ class Captioning(Task):
         x = self.embed(ids) + self.pos[:, :length] + self.image_in(memory)[:, None]
         return self.out(self.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True))
 
-    @torch.no_grad()
-    def generate(self, memory: torch.Tensor, max_length: int) -> torch.Tensor:
-        """Greedy decoding -> ids (B, L) starting after BOS, PAD after the first EOS."""
-        ids = torch.full((len(memory), 1), BOS, dtype=torch.long, device=memory.device)
-        done = torch.zeros(len(memory), dtype=torch.bool, device=memory.device)
-        for _ in range(max_length - 1):
-            step = self.logits(memory, ids)[:, -1].argmax(-1)
-            step = torch.where(done, torch.full_like(step, PAD), step)
-            ids = torch.cat([ids, step[:, None]], dim=1)
-            done |= step == EOS
-            if done.all():
-                break
-        return ids[:, 1:]
-
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         memory = backbone(image=batch["image"]).image_tokens  # (B, N, D)
         caption = batch["caption"]  # (B, T): BOS ... EOS PAD ...
         logits = self.logits(memory, caption[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), caption[:, 1:].flatten(), ignore_index=PAD)
-        out = {"loss": loss}
+        out = {"loss": F.cross_entropy(logits.flatten(0, 1), caption[:, 1:].flatten(), ignore_index=PAD)}
         if not self.training:
-            out["generated"] = self.generate(memory, caption.shape[1])
+            prompt = torch.full((len(memory), 1), BOS, dtype=torch.long, device=memory.device)
+            steps = self.max_length - 1 if "references" in batch else caption.shape[1] - 1
+            out["generated"], out["score"] = generate(lambda ids, rows: self.logits(memory[rows], ids)[:, -1], prompt,
+                                                      steps, beam_size=self.beam_size,
+                                                      length_penalty=self.length_penalty)
         return out
 
     def metrics(self) -> MetricCollection:
-        return MetricCollection({"exact_match": MeanMetric(), "token_acc": MeanMetric()})
+        return MetricCollection(caption_metrics())
 
     def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
-        update_caption_metrics(metrics, outputs["generated"], batch["caption"][:, 1:])
+        references = batch.get("references", batch["caption"][:, None, 1:])
+        update_caption_metrics(metrics, outputs["generated"], references)
 
-
-def update_caption_metrics(metrics: MetricCollection, generated: torch.Tensor, target: torch.Tensor) -> None:
-    """``exact_match`` and ``token_acc`` of generated ids (B, L) against reference ids (B, T) (see ``sequence_match``)."""
-    exact, correct, real = sequence_match(generated, target)
-    metrics["exact_match"].update(exact.float())
-    metrics["token_acc"].update(correct.sum() / real.sum(), weight=real.sum())
-
-
-def sequence_match(generated: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Generated ids (B, L) against reference ids (B, T), both left-aligned and PAD-padded (EOS included)
-    -> whole-sequence match (B,), correct reference positions (B,) and reference length (B,)."""
-    pred = torch.full_like(target, PAD)
-    width = min(generated.shape[1], target.shape[1])
-    pred[:, :width] = generated[:, :width]
-    real = target != PAD
-    return ((pred == target) | ~real).all(dim=1), ((pred == target) & real).sum(1), real.sum(1)
+    def predict(self, outputs: dict, batch: dict, tokenizer) -> list[dict]:
+        rows = []
+        for key, ids, score in zip(batch["key"], outputs["generated"].tolist(), outputs["score"].tolist()):
+            ids = ids[:ids.index(EOS)] if EOS in ids else [t for t in ids if t != PAD]
+            rows.append({"key": key, "prediction": tokenizer.decode(ids), "score": round(score, 6)})
+        return rows

@@ -1,88 +1,177 @@
-"""CLIP-style image-text contrastive learning.
+"""CLIP-style image-text contrastive learning, retrieval evaluation and zero-shot classification.
 
-Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision":
-image and caption embeddings are projected to a shared space, L2-normalised, and trained with a
-symmetric InfoNCE loss at a learnable temperature. Validation reports image-to-text and
-text-to-image recall@1 over the whole split (gathered across ranks).
+Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision": image and caption
+embeddings are projected to a shared space, L2-normalised, and trained with a symmetric InfoNCE loss at a learnable
+temperature. Evaluation reports retrieval recall@1/5/10 in both directions over the whole split, gathered across
+ranks, with every caption of an image (the COCO 5k protocol; ``mmlit/metrics/retrieval.py``). With ``zero_shot``, the
+model also classifies the images of classification shards by the class whose prompts (``a photo of a {}.``, averaged
+over the templates, as CLIP does) its image embedding is closest to: ``zero_shot_top1`` and ``zero_shot_top5``.
 
-Data contract: an image entry and a caption (``json.caption`` by default, or ``txt``).
+Data contract: an image entry and its caption(s) at ``caption_field``: a text (``txt``) or a list of texts
+(``json.captions``). A training sample takes one caption, drawn anew each epoch (seeded).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.utilities import dim_zero_cat
+from torchmetrics import MeanMetric, MetricCollection
 
 from mmlit.data.decode import sample_field, sample_image
+from mmlit.data.transforms import ImageTransform, training_sample
+from mmlit.metrics.retrieval import RetrievalRecall
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task
+from mmlit.tasks.base import Shards, Task, collate_examples, names_from, stack_tensors
+from mmlit.tasks.captioning import captions_of
+from mmlit.tasks.image_classification import class_index
 
-__all__ = ["Contrastive", "RetrievalRecallAt1"]
+__all__ = ["Contrastive", "ZeroShot"]
 
 
-class RetrievalRecallAt1(Metric):
-    """Recall@1 of retrieving the paired item among every item of the split, in one direction."""
+@dataclass
+class ZeroShot:
+    """Zero-shot classification of a contrastive model on classification shards.
 
-    full_state_update = False
+    Args:
+        shards: the classification shards per split (``val``, ``test``), e.g. those of ``mmlit data convert folder``.
+        classes: the class names, or the path of their JSON list (``classes.json``).
+        templates: prompts with ``{}`` for the class name; a class's text embedding is the mean over them.
+        label_field: the entry holding each sample's label (an index or a class name).
+        batch_size: images per batch.
+    """
 
-    def __init__(self, direction: str):
-        super().__init__()
-        self.direction = direction
-        self.add_state("image", default=[], dist_reduce_fx="cat")
-        self.add_state("text", default=[], dist_reduce_fx="cat")
+    shards: Shards
+    classes: str | list[str]
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    label_field: str = "cls"
+    batch_size: int = 64
 
-    def update(self, image: torch.Tensor, text: torch.Tensor) -> None:
-        self.image.append(F.normalize(image.float(), dim=-1))
-        self.text.append(F.normalize(text.float(), dim=-1))
 
-    def compute(self) -> torch.Tensor:
-        image, text = dim_zero_cat(self.image), dim_zero_cat(self.text)
-        sim = image @ text.T if self.direction == "i2t" else text @ image.T  # (N, N), queries on rows
-        return (sim.argmax(-1) == torch.arange(len(sim), device=sim.device)).float().mean()
+class _ZeroShotSource(Task):
+    """Reads the zero-shot shards for a contrastive task: images and their labels, prepared as its evaluation images."""
+
+    def __init__(self, owner: Contrastive, settings: ZeroShot, classes: list[str]):
+        super().__init__(settings.shards, settings.batch_size)
+        self.name, self.classes, self.label_field = owner.name, classes, settings.label_field
+        self.shards_key = f"model.tasks.{owner.name}.init_args.zero_shot.shards"  # (named in the data module's errors)
+        self.fields = ("image", settings.label_field)
+        self._index = {c: i for i, c in enumerate(classes)}
+        self._pipelines, self.image_size = owner._pipelines, owner.image_size
+
+    def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
+        label = class_index(sample_field(sample, self.label_field, self.name), self.classes, self._index, sample,
+                            f"model.tasks.{self.name}.init_args.zero_shot.classes")
+        yield {"image": self.image_tensor(sample_image(sample, self.name)), "zero_shot_label": label}
 
 
 @register_task("contrastive")
 class Contrastive(Task):
-    """Align images and their captions (symmetric InfoNCE, learnable temperature)."""
+    """Align images and their captions (symmetric InfoNCE, learnable temperature; retrieval and zero-shot evaluation).
 
-    fields = ("image", "json.caption")
+    Args:
+        caption_field: the entry (or ``json.path``) holding the caption, or a list of captions.
+        embed_dim: width of the shared embedding space.
+        init_temperature: the softmax temperature at the start (CLIP: 0.07); learned, capped at 1/100.
+        zero_shot: classification shards to classify zero-shot on evaluation.
+        transform: the image pipeline (CLIP's: a mild random crop, no flip).
+    """
+
+    fields = ("image", "txt")
     needs = ("text_encoder",)
 
-    def __init__(self, shards: Shards, batch_size: int = 32, caption_field: str = "json.caption",
-                 embed_dim: int = 128, init_temperature: float = 0.07):
+    def __init__(self, shards: Shards, batch_size: int = 32, caption_field: str = "txt", embed_dim: int = 128,
+                 init_temperature: float = 0.07, zero_shot: ZeroShot | None = None, transform: ImageTransform | None = None):
         super().__init__(shards, batch_size)
-        self.caption_field, self.embed_dim = caption_field, embed_dim
+        self.caption_field, self.embed_dim, self.zero_shot = caption_field, embed_dim, zero_shot
         self.fields = ("image", caption_field)
+        self.transform = transform or ImageTransform(scale=(0.9, 1.0), hflip=0.0, color_jitter=0.0)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.classes = names_from(zero_shot.classes, f"model.tasks.{self.name}.init_args.zero_shot.classes") \
+            if zero_shot is not None else []
+        self._class_embeddings: torch.Tensor | None = None  # (K, E), made once per evaluation
 
     def build(self, backbone) -> None:
         super().build(backbone)
         self.image_proj = nn.Linear(backbone.dim, self.embed_dim, bias=False)
         self.text_proj = nn.Linear(backbone.dim, self.embed_dim, bias=False)
 
+    def setup(self, tokenizer) -> None:
+        if self.zero_shot is not None:  # every class's prompts, (K * templates, T) token ids
+            prompts = [self.token_ids(tokenizer, t.format(c)) for c in self.classes for t in self.zero_shot.templates]
+            self.register_buffer("prompt_ids", collate_examples([{"ids": p} for p in prompts])["ids"], persistent=False)
+
+    def evaluation_sources(self) -> list[Task]:
+        return [_ZeroShotSource(self, self.zero_shot, self.classes)] if self.zero_shot is not None else []
+
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
+        captions = [self.token_ids(tokenizer, c) for c in captions_of(sample, self.caption_field, self.name)]
         yield {"image": self.image_tensor(sample_image(sample, self.name)),
-               "caption": self.token_ids(tokenizer, sample_field(sample, self.caption_field, self.name))}
+               "captions": [random.choice(captions)] if training_sample() else captions}
+
+    def collate(self, examples: list[dict]) -> dict[str, Any]:
+        """image (B, 3, H, W); captions flattened over images: caption (C, T), caption_image (C,) (C = B in
+        training: one caption each)."""
+        flat = [{"caption": c, "caption_image": i} for i, e in enumerate(examples) for c in e["captions"]]
+        rest = collate_examples([{k: v for k, v in e.items() if k not in ("image", "captions")} for e in examples])
+        return {"image": stack_tensors([e["image"] for e in examples]), **rest, **collate_examples(flat)}
+
+    def _scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP caps the scale at 100
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
+        if "zero_shot_label" in batch:
+            return self._zero_shot(backbone, batch)
+        if self.training:
+            self._class_embeddings = None  # the model changes between evaluations
         features = backbone(image=batch["image"], text=batch["caption"], fuse=False)
         image = F.normalize(self.image_proj(features.image_pooled), dim=-1)  # (B, E)
-        text = F.normalize(self.text_proj(features.text_pooled), dim=-1)  # (B, E)
-        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP caps the scale at 100
-        logits = scale * image @ text.T  # (B, B)
+        text = F.normalize(self.text_proj(features.text_pooled), dim=-1)  # (C, E)
+        first = torch.ones_like(batch["caption_image"], dtype=torch.bool)
+        first[1:] = batch["caption_image"][1:] != batch["caption_image"][:-1]  # each image's first caption
+        logits = self._scale() * image @ text[first].T  # (B, B)
         target = torch.arange(len(logits), device=logits.device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        return {"loss": loss, "image_embed": image, "text_embed": text, "temperature": 1.0 / scale}
+        return {"loss": loss, "image_embed": image, "text_embed": text, "temperature": 1.0 / self._scale()}
+
+    @torch.no_grad()
+    def _zero_shot(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
+        if self._class_embeddings is None:  # in blocks: 1,000 classes x 80 templates are 80,000 prompts
+            text = torch.cat([F.normalize(self.text_proj(backbone(text=ids).text_pooled), dim=-1)
+                              for ids in self.prompt_ids.split(1024)])
+            per_class = text.view(len(self.classes), -1, text.shape[-1]).mean(1)  # mean over the templates
+            self._class_embeddings = F.normalize(per_class, dim=-1)  # (K, E)
+        image = F.normalize(self.image_proj(backbone(image=batch["image"]).image_pooled), dim=-1)
+        return {"zero_shot_logits": image @ self._class_embeddings.T}  # (B, K)
 
     def metrics(self) -> MetricCollection:
-        return MetricCollection({"r@1_i2t": RetrievalRecallAt1("i2t"), "r@1_t2i": RetrievalRecallAt1("t2i")})
+        metrics = {"retrieval": RetrievalRecall((1, 5, 10))}
+        if self.zero_shot is not None:
+            metrics.update(zero_shot_top1=MeanMetric(), zero_shot_top5=MeanMetric())
+        return MetricCollection(metrics)
 
     def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
-        for metric in metrics.values():
-            metric.update(outputs["image_embed"], outputs["text_embed"])
+        if "zero_shot_logits" in outputs:
+            top = outputs["zero_shot_logits"].topk(min(5, len(self.classes)), dim=-1).indices
+            hit = top == batch["zero_shot_label"][:, None]
+            metrics["zero_shot_top1"].update(hit[:, 0].float())
+            metrics["zero_shot_top5"].update(hit.any(1).float())
+            return
+        metrics["retrieval"].update(outputs["image_embed"], outputs["text_embed"], batch["caption_image"])
+
+    def predict(self, outputs: dict, batch: dict, tokenizer) -> list[dict]:
+        """Per image: its embedding, and the cosine with its best-matching caption (CLIP score: a filter of data)."""
+        if "zero_shot_logits" in outputs:
+            score, label = outputs["zero_shot_logits"].max(-1)
+            return [{"key": k, "prediction": self.classes[i], "score": round(s, 6)}
+                    for k, i, s in zip(batch["key"], label.tolist(), score.tolist())]
+        image, text, owner = outputs["image_embed"].float(), outputs["text_embed"].float(), batch["caption_image"]
+        cosine = (image[owner] * text).sum(-1)
+        best = torch.full((len(image),), -1.0, device=image.device).scatter_reduce(0, owner, cosine, "amax")
+        return [{"key": k, "prediction": [round(v, 5) for v in e], "score": round(s, 6)}
+                for k, e, s in zip(batch["key"], image.tolist(), best.tolist())]

@@ -1,7 +1,9 @@
 """Image-only classification from the backbone's pooled image feature.
 
-Data contract: an image entry and an integer label (``json.labels.n_circles`` by default, the
-number of circles in a Sort-of-CLEVR scene; ``cls`` for the usual WebDataset layout).
+Data contract: an image entry and a label (``cls`` by default, the WebDataset layout that ``mmlit data convert
+folder`` and ``table`` write): a class index, or a class name looked up in ``classes``. ``classes`` is the list of
+class names, or the ``classes.json`` a converter wrote. Reports top-1 accuracy (``acc``) and, with more than five
+classes, top-5 (``acc_top5``); ``mmlit predict`` writes the class name and its probability.
 """
 
 from __future__ import annotations
@@ -15,33 +17,57 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
+from mmlit.data.transforms import ImageTransform
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task
+from mmlit.tasks.base import Shards, Task, names_from
 
-__all__ = ["ImageClassification"]
+__all__ = ["ImageClassification", "class_index"]
+
+
+def class_index(value, classes: list[str], index: dict[str, int], sample: dict, key: str) -> int:
+    """A label (an index, or a class name) as a class index; outside the classes is a ``SampleError``."""
+    if isinstance(value, str) and value in index:
+        return index[value]
+    if isinstance(value, (int, str)) and not isinstance(value, bool) and str(value).lstrip("-").isdigit():
+        number = int(value)
+        if 0 <= number < len(classes):
+            return number
+    raise SampleError(f"{sample_location(sample)}: label {value!r} is not one of the {len(classes)} classes ({key})")
 
 
 @register_task("image_classification")
 class ImageClassification(Task):
-    """Predict a class from the image alone."""
+    """Predict a class from the image alone.
 
-    fields = ("image", "json.labels.n_circles")
+    Args:
+        label_field: the entry (or ``json.path``) that holds the label: a class index or a class name.
+        classes: the class names, or the path of a JSON list of them (``classes.json``).
+        num_classes: instead of ``classes``, the number of classes (labels are indices; predictions name indices).
+        transform: the image pipeline (RandomResizedCrop, flip, colour jitter by default).
+    """
 
-    def __init__(self, shards: Shards, batch_size: int = 32, label_field: str = "json.labels.n_circles",
-                 num_classes: int = 7):
+    fields = ("image", "cls")
+
+    def __init__(self, shards: Shards, batch_size: int = 32, label_field: str = "cls", classes: str | list[str] | None = None,
+                 num_classes: int | None = None, transform: ImageTransform | None = None):
         super().__init__(shards, batch_size)
-        self.label_field, self.num_classes = label_field, num_classes
-        self.fields = ("image", label_field)
+        key = f"model.tasks.{self.name}.init_args"
+        if (classes is None) == (num_classes is None):
+            raise ValueError(f"{key}: give classes (names, or a classes.json) or num_classes, one of them")
+        self.classes = names_from(classes, f"{key}.classes") if classes is not None else [str(i) for i in range(num_classes)]
+        if len(self.classes) < 2:
+            raise ValueError(f"{key}: a classifier needs at least 2 classes, got {len(self.classes)}")
+        self.label_field, self.fields = label_field, ("image", label_field)
+        self.transform = transform or ImageTransform()
+        self._index = {name: i for i, name in enumerate(self.classes)}
 
     def build(self, backbone) -> None:
         super().build(backbone)
-        self.head = nn.Sequential(nn.LayerNorm(backbone.dim), nn.Linear(backbone.dim, self.num_classes))
+        self.head = nn.Sequential(nn.LayerNorm(backbone.dim), nn.Linear(backbone.dim, len(self.classes)))
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        label = int(sample_field(sample, self.label_field, self.name))
-        if not 0 <= label < self.num_classes:
-            raise SampleError(f"{sample_location(sample)}: label {label} is outside "
-                              f"[0, {self.num_classes}) (model.tasks.{self.name}.init_args.num_classes)")
+        label = class_index(sample_field(sample, self.label_field, self.name), self.classes, self._index, sample,
+                            f"model.tasks.{self.name}.init_args.classes")
         yield {"image": self.image_tensor(sample_image(sample, self.name)), "label": label}
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
@@ -49,7 +75,17 @@ class ImageClassification(Task):
         return {"loss": F.cross_entropy(logits, batch["label"]), "logits": logits}
 
     def metrics(self) -> MetricCollection:
-        return MetricCollection({"acc": MulticlassAccuracy(self.num_classes, average="micro")})
+        n = len(self.classes)
+        metrics = {"acc": MulticlassAccuracy(n, average="micro")}
+        if n > 5:
+            metrics["acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
+        return MetricCollection(metrics)
 
     def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
-        metrics["acc"].update(outputs["logits"].argmax(-1), batch["label"])
+        for metric in metrics.values():
+            metric.update(outputs["logits"], batch["label"])
+
+    def predict(self, outputs: dict, batch: dict, tokenizer) -> list[dict]:
+        score, label = outputs["logits"].float().softmax(-1).max(-1)
+        return [{"key": k, "prediction": self.classes[i], "score": round(p, 6)}
+                for k, i, p in zip(batch["key"], label.tolist(), score.tolist())]

@@ -5,16 +5,18 @@ The image tokens pass through a mapping network (ClipCap, Mokady et al. 2021) an
 ``CausalTextDecoder`` (the backbone's text encoder), which attends to the whole prefix and causally
 to the text (a prefix LM, SimVLM, Wang et al. 2022). Training is next-token prediction on the
 target only: ``question [BOS] answer [EOS]`` (``target: answer``) or ``[BOS] caption [EOS]``
-(``target: caption``). Evaluation decodes greedily after ``[BOS]`` and scores the whole generated
-sequence: answer accuracy (overall, relational, non-relational, as ``vqa``), or caption exact match
-and token accuracy (as ``captioning``).
+(``target: caption``). Evaluation decodes after ``[BOS]`` (greedily, or with beam search: ``beam_size``; the helper
+of ``mmlit/models/generation.py`` that captioning uses too) and scores the whole generated sequence: answer accuracy
+(exact match; with ``relational``, also on relational and non-relational questions), or the caption metrics of
+``captioning`` against the caption.
 
-Data contract: an image entry and ``json.questions`` (the ``vqa`` layout), or a caption
-(``json.caption`` by default).
+Data contract: an image entry and its questions at ``questions_field`` (the ``vqa`` layout: each with ``question``
+and ``answer``), or a caption at ``caption_field`` (``txt`` by default).
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any, Iterator, Literal
 
 import torch
@@ -23,10 +25,13 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from mmlit.data.decode import sample_field, sample_image
+from mmlit.data.transforms import ImageTransform, training_sample
+from mmlit.metrics.caption import caption_metrics, sequence_match, update_caption_metrics
+from mmlit.models.generation import generate
 from mmlit.models.text import CausalTextDecoder
 from mmlit.registry import register_task
 from mmlit.tasks.base import Shards, Task, collate_examples, stack_tensors
-from mmlit.tasks.captioning import sequence_match, update_caption_metrics
+from mmlit.tasks.captioning import captions_of
 from mmlit.text import BOS, EOS, PAD
 
 __all__ = ["PrefixLM"]
@@ -38,17 +43,24 @@ class PrefixLM(Task):
 
     Args:
         target: ``answer`` the image's questions, or write its ``caption``.
-        caption_field: the sample entry that holds the caption (``target: caption``).
+        caption_field: the entry holding the caption (``target: caption``).
+        questions_field: the entry holding the questions (``target: answer``).
+        relational: report accuracy on relational and non-relational questions (Sort-of-CLEVR).
+        beam_size: hypotheses kept by beam search on evaluation (1: greedy).
+        transform: the image pipeline (crops without flips or colour changes by default).
     """
 
     fields = ("image", "json.questions")
     needs = ("text_encoder",)
 
     def __init__(self, shards: Shards, batch_size: int = 8, target: Literal["answer", "caption"] = "answer",
-                 caption_field: str = "json.caption"):
+                 caption_field: str = "txt", questions_field: str = "json.questions", relational: bool = False,
+                 beam_size: int = 1, transform: ImageTransform | None = None):
         super().__init__(shards, batch_size)
-        self.target, self.caption_field = target, caption_field
-        self.fields = ("image", "json.questions" if target == "answer" else caption_field)
+        self.target, self.caption_field, self.questions_field = target, caption_field, questions_field
+        self.relational, self.beam_size = relational, beam_size
+        self.fields = ("image", questions_field if target == "answer" else caption_field)
+        self.transform = transform or ImageTransform(scale=(0.5, 1.0), hflip=0.0, color_jitter=0.0)
 
     def build(self, backbone) -> None:
         super().build(backbone)
@@ -69,11 +81,13 @@ class PrefixLM(Task):
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
         image = self.image_tensor(sample_image(sample, self.name))
         if self.target == "caption":
-            caption = sample_field(sample, self.caption_field, self.name)
+            captions = captions_of(sample, self.caption_field, self.name)
+            caption = random.choice(captions) if training_sample() else captions[0]
             yield {"image": image, "sequences": [self._sequence([], self.token_ids(tokenizer, caption))],
                    "relational": [False]}
             return
-        questions = sample_field(sample, "json.questions", self.name)
+        questions = sample_field(sample, self.questions_field, self.name)
+        questions = [questions] if isinstance(questions, dict) else questions
         if questions:
             yield {"image": image, "relational": [bool(q.get("relational", False)) for q in questions],
                    "sequences": [self._sequence(self.token_ids(tokenizer, q["question"]),
@@ -83,7 +97,7 @@ class PrefixLM(Task):
         """Images (B, 3, H, W); sequences flattened over images: input and labels (Q, T) padded on the right,
         prompt (Q, P) padded on the left (so that generation appends to every row at once), relational and
         image_index (Q,)."""
-        flat = [{**seq, "relational": rel, "image_index": i}
+        flat = [{**seq, "relational": rel, "image_index": i, "key": e.get("key")}
                 for i, e in enumerate(examples) for seq, rel in zip(e["sequences"], e["relational"])]
         prompts = [row.pop("prompt") for row in flat]
         batch = collate_examples(flat)
@@ -98,36 +112,42 @@ class PrefixLM(Task):
         logits = self.out(tokens)
         out = {"loss": F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=PAD)}
         if not self.training:
-            out["generated"] = self.generate(backbone.text_encoder, prefix, batch["prompt"], batch["labels"].shape[1])
+            decoder, prompt = backbone.text_encoder, batch["prompt"]
+            steps = min(batch["labels"].shape[1], decoder.max_length - prompt.shape[1] + 1)  # the last reads max_length
+            out["generated"], out["score"] = generate(
+                lambda ids, rows: self.out(decoder(ids, prefix=prefix[rows])[0][:, -1]), prompt, steps,
+                beam_size=self.beam_size)
         return out
 
-    @torch.no_grad()
-    def generate(self, decoder: CausalTextDecoder, prefix: torch.Tensor, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-        """Greedy decoding after left-padded prompts (Q, P) ending in BOS -> ids (Q, steps), PAD after EOS."""
-        ids, done = prompt, torch.zeros(len(prompt), dtype=torch.bool, device=prompt.device)
-        steps = min(steps, decoder.max_length - prompt.shape[1] + 1)  # the last step reads max_length tokens
-        for _ in range(steps):
-            step = self.out(decoder(ids, prefix=prefix)[0][:, -1]).argmax(-1)
-            step = torch.where(done, torch.full_like(step, PAD), step)
-            ids = torch.cat([ids, step[:, None]], dim=1)
-            done |= step == EOS
-            if done.all():
-                break
-        return ids[:, prompt.shape[1]:]
-
     def metrics(self) -> MetricCollection:
-        names = ("acc", "acc_rel", "acc_nonrel") if self.target == "answer" else ("exact_match", "token_acc")
+        if self.target == "caption":
+            return MetricCollection(caption_metrics())
+        names = ["acc", "acc_rel", "acc_nonrel"] if self.relational else ["acc"]
         return MetricCollection({name: MeanMetric() for name in names})
 
-    def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
+    def _reference(self, batch: dict) -> torch.Tensor:
         labels = batch["labels"]  # the target left-aligned: move the prompt's PADs behind it
-        reference = labels.gather(1, (labels == PAD).int().argsort(dim=1, stable=True))
+        return labels.gather(1, (labels == PAD).int().argsort(dim=1, stable=True))
+
+    def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
+        reference = self._reference(batch)
         if self.target == "caption":
-            update_caption_metrics(metrics, outputs["generated"], reference)
+            update_caption_metrics(metrics, outputs["generated"], reference[:, None])
             return
         exact, _, _ = sequence_match(outputs["generated"], reference)
-        rel = batch["relational"]
         metrics["acc"].update(exact.float())
-        for key, subset in (("acc_rel", rel), ("acc_nonrel", ~rel)):
-            if subset.any():
-                metrics[key].update(exact[subset].float())
+        if self.relational:
+            rel = batch["relational"]
+            for key, subset in (("acc_rel", rel), ("acc_nonrel", ~rel)):
+                if subset.any():
+                    metrics[key].update(exact[subset].float())
+
+    def predict(self, outputs: dict, batch: dict, tokenizer) -> list[dict]:
+        rows, number = [], {}
+        for key, ids, score in zip(batch["key"], outputs["generated"].tolist(), outputs["score"].tolist()):
+            ids = ids[:ids.index(EOS)] if EOS in ids else [t for t in ids if t != PAD]
+            row = {"key": key, "prediction": tokenizer.decode(ids), "score": round(score, 6)}
+            if self.target == "answer":
+                row["question_index"] = number[key] = number.get(key, -1) + 1
+            rows.append(row)
+        return rows

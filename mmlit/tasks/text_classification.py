@@ -1,9 +1,9 @@
 """Text-only classification from the backbone's pooled text feature.
 
-Data contract: a JSON list of items (``json.questions`` by default), each with a text and a class
-name; every item is one example, so a batch of ``batch_size`` samples holds all of their items (20
-questions per Sort-of-CLEVR image). On Sort-of-CLEVR the class is the question type (shape,
-horizontal, vertical, closest, furthest, count), read from the question text alone.
+Data contract: items at ``items_field`` (``json`` by default): one JSON object, or a list of them, each with a text
+(``text_key``) and a class name (``label_key``); every item is one example, so a batch of ``batch_size`` samples holds
+all of their items (a list: the 20 questions of a Sort-of-CLEVR image, whose class is the question type, read from
+the question text alone).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from mmlit.data.decode import SampleError, sample_field, sample_location
-from mmlit.data.sort_of_clevr import QUESTION_TYPES
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task
+from mmlit.tasks.base import Shards, Task, names_from
 
 __all__ = ["TextClassification"]
 
@@ -31,11 +30,11 @@ class TextClassification(Task):
     fields = ("json.questions",)
     needs = ("text_encoder",)
 
-    def __init__(self, shards: Shards, batch_size: int = 2, items_field: str = "json.questions",
-                 text_key: str = "question", label_key: str = "type", classes: list[str] = list(QUESTION_TYPES)):
+    def __init__(self, shards: Shards, classes: str | list[str], batch_size: int = 32, items_field: str = "json",
+                 text_key: str = "text", label_key: str = "class"):
         super().__init__(shards, batch_size)
         self.items_field, self.text_key, self.label_key = items_field, text_key, label_key
-        self.classes = list(classes)
+        self.classes = names_from(classes, f"model.tasks.{self.name}.init_args.classes")
         self.fields = (items_field,)
         self._class_index = {c: i for i, c in enumerate(self.classes)}
 
@@ -44,12 +43,14 @@ class TextClassification(Task):
         self.head = nn.Sequential(nn.LayerNorm(backbone.dim), nn.Linear(backbone.dim, len(self.classes)))
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        for item in sample_field(sample, self.items_field, self.name):
-            label = item.get(self.label_key)
-            if label not in self._class_index:
-                raise SampleError(f"{sample_location(sample)}: class {label!r} is not in "
-                                  f"model.tasks.{self.name}.init_args.classes")
-            yield {"text": self.token_ids(tokenizer, item[self.text_key]), "label": self._class_index[label]}
+        items = sample_field(sample, self.items_field, self.name)
+        for number, item in enumerate([items] if isinstance(items, dict) else items):
+            label = item.get(self.label_key) if isinstance(item, dict) else None
+            if label not in self._class_index or not isinstance(item.get(self.text_key), str):
+                raise SampleError(f"{sample_location(sample)}: an item of '{self.items_field}' needs a text at "
+                                  f"{self.text_key!r} and a class at {self.label_key!r} that is in "
+                                  f"model.tasks.{self.name}.init_args.classes, got {str(item)[:200]}")
+            yield {"text": self.token_ids(tokenizer, item[self.text_key]), "label": self._class_index[label], "item": number}
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         logits = self.head(backbone(text=batch["text"]).text_pooled)  # (B, K)
@@ -60,3 +61,8 @@ class TextClassification(Task):
 
     def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
         metrics["acc"].update(outputs["logits"].argmax(-1), batch["label"])
+
+    def predict(self, outputs: dict, batch: dict, tokenizer) -> list[dict]:
+        score, label = outputs["logits"].float().softmax(-1).max(-1)
+        return [{"key": k, "item": n, "prediction": self.classes[i], "score": round(p, 6)}
+                for k, n, i, p in zip(batch["key"], batch["item"].tolist(), label.tolist(), score.tolist())]

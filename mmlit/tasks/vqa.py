@@ -1,29 +1,55 @@
-"""Visual question answering as classification over a fixed answer vocabulary.
+"""Visual question answering as classification over an answer vocabulary (Antol et al. 2015; the soft targets of
+Teney et al. 2018).
 
-Data contract: an image entry and a JSON entry with ``questions``: a list of
-``{"question": str, "answer": str, "relational": bool}`` (the Sort-of-CLEVR layout of Santoro et
-al. 2017). An example is one image with its questions, so the image is encoded once however many
-questions it has; ``batch_size`` counts images. The head reads the fused (text-attends-to-image)
-pooled feature. Accuracy is reported overall and separately for relational and non-relational
-questions.
+Data contract: an image entry and its questions at ``questions_field`` (``json.questions``): a list of questions
+(many per image, the ``mmlit data convert vqa`` and Sort-of-CLEVR layout) or one question (a JSON object: one per
+sample, as a table row would be). A question is ``{"question": str, "answers": [human answers], "answer": str,
+"answer_type": str, "relational": bool}``; ``answers`` (VQAv2's ten) or ``answer`` is needed for training.
+
+An example is one image with its questions, so the image is encoded once however many it has; ``batch_size``
+counts images. The head reads the fused pooled feature. The target of a question is each answer's VQA accuracy
+(``min(#humans who gave it / 3, 1)`` over the 10 subsets of 9) over the answer vocabulary, normalised: cross-entropy
+with it is cross-entropy with the answer when there is one answer. Questions whose answers are all outside the
+vocabulary take no part in the loss and score 0 in ``acc``. ``acc`` is the official VQA accuracy (exact match for a
+question with one answer); with ``answer_types`` also ``acc_{type}`` per answer type, with ``relational`` the
+Sort-of-CLEVR split ``acc_rel`` / ``acc_nonrel``.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric, MetricCollection
 
 from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
-from mmlit.data.sort_of_clevr import ANSWERS
+from mmlit.data.transforms import ImageTransform, training_sample
+from mmlit.metrics.vqa import normalize_answer, soft_scores
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, collate_examples, stack_tensors
+from mmlit.tasks.base import Shards, Task, collate_examples, names_from, stack_tensors
 
-__all__ = ["VQA"]
+__all__ = ["VQA", "soft_accuracy"]
+
+_NO_ANSWER = -2  # padding of a question's human answers (-1: an answer outside the vocabulary)
+
+
+def _type_key(answer_type: str) -> str:
+    """The metric name of an answer type's accuracy: ``yes/no`` -> ``acc_yes_no``."""
+    return "acc_" + re.sub(r"\W+", "_", answer_type).strip("_")
+
+
+def soft_accuracy(pred: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """VQA accuracy of predicted answer ids (Q,) against human answer ids (Q, K) (``_NO_ANSWER``-padded): for each
+    human answer left out, ``min(matches among the others / 3, 1)``, averaged; a question with one answer scores
+    exact match."""
+    given = answers != _NO_ANSWER
+    n = given.sum(1).clamp(min=1).float()
+    m = ((answers == pred[:, None]) & given).sum(1).float()
+    soft = (m * ((m - 1) / 3).clamp(max=1) + (n - m) * (m / 3).clamp(max=1)) / n
+    return torch.where(n > 1, soft, m)
 
 
 @register_task("vqa")
@@ -31,54 +57,112 @@ class VQA(Task):
     """Answer questions about an image (image + question -> answer class).
 
     Args:
-        answers: the answer vocabulary, one class each.
+        answers: the answer vocabulary, or the path of a JSON list of it (``mmlit data answers`` writes one).
+        questions_field: the entry (or ``json.path``) holding a sample's question(s).
+        answer_types: report accuracy per answer type (``acc_{type}``) for these types (VQAv2: yes/no, number, other).
+        relational: report accuracy on relational and non-relational questions (``relational`` in each question;
+            Sort-of-CLEVR).
+        normalize: compare answers as the official VQA evaluation does (lower case, no punctuation or articles,
+            number words as digits); off for vocabularies whose answers must stay as written.
         hidden: width of the answer MLP.
+        transform: the image pipeline (crops without flips or colour changes by default: questions ask about
+            left, right and colours).
     """
 
     fields = ("image", "json.questions")
     needs = ("text_encoder", "fusion")
 
-    def __init__(self, shards: Shards, batch_size: int = 8, answers: list[str] = list(ANSWERS),
-                 hidden: int = 256):
+    def __init__(self, shards: Shards, answers: str | list[str], batch_size: int = 8,
+                 questions_field: str = "json.questions", answer_types: list[str] | None = None, relational: bool = False,
+                 normalize: bool = True, hidden: int = 256, transform: ImageTransform | None = None):
         super().__init__(shards, batch_size)
-        self.answers, self.hidden = list(answers), hidden
+        key = f"model.tasks.{self.name}.init_args"
+        self.normalize = normalize
+        self.answers = [self._clean(a) for a in names_from(answers, f"{key}.answers")]
+        self.questions_field, self.fields = questions_field, ("image", questions_field)
+        self.answer_types, self.relational, self.hidden = list(answer_types or []), relational, hidden
+        self.transform = transform or ImageTransform(scale=(0.5, 1.0), hflip=0.0, color_jitter=0.0)
         self._answer_index = {a: i for i, a in enumerate(self.answers)}
+        self._type_index = {t: i for i, t in enumerate(self.answer_types)}
+
+    def _clean(self, answer: str) -> str:
+        return normalize_answer(answer) if self.normalize else answer
 
     def build(self, backbone) -> None:
         super().build(backbone)
         self.head = nn.Sequential(nn.Linear(backbone.dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, len(self.answers)))
 
+    def _question(self, q: Any, sample: dict, number: int, tokenizer) -> dict:
+        if not isinstance(q, dict) or not isinstance(q.get("question"), str):
+            raise SampleError(f"{sample_location(sample)}: question {number} of '{self.questions_field}' needs a "
+                              f"\"question\" text")
+        human = q.get("answers") if isinstance(q.get("answers"), list) else [q["answer"]] if "answer" in q else []
+        human = [self._clean(str(a)) for a in human]
+        target = [(self._answer_index[a], score) for a, score in soft_scores(human).items() if a in self._answer_index]
+        return {"question": self.token_ids(tokenizer, q["question"]),
+                "answers": [self._answer_index.get(a, -1) for a in human] or [_NO_ANSWER],
+                "target_index": [i for i, _ in target] or [-1], "target_score": [s for _, s in target] or [0.0],
+                "question_id": q["question_id"] if isinstance(q.get("question_id"), int) else number,
+                "answer_type": self._type_index.get(q.get("answer_type"), -1),
+                "relational": bool(q.get("relational", False))}
+
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        questions = sample_field(sample, "json.questions", self.name)
-        for q in questions:
-            if q["answer"] not in self._answer_index:
-                raise SampleError(f"{sample_location(sample)}: answer {q['answer']!r} is "
-                                  f"not in the task's answers (model.tasks.{self.name}.init_args.answers)")
-        if questions:
-            yield {"image": self.image_tensor(sample_image(sample, self.name)),
-                   "question": [self.token_ids(tokenizer, q["question"]) for q in questions],
-                   "answer": [self._answer_index[q["answer"]] for q in questions],
-                   "relational": [bool(q.get("relational", False)) for q in questions]}
+        questions = sample_field(sample, self.questions_field, self.name)
+        questions = [questions] if isinstance(questions, dict) else questions
+        if not isinstance(questions, list):
+            raise SampleError(f"{sample_location(sample)}: '{self.questions_field}' must be a question or a list of them")
+        items = [self._question(q, sample, i, tokenizer) for i, q in enumerate(questions)]
+        if training_sample() and not any(i["target_score"][0] > 0 for i in items):
+            return  # nothing to learn from this image: no answer in the vocabulary
+        if items:
+            yield {"image": self.image_tensor(sample_image(sample, self.name)), "questions": items}
 
     def collate(self, examples: list[dict]) -> dict[str, Any]:
-        """Images (B, 3, H, W); questions flattened over images: question (Q, T), answer, relational and
-        image_index (Q,)."""
-        flat = [{"question": q, "answer": a, "relational": r, "image_index": i}
-                for i, e in enumerate(examples) for q, a, r in zip(e["question"], e["answer"], e["relational"])]
-        return {"image": stack_tensors([e["image"] for e in examples]), **collate_examples(flat)}
+        """Images (B, 3, H, W); questions flattened over images: question (Q, T), answers (Q, K) human answer ids,
+        target_index / target_score (Q, J) the soft target, question_id, answer_type, relational, image_index (Q,),
+        key (Q)."""
+        flat = [{**q, "image_index": i, "key": e.get("key")} for i, e in enumerate(examples) for q in e["questions"]]
+        batch = collate_examples([{k: v for k, v in q.items() if k not in ("answers", "target_index")} for q in flat])
+        for name, pad in (("answers", _NO_ANSWER), ("target_index", -1)):
+            rows = [q[name] for q in flat]
+            batch[name] = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+            for r, row in enumerate(rows):
+                batch[name][r, :len(row)] = torch.tensor(row)
+        scores = [q["target_score"] for q in flat]
+        batch["target_score"] = torch.zeros(batch["target_index"].shape)
+        for r, row in enumerate(scores):
+            batch["target_score"][r, :len(row)] = torch.tensor(row)
+        return {"image": stack_tensors([e["image"] for e in examples]), **batch}
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         features = backbone(image=batch["image"], text=batch["question"], image_index=batch["image_index"])
         logits = self.head(features.fused_pooled)  # (Q, A)
-        return {"loss": F.cross_entropy(logits, batch["answer"]), "logits": logits}
+        index = batch["target_index"]  # (Q, J): each question's answers in the vocabulary and their scores
+        target = logits.new_zeros(logits.shape, dtype=torch.float32).scatter_add_(
+            1, index.clamp(min=0), batch["target_score"].float() * (index >= 0))
+        mass = target.sum(1, keepdim=True)
+        learn = mass[:, 0] > 0
+        loss = -(target[learn] / mass[learn] * logits[learn].float().log_softmax(-1)).sum(-1).mean() if learn.any() \
+            else logits.sum() * 0.0  # (every head parameter stays in the graph)
+        return {"loss": loss, "logits": logits}
 
     def metrics(self) -> MetricCollection:
-        n = len(self.answers)
-        return MetricCollection({name: MulticlassAccuracy(n, average="micro") for name in ("acc", "acc_rel", "acc_nonrel")})
+        names = ["acc", *map(_type_key, self.answer_types)]
+        if self.relational:
+            names += ["acc_rel", "acc_nonrel"]
+        return MetricCollection({name: MeanMetric() for name in names})
 
     def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
-        pred, target, rel = outputs["logits"].argmax(-1), batch["answer"], batch["relational"]
-        metrics["acc"].update(pred, target)
-        for key, subset in (("acc_rel", rel), ("acc_nonrel", ~rel)):
+        accuracy = soft_accuracy(outputs["logits"].argmax(-1), batch["answers"])
+        metrics["acc"].update(accuracy)
+        subsets = {_type_key(t): batch["answer_type"] == i for i, t in enumerate(self.answer_types)}
+        if self.relational:
+            subsets.update(acc_rel=batch["relational"], acc_nonrel=~batch["relational"])
+        for key, subset in subsets.items():
             if subset.any():  # torchmetrics cannot take an empty update
-                metrics[key].update(pred[subset], target[subset])
+                metrics[key].update(accuracy[subset])
+
+    def predict(self, outputs: dict, batch: dict, tokenizer) -> list[dict]:
+        score, answer = outputs["logits"].float().softmax(-1).max(-1)
+        return [{"key": k, "question_id": q, "prediction": self.answers[a], "score": round(p, 6)}
+                for k, q, a, p in zip(batch["key"], batch["question_id"].tolist(), answer.tolist(), score.tolist())]

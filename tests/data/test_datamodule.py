@@ -9,10 +9,9 @@ import pytest
 
 from mmlit.cli import main
 from mmlit.data import DataBudgetError, MultiTaskDataModule, iter_samples, write_index
-from mmlit.registry import get_task
 from mmlit.tasks.base import Shards
 
-from ..conftest import tiny_recipe, write_recipe, write_tar
+from ..conftest import soc_task, tiny_recipe, write_recipe, write_tar
 
 
 def _fit(recipe, tmp_path):
@@ -81,7 +80,7 @@ def _keys(module: MultiTaskDataModule, steps: int) -> tuple[list, int]:
     for _ in itertools.islice(mixture, steps):
         pass
     train = [mixture.recent[step]["vqa"] for step in range(steps)]
-    val = sum(len(b["vqa"]["answer"]) for b in module.val_dataloader())
+    val = sum(len(b["vqa"]["answers"]) for b in module.val_dataloader())
     return train, val
 
 
@@ -95,7 +94,7 @@ def test_remote_shards_train_like_local_ones(soc, http_store):
     remote = {"train": http_store.url + "/train.json", "val": http_store.url + "/val-000000.tar"}  # (val: scanned)
     seen = []
     for shards, scan_remote in ((remote, True), ({"train": soc["train"], "val": soc["val"]}, False)):
-        module = MultiTaskDataModule(soc["tokenizer"], tasks={"vqa": get_task("vqa")(Shards(**shards), batch_size=4)},
+        module = MultiTaskDataModule(soc["tokenizer"], tasks={"vqa": soc_task("vqa", Shards(**shards), batch_size=4)},
                                      num_workers=1, steps_per_epoch=5, scan_remote=scan_remote)
         module.tasks["vqa"].name = "vqa"
         module.setup("fit")
@@ -104,7 +103,7 @@ def test_remote_shards_train_like_local_ones(soc, http_store):
 
 
 def test_resume_with_other_data_settings_restarts_the_task_epoch(soc):
-    module = MultiTaskDataModule(soc["tokenizer"], tasks={"vqa": get_task("vqa")(Shards(train=soc["train"]), batch_size=4)},
+    module = MultiTaskDataModule(soc["tokenizer"], tasks={"vqa": soc_task("vqa", Shards(train=soc["train"]), batch_size=4)},
                                  num_workers=2)
     module.setup("fit")
     saved = {"step": 7, "settings": module._settings(),

@@ -14,10 +14,9 @@ from mmlit.data import (
     sample_field, scan_shards, write_index,
 )
 from mmlit.data.tools import main as data_main
-from mmlit.registry import get_task
 from mmlit.tasks.base import Shards, Task
 
-from ..conftest import write_tar
+from ..conftest import soc_task, write_tar
 
 
 class KeyTask(Task):
@@ -69,12 +68,12 @@ def test_a_fit_on_an_index_reads_what_a_fit_on_the_pattern_reads(soc, tmp_path):
     write_index(soc["shards"]["train"], str(tmp_path / "train.json"), progress=False)
     keys = []
     for train in (str(tmp_path / "train.json"), soc["train"]):
-        task = get_task("vqa")(Shards(train=train), batch_size=4)
+        task = soc_task("vqa", Shards(train=train), batch_size=4)
         module = MultiTaskDataModule(soc["tokenizer"], tasks={"vqa": task}, num_workers=0, steps_per_epoch=6)
         module.tasks["vqa"].name = "vqa"
         module.setup("fit")
         mixture = module.train_dataloader()
-        keys.append([b["vqa"]["answer"].tolist() for b in itertools.islice(mixture, 6)])
+        keys.append([b["vqa"]["answers"].tolist() for b in itertools.islice(mixture, 6)])
     assert keys[0] == keys[1]
 
 

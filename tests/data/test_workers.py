@@ -32,6 +32,9 @@ class _Probe(ImageClassification):
     """Image classification whose examples also say where they were made: the worker's parent process, a numpy
     draw, and whether the lock was free."""
 
+    def __init__(self, shards: Shards, batch_size: int = 4):
+        super().__init__(shards, batch_size, label_field="json.labels.n_circles", num_classes=7)
+
     def prepare(self, sample, tokenizer):
         free = _LOCK.acquire(timeout=2)
         if not free:
@@ -148,7 +151,8 @@ from mmlit.data.workers import task_loader
 from mmlit.tasks.base import Shards
 from mmlit.tasks.image_classification import ImageClassification
 
-stream = TaskStream(ImageClassification(Shards(), batch_size=2), scan_shards(sys.argv[1:], "k"), None, batch_size=2,
+task = ImageClassification(Shards(), batch_size=2, label_field="json.labels.n_circles", num_classes=7)
+stream = TaskStream(task, scan_shards(sys.argv[1:], "k"), None, batch_size=2,
                     train=True, shuffle_buffer=1)
 batches = iter(task_loader(stream, workers=2, persistent=True))
 next(batches)

@@ -14,6 +14,8 @@ from mmlit.models import (Backbone, CausalTextDecoder, CrossAttentionFusion, Ear
 from mmlit.tasks import VQA, Shards
 from mmlit.text import load_tokenizer
 
+from .._soc import soc_task
+
 D = 32
 IMAGE = {
     "cnn": lambda: TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3),
@@ -38,7 +40,7 @@ FUSION = {
 
 
 def _vqa_batch(backbone: Backbone, soc: dict) -> tuple[VQA, dict]:
-    task = VQA(Shards(train=soc["train"]), batch_size=2)
+    task = soc_task("vqa", Shards(train=soc["train"]), batch_size=2)
     task.name = "vqa"
     task.build(backbone)
     stream = TaskStream(task, scan_shards(soc["shards"]["train"], "k"), load_tokenizer(soc["tokenizer"]),
@@ -178,7 +180,7 @@ def test_hybrid_sums_its_fusions():
 
 def test_backbone_without_fusion_or_text_encoder_says_which_task_needs_it():
     backbone = Backbone(IMAGE["cnn"](), TEXT["transformer"]())  # a dual encoder
-    task = VQA(Shards(train="unused"))
+    task = soc_task("vqa", Shards(train="unused"))
     task.name = "vqa"
     with pytest.raises(ValueError, match=r"model.tasks.vqa: the task needs model.backbone.init_args.fusion"):
         task.build(backbone)

@@ -9,11 +9,10 @@ from jsonargparse import ArgumentParser
 from mmlit.data import MultiTaskDataModule, SourceStream, plan_shards
 from mmlit.models import Backbone
 from mmlit.module import MultiTaskModule
-from mmlit.registry import get_task
 from mmlit.tasks.base import Shards
 from mmlit.text import load_tokenizer
 
-from ..conftest import tiny_backbone
+from ..conftest import soc_task, tiny_backbone
 
 
 def _model_and_step(soc):
@@ -21,7 +20,7 @@ def _model_and_step(soc):
     parser = ArgumentParser()
     parser.add_argument("--backbone", type=Backbone)
     backbone = parser.instantiate_classes(parser.parse_object({"backbone": tiny_backbone()})).backbone
-    tasks = {name: get_task(name)(Shards(train=soc["train"]), batch_size=4) for name in ("contrastive", "captioning")}
+    tasks = {name: soc_task(name, Shards(train=soc["train"]), batch_size=4) for name in ("contrastive", "captioning")}
     model = MultiTaskModule(backbone, tasks)
     stream = SourceStream(tasks, plan_shards(soc["train"], "k"), load_tokenizer(soc["tokenizer"]), batch_size=4,
                           train=True, shuffle_buffer=20)

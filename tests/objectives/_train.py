@@ -17,8 +17,10 @@ from mmlit.data.decode import decode_sample
 from mmlit.data.stream import _share_equal
 from mmlit.models import Backbone, CrossAttentionFusion, TimmImageEncoder, TransformerTextEncoder
 from mmlit.module import MultiTaskModule
-from mmlit.registry import get_objective, get_task
+from mmlit.registry import get_objective
 from mmlit.tasks.base import Shards
+
+from .._soc import soc_task
 
 TASKS = ("vqa", "image_classification")  # per-example mean losses over equal halves: halves average to the whole
 IMAGES = 4  # per task and step; each half has 2
@@ -30,7 +32,7 @@ def build_module(method: str, seed: int = 0, tasks=TASKS, **objective) -> MultiT
     backbone = Backbone(TimmImageEncoder("test_convnext", dim=32, image_size=75, feature_index=2),
                         TransformerTextEncoder(vocab_size=256, dim=32, depth=1, heads=2, max_length=40),
                         CrossAttentionFusion(dim=32, depth=1, heads=2))
-    heads = {name: get_task(name)(Shards(train="unused")) for name in tasks}
+    heads = {name: soc_task(name, Shards(train="unused")) for name in tasks}
     return MultiTaskModule(backbone, heads, get_objective(method)(**{**SETTINGS.get(method, {}), **objective}),
                            optimizer=lambda params: torch.optim.SGD(params, lr=0.05))
 

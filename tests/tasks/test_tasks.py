@@ -14,11 +14,11 @@ from jsonargparse import ArgumentParser
 
 from mmlit.data import TaskStream, iter_samples, scan_shards
 from mmlit.models import Backbone
-from mmlit.registry import get_task, list_tasks
+from mmlit.registry import list_tasks
 from mmlit.tasks.base import Shards, Task
 from mmlit.text import load_tokenizer
 
-from ..conftest import tiny_backbone
+from ..conftest import soc_task, tiny_backbone
 
 
 def _backbone(name: str) -> Backbone:
@@ -31,7 +31,7 @@ def _backbone(name: str) -> Backbone:
 def _task_and_batch(name: str, soc: dict, train: bool = True, batch_size: int = 8):
     torch.manual_seed(0)
     backbone = _backbone(name)
-    task: Task = get_task(name)(Shards(train=soc["train"], val=soc["val"]), batch_size=batch_size)
+    task: Task = soc_task(name, Shards(train=soc["train"], val=soc["val"]), batch_size=batch_size)
     task.build(backbone)
     stream = TaskStream(task, scan_shards(soc["shards"]["train" if train else "val"], "k"), load_tokenizer(soc["tokenizer"]),
                         batch_size=batch_size, train=train, seed=0, shuffle_buffer=32)
@@ -107,7 +107,7 @@ def test_task_declares_the_fields_it_reads(name, soc):
 def test_vqa_splits_relational_accuracy(soc):
     _, task, batch = _task_and_batch("vqa", soc)
     metrics = task.metrics()
-    logits = torch.nn.functional.one_hot(batch["answer"], len(task.answers)).float()
+    logits = torch.nn.functional.one_hot(batch["answers"][:, 0], len(task.answers)).float()  # (one answer each)
     logits[batch["relational"]] = logits[batch["relational"]].roll(1, dims=-1)  # wrong on relational ones
     task.update_metrics(metrics, {"logits": logits}, batch)
     values = metrics.compute()
@@ -116,13 +116,13 @@ def test_vqa_splits_relational_accuracy(soc):
 
 
 def test_retrieval_recall_is_one_for_matching_embeddings():
-    from mmlit.tasks.contrastive import RetrievalRecallAt1
+    from mmlit.metrics.retrieval import RetrievalRecall
 
-    metric = RetrievalRecallAt1("i2t")
+    metric = RetrievalRecall((1,))
     emb = torch.eye(6)
     metric.update(emb[:3], emb[:3])
     metric.update(emb[3:], emb[3:].roll(1, dims=0))  # the last three are shuffled
-    assert metric.compute().item() == pytest.approx(0.5)
+    assert metric.compute()["r@1_i2t"].item() == pytest.approx(0.5)
 
 
 def test_captioning_exact_match_and_token_accuracy(soc):

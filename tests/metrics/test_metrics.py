@@ -1,0 +1,129 @@
+"""Metrics against values computed by hand: CIDEr-D, VQA accuracy and its answer normalisation, retrieval recall@K
+with several captions per image; and beam search against greedy decoding on a toy language model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchmetrics import MetricCollection
+
+from mmlit.metrics.caption import CIDErD, caption_metrics, cider_d, update_caption_metrics
+from mmlit.metrics.retrieval import RetrievalRecall, recall_at_k
+from mmlit.metrics.vqa import normalize_answer, soft_scores, vqa_accuracy
+from mmlit.models.generation import generate
+from mmlit.tasks.vqa import soft_accuracy
+from mmlit.text import BOS, EOS, PAD
+
+
+def test_cider_d_by_hand():
+    # Two images, so that an n-gram of one image's references has IDF log(2) - log(1) = log 2 =: L.
+    # Image A: candidate "1 2 3", reference "1 2". Unigrams: candidate (L, L, L), reference (L, L): cosine 2/sqrt(6);
+    # bigrams: candidate (L, L), reference (L): 1/sqrt(2); trigrams: the reference has none: 0. The candidate has one
+    # bigram more than the reference: Gaussian penalty exp(-1 / (2 * 6^2)). CIDEr-D = 10 * mean over n = 1..4.
+    # Image B: nothing in common: 0.
+    a = 10 * (2 / math.sqrt(6) + 1 / math.sqrt(2)) * math.exp(-1 / 72) / 4
+    assert cider_d([[1, 2, 3], [9]], [[[1, 2]], [[8]]]) == pytest.approx(a / 2, rel=1e-9)
+    # Clipping: candidate "1 1" against "1 2": the candidate's unigram weight 2L is clipped to the reference's L:
+    # (L * L) / (2L * sqrt(2) L) = 1 / (2 sqrt 2); no common bigram; equal lengths.
+    assert cider_d([[1, 1], [9]], [[[1, 2]], [[8]]]) == pytest.approx(10 / (2 * math.sqrt(2)) / 4 / 2, rel=1e-9)
+    # Several references: the similarity is averaged over them (the second one shares nothing).
+    assert cider_d([[1, 2], [9]], [[[1, 2], [5, 6]], [[8]]]) == pytest.approx(10 * (1 + 1) / 4 / 2 / 2, rel=1e-9)
+
+
+def test_cider_metric_gathers_updates_in_order():
+    metric = CIDErD()
+    metric.update([[1, 2, 3]], [[[1, 2]]])
+    metric.update([[9], [4, 5]], [[[8]], [[4, 5], [4]]])
+    expected = cider_d([[1, 2, 3], [9], [4, 5]], [[[1, 2]], [[8]], [[4, 5], [4]]])
+    assert metric.compute().item() == pytest.approx(expected, rel=1e-6) and expected > 0
+
+
+def test_caption_metrics_against_several_references():
+    metrics = MetricCollection(caption_metrics())
+    # two images; references padded to (B, R, T), EOS-ended; the second image has one reference only
+    references = torch.tensor([[[5, 6, 7, EOS], [8, 9, EOS, PAD]], [[5, 9, EOS, PAD], [PAD] * 4]])
+    generated = torch.tensor([[8, 9, EOS, PAD], [5, 6, EOS, PAD]])  # the first equals its second reference
+    update_caption_metrics(metrics, generated, references)
+    values = metrics.compute()
+    assert values["exact_match"].item() == pytest.approx(0.5)
+    # token accuracy against the first reference: image 1 gets none of 5 6 7 EOS right; image 2 gets 5 and EOS of 5 9 EOS
+    assert values["token_acc"].item() == pytest.approx(2 / 7)
+    perfect = MetricCollection(caption_metrics())
+    update_caption_metrics(perfect, references[:, 0], references)
+    assert perfect.compute()["bleu4"].item() == pytest.approx(0.0)  # a 2-token caption has no 4-gram: BLEU-4 is 0
+    long = torch.tensor([[[5, 6, 7, 8, 9, EOS]], [[9, 8, 7, 6, 5, EOS]]])
+    perfect = MetricCollection(caption_metrics())
+    update_caption_metrics(perfect, long[:, 0], long)
+    assert perfect.compute()["bleu4"].item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("answer,expected", [("Yes.", "yes"), ("Two dogs!", "2 dogs"), ("the red one", "red 1"),
+                                             ("isnt it", "isn't it"), ("  a  cat ", "cat"), ("3.5", "3.5")])
+def test_answers_are_normalised_as_the_official_evaluation_does(answer, expected):
+    assert normalize_answer(answer) == expected
+
+
+def test_vqa_accuracy_by_hand():
+    humans = ["yes"] * 3 + ["no"] * 7
+    # "yes": left out one of its 3 -> 2 of 9 agree: 2/3; left out one of the 7 -> 3 agree: 1. (3 * 2/3 + 7) / 10
+    assert vqa_accuracy("yes", humans) == pytest.approx(0.9)
+    assert vqa_accuracy("no", humans) == pytest.approx(1.0)
+    assert vqa_accuracy("maybe", humans) == 0.0
+    assert vqa_accuracy("no", ["yes"] * 8 + ["no"] * 2) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)  # 0.6
+    assert vqa_accuracy("no", ["no"]) == 1.0  # one answer: exact match
+    assert soft_scores(humans) == pytest.approx({"yes": 0.9, "no": 1.0})
+    # the task's tensor form gives the same numbers: answer ids, -2 padding
+    answers = torch.tensor([[1] * 3 + [2] * 7, [1] * 8 + [2] * 2, [2] + [-2] * 9])
+    assert soft_accuracy(torch.tensor([1, 2, 2]), answers).tolist() == pytest.approx([0.9, 0.6, 1.0])
+
+
+def test_recall_at_k_on_a_fixed_similarity_matrix():
+    # 7 captions (rows) of 6 images (columns); captions 0 and 1 are image 0's. With image embeddings the identity, the
+    # caption embeddings are the similarity rows themselves.
+    sim = torch.tensor([[1, 9, 8, 7, 6, 5], [9, 1, 2, 3, 4, 5], [5, 6, 9, 8, 7, 1], [0, 0, 7, 0, 0, 0],
+                        [1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1], [2, 2, 2, 2, 2, 3]], dtype=torch.float)
+    owner = torch.tensor([0, 0, 1, 2, 3, 4, 5])
+    values = recall_at_k(torch.eye(6), sim, owner, (1, 5, 10))
+    # caption -> image, the rank of its own image: 5, 0, 3, 0, 2, 4, 0
+    assert values["r@1_t2i"].item() == pytest.approx(3 / 7)
+    assert values["r@5_t2i"].item() == pytest.approx(6 / 7)
+    assert values["r@10_t2i"].item() == pytest.approx(1.0)
+    # image -> caption, the best rank among its captions: 0, 1, 2, 2, 4, 3
+    assert values["r@1_i2t"].item() == pytest.approx(1 / 6)
+    assert values["r@5_i2t"].item() == pytest.approx(1.0)
+
+
+def test_retrieval_metric_pairs_captions_with_their_images_across_updates():
+    torch.manual_seed(0)
+    image, text = torch.randn(5, 8), torch.randn(9, 8)
+    owner = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4])
+    whole = RetrievalRecall((1, 2))
+    whole.update(image, text, owner)
+    parts = RetrievalRecall((1, 2))
+    parts.update(image[:2], text[:3], owner[:3])  # images 0-1 and their captions
+    parts.update(image[2:], text[3:], owner[3:] - 2)  # images 2-4: indices within this update
+    assert {k: v.item() for k, v in parts.compute().items()} == pytest.approx({k: v.item() for k, v in whole.compute().items()})
+
+
+def _toy_model(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """After BOS: a 0.6, b 0.4; after a: EOS 0.4, a 0.3, b 0.3; after b: EOS 0.99. Greedy takes a (0.6 * 0.4 = 0.24),
+    the best sequence is b EOS (0.4 * 0.99)."""
+    table = {BOS: {4: 0.6, 5: 0.4}, 4: {EOS: 0.4, 4: 0.3, 5: 0.3}, 5: {EOS: 0.99, 4: 0.01}}
+    probs = torch.full((len(ids), 6), 1e-9)
+    for row, last in enumerate(ids[:, -1].tolist()):
+        for token, p in table.get(last, {EOS: 1.0}).items():
+            probs[row, token] = p
+    return probs.log()
+
+
+def test_beam_search_finds_the_sequence_greedy_decoding_misses():
+    prompt = torch.full((2, 1), BOS)
+    greedy, greedy_score = generate(_toy_model, prompt, 4)
+    beam, beam_score = generate(_toy_model, prompt, 4, beam_size=3)
+    assert greedy[0].tolist()[:2] == [4, EOS] and greedy_score[0].item() == pytest.approx(math.log(0.24), abs=1e-4)
+    assert beam[0].tolist()[:2] == [5, EOS] and beam_score[0].item() == pytest.approx(math.log(0.396), abs=1e-4)
+    assert (beam[:, 2:] == PAD).all() and torch.equal(beam[0], beam[1])
+    one, _ = generate(_toy_model, prompt, 4, beam_size=1)
+    assert torch.equal(one, greedy)
