@@ -2,15 +2,93 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from fnmatch import fnmatchcase
+from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmlit.tasks.base import batch_size_of
 
-__all__ = ["Freeze", "Throughput"]
+__all__ = ["Freeze", "PredictionWriter", "Progress", "Throughput"]
+
+
+class Progress(TQDMProgressBar):
+    """Lightning's progress bar on a terminal; one line per epoch otherwise (a log file, a CI job, a batch system),
+    where a bar would write thousands of carriage returns or nothing at all.
+
+    A line gives the epoch, the step, the minutes since the start, the training loss and every validation value
+    (``val/...``) logged at the end of the epoch. ``mmlit`` adds it to every run with ``trainer.enable_progress_bar``
+    (the default) that lists no progress bar of its own.
+
+    Args:
+        lines: one line per epoch (true), the bar (false), or the bar only on a terminal (null).
+    """
+
+    def __init__(self, refresh_rate: int = 1, lines: bool | None = None):
+        super().__init__(refresh_rate=refresh_rate)
+        self.lines = not sys.stdout.isatty() if lines is None else lines
+        self._start = time.perf_counter()
+        if self.lines:
+            self.disable()
+
+    def _line(self, trainer: pl.Trainer, head: str, prefixes: tuple[str, ...]) -> None:
+        if not self.lines or not trainer.is_global_zero:
+            return
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes) and v.numel() == 1}
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in sorted(values.items()))
+        print(f"{head}  {(time.perf_counter() - self._start) / 60:.1f} min  {shown}", flush=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        self._line(trainer, f"epoch {trainer.current_epoch}{epochs}  step {trainer.global_step}", ("train/loss", "val/"))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == TrainerFn.VALIDATING:  # (mmlit validate; in a fit, the epoch's line says it)
+            self._line(trainer, "validation", ("val/",))
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_test_end(trainer, pl_module)
+        self._line(trainer, "test", ("test/",))
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes what ``mmlit predict`` predicts: one JSON line per example (the sample key, the prediction, its score)
+    to ``{folder}/{task}.rank{r}.jsonl``, batch by batch, from every rank.
+
+    Args:
+        folder: where the files go; default ``{trainer.default_root_dir}/predictions``.
+    """
+
+    def __init__(self, folder: str | None = None):
+        super().__init__(write_interval="batch")
+        self.folder = folder
+        self._files: dict = {}
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.path = Path(self.folder or Path(trainer.default_root_dir) / "predictions")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._files, self._rows = {}, {}
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        for task, rows in prediction.items():
+            if task not in self._files:  # a file per task and rank, replaced by a new prediction run
+                self._files[task] = open(self.path / f"{task}.rank{trainer.global_rank}.jsonl", "w", encoding="utf-8")
+            self._files[task].writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            self._rows[task] = self._rows.get(task, 0) + len(rows)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self._files.values():
+            handle.close()
+        counts = ", ".join(f"{task} {n}" for task, n in self._rows.items())
+        print(f"predictions (rank {trainer.global_rank}: {counts or 'none'}) written to {self.path}", flush=True)
 
 
 class Throughput(pl.Callback):

@@ -1,5 +1,5 @@
-"""The ``mmlit`` command: ``fit|validate|test --config recipe.yaml`` (LightningCLI), ``tasks``, ``objectives``,
-``data``, ``export-backbone``."""
+"""The ``mmlit`` command: ``fit|validate|test|predict --config recipe.yaml`` (LightningCLI), ``tasks``, ``objectives``,
+``data``, ``plot``, ``export-backbone``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from mmlit.callbacks import Throughput
+from mmlit.callbacks import PredictionWriter, Progress, Throughput
 from mmlit.data import DataMonitor, MultiTaskDataModule
 from mmlit.loggers import WandbLogger
 from mmlit.module import MultiTaskModule
@@ -67,12 +67,13 @@ class MMLitCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate", "test")}
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate", "test", "predict")}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(DataMonitor, "data_monitor")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.link_arguments("model", "data.tasks", compute_fn=_tasks_of, apply_on="instantiate")
@@ -81,6 +82,18 @@ class MMLitCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if "weights_only" in config and config.get("weights_only") is None:
             config.weights_only = True  # no code runs from a checkpoint
+        if self.subcommand == "predict" and config.get("return_predictions") is None:
+            config.return_predictions = False  # PredictionWriter writes them batch by batch; none are kept in memory
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
+        """Lightning's, with mmlit's ``Progress`` (a bar on a terminal, a line per epoch elsewhere) where the recipe
+        shows progress and names no progress bar of its own."""
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in
+                                                                       [*listed, *callbacks]):
+            callbacks = [*callbacks, Progress()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:
         self._report()
@@ -133,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         return _list_command(argv[0], argv[1:])
     if argv and argv[0] == "export-backbone":
         return _export_command(argv[1:])
+    if argv and argv[0] == "plot":
+        from mmlit.plot import main as plot_main
+
+        return plot_main(argv[1:])
     if argv and argv[0] == "data":
         from mmlit.data.tools import main as data_main
 

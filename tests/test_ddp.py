@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+
+from mmlit.data import iter_samples
+from mmlit.registry import list_tasks
 
 from ._processes import run_cli
 from .conftest import tiny_recipe, write_recipe
@@ -13,7 +18,7 @@ FIT_TIMEOUT = 300  # seconds (about 15 s here); tools/stress_workers.py sets its
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.timeout(FIT_TIMEOUT + 60)
+@pytest.mark.timeout(2 * FIT_TIMEOUT + 60)
 @pytest.mark.parametrize("tasks,workers", [(None, 1), (["vqa", "contrastive", "image_classification"], 2)],
                          ids=["all-tasks-1-worker", "3-tasks-2-workers"])
 def test_two_rank_fit_finishes_with_identical_weights(soc, tmp_path, tasks, workers):
@@ -35,6 +40,16 @@ def test_two_rank_fit_finishes_with_identical_weights(soc, tmp_path, tasks, work
     assert checkpoint["global_step"] == 6  # 3 steps per epoch on every rank, 2 epochs
     for key, value in checkpoint["state_dict"].items():
         assert torch.equal(value, rank0[key]), key  # the checkpoint holds the weights the ranks ended with
+    if tasks is None:  # every task predicts on 2 ranks: each writes its own file, together every test sample once
+        result = run_cli("predict", "--config", str(tmp_path / "r.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                         timeout=FIT_TIMEOUT, ddp=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+        expected = sorted(s["__key__"] for s in iter_samples(soc["test"]))  # (the recipe's test shard)
+        for name in list_tasks():
+            ranks = [[json.loads(line)["key"] for line in (run / "predictions" / f"{name}.rank{r}.jsonl").open()]
+                     for r in range(2)]
+            assert ranks[0] and ranks[1] and set(ranks[0]).isdisjoint(ranks[1]), name
+            assert sorted(set(ranks[0]) | set(ranks[1])) == expected, name
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
-"""Every shipped recipe builds and trains on tiny Sort-of-CLEVR shards laid out as the quickstart's, and the
-pre-train -> fine-tune pair hands its backbone over.
+"""Every shipped recipe builds and trains on tiny shards laid out as it expects (Sort-of-CLEVR's, or the converted
+COCO, image-folder and VQAv2 layouts of the recipes for real data sets), and the pre-train -> fine-tune pair hands its
+backbone over.
 
-The recipes' own paths (``data/sort_of_clevr/...``) resolve inside a temporary folder that holds tiny shards.
+The recipes' own paths (``data/sort_of_clevr/...``, ``data/shapes/...``) resolve inside a temporary folder that holds
+tiny shards.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import pytest
 import torch
 
 from mmlit.cli import MMLitCLI, main
+from mmlit.data import shapes
 from mmlit.data.sort_of_clevr import write_dataset
 from mmlit.data.tools import iter_texts
+from mmlit.data.tools import main as data_main
 from mmlit.text import train_tokenizer
 
 from .conftest import REPO
@@ -24,11 +28,30 @@ RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name != "quic
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A folder whose ``data/sort_of_clevr`` has the quickstart's shard names with 8 images per train shard."""
+    """A folder whose ``data/sort_of_clevr`` has the quickstart's shard names with 8 images per train shard, and whose
+    ``data/shapes`` has the converted COCO, image-folder and VQAv2 layouts the recipes for real data sets read, made
+    with the commands their headers give (at a few images each)."""
     root = tmp_path_factory.mktemp("recipes")
     data = root / "data" / "sort_of_clevr"
     shards = write_dataset(data, {"train": 64, "val": 8, "test": 8}, seed=0, shard_size=8)
     train_tokenizer(iter_texts(shards["train"]), data / "tokenizer.json", vocab_size=200)
+    raw, out = root / "data" / "shapes" / "raw", root / "data" / "shapes"
+
+    def convert(fmt: str, *args) -> None:
+        assert data_main(["convert", fmt, "--no-progress", "--shard-size", "8", *map(str, args)]) == 0
+
+    for split, n in (("train", 16), ("val", 8)):
+        shapes.write_coco(raw / "coco", n, split=split)
+        shapes.write_vqa(raw / "vqa", n, split=split)
+        convert("coco", "--annotations", raw / "coco" / f"captions_{split}.json", "--images", raw / "coco" / split,
+                "--out", out / "coco", "--split", split)
+        convert("vqa", "--questions", raw / "vqa" / f"questions_{split}.json", "--annotations",
+                raw / "vqa" / f"annotations_{split}.json", "--images", raw / "vqa" / f"{split}2014", "--out", out / "vqa",
+                "--split", split)
+    convert("folder", "--images", shapes.write_folder(raw / "folder", 5), "--out", out / "folder", "--val-fraction", "0.4")
+    assert data_main(["answers", "--shards", str(out / "vqa" / "train-*.tar"), "--out", str(out / "vqa" / "answers.json")]) == 0
+    for tokenizer, sets in ((out / "tokenizer.json", ("coco", "folder")), (out / "vqa" / "tokenizer.json", ("vqa",))):
+        assert data_main(["tokenizer", "--out", str(tokenizer), *(f"--shards={out / s / 'train-*.tar'}" for s in sets)]) == 0
     return root
 
 
