@@ -75,11 +75,13 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.path = Path(self.folder or Path(trainer.default_root_dir) / "predictions")
         self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob(f"*.rank{trainer.global_rank}.jsonl"):  # an earlier run's, of any task
+            stale.unlink()
         self._files, self._rows = {}, {}
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         for task, rows in prediction.items():
-            if task not in self._files:  # a file per task and rank, replaced by a new prediction run
+            if task not in self._files:  # a file per task and rank
                 self._files[task] = open(self.path / f"{task}.rank{trainer.global_rank}.jsonl", "w", encoding="utf-8")
             self._files[task].writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             self._rows[task] = self._rows.get(task, 0) + len(rows)

@@ -95,7 +95,6 @@ class MultiTaskModule(pl.LightningModule):
             stage: nn.ModuleDict({name: task.metrics() for name, task in tasks.items()}) for stage in _EVAL_STAGES})
         self.eval_losses = nn.ModuleDict({
             stage: nn.ModuleDict({name: MeanMetric() for name in tasks}) for stage in _EVAL_STAGES})
-        self._eval_batches = {stage: dict.fromkeys(tasks, 0) for stage in _EVAL_STAGES}
         self.tokenizer = None  # the data module's, once a stage is set up (decodes predictions)
         if matmul_precision is not None:
             torch.set_float32_matmul_precision(matmul_precision)
@@ -255,28 +254,24 @@ class MultiTaskModule(pl.LightningModule):
                 task = self.tasks[name]
                 outputs = task(self.backbone, task_batch)
                 task.update_metrics(self.metrics[stage][name], outputs, task_batch)
-                self._eval_batches[stage][name] += 1
                 if "loss" in outputs:  # (a batch of an evaluation source, zero-shot images, may have none)
                     self.eval_losses[stage][name].update(outputs["loss"], weight=batch_size_of(task_batch))
 
     def _eval_epoch_end(self, stage: str) -> None:
-        # compute() syncs across ranks; every rank calls it for every task in the same order.
+        # A metric's compute() syncs across ranks, so every rank computes the same metrics in the same order: those
+        # that some rank updated (summed in one all-reduce). A task no batch reached (no shards for this split, or
+        # the sanity check stopped before it), or a metric of a source without shards here (zero-shot), is left out.
+        parts = [(name, key, metric) for name in self.tasks
+                 for key, metric in [("loss", self.eval_losses[stage][name]),
+                                     *self.metrics[stage][name].items(keep_base=True, copy_state=False)]]
+        counts = torch.tensor([float(metric.update_count) for _, _, metric in parts], device=self.device)
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum") if self._trainer is not None else counts
         values = {}
-        # A task without batches on any rank (no shards for this split, or the sanity check stopped before it) is
-        # left out; the decision is taken over all ranks, because compute() of the others would wait for it.
-        seen = torch.tensor([[float(self._eval_batches[stage][name]), float(self.eval_losses[stage][name].update_count)]
-                             for name in self.tasks], device=self.device)  # (tasks, [batches, batches with a loss])
-        seen = self.trainer.strategy.reduce(seen, reduce_op="sum") if self._trainer is not None else seen
-        self._eval_batches[stage] = dict.fromkeys(self.tasks, 0)
-        for name, (batches, with_loss) in zip(self.tasks, seen.tolist()):
-            if batches == 0:
-                continue
-            if with_loss:
-                values[f"{stage}/{name}/loss"] = self.eval_losses[stage][name].compute()
-            for key, value in self.metrics[stage][name].compute().items():
-                values[f"{stage}/{name}/{key}"] = value
-            self.eval_losses[stage][name].reset()
-            self.metrics[stage][name].reset()
+        for (name, key, metric), count in zip(parts, counts.tolist()):
+            if count:
+                value = metric.compute()  # a metric may give several values (recall@1, @5, ... both ways)
+                values.update({f"{stage}/{name}/{k}": v for k, v in (value if isinstance(value, dict) else {key: value}).items()})
+            metric.reset()
         self.log_dict({k: v for k, v in values.items() if torch.isfinite(v)}, sync_dist=False)
 
     def validation_step(self, batch: dict[str, dict], batch_idx: int, dataloader_idx: int = 0) -> None:

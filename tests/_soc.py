@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import copy
 
-from mmlit.data.sort_of_clevr import TASK_SETTINGS
+from mmlit.data.sort_of_clevr import ANSWERS, COLOURS, QUESTION_TYPES, SHAPES
 from mmlit.data.transforms import ImageTransform
 from mmlit.registry import get_task
 from mmlit.tasks import Shards, Task
+
+# The settings of each shipped task on Sort-of-CLEVR, as the recipes give them (task files hold no data set's values).
+TRANSFORM = {"augment": False, "crop_pct": 1.0, "interpolation": "bilinear"}  # as generated: labels name sides, colours
+TASK_SETTINGS = {
+    "vqa": {"answers": list(ANSWERS), "relational": True, "transform": TRANSFORM},
+    "contrastive": {"caption_field": "json.caption", "transform": TRANSFORM},
+    "captioning": {"caption_field": "json.caption", "transform": TRANSFORM},
+    "image_classification": {"label_field": "json.labels.n_circles", "num_classes": 7, "transform": TRANSFORM},
+    "multilabel_classification": {"labels_field": "json.labels.objects", "transform": TRANSFORM,
+                                  "classes": [f"{c} {s}" for c in COLOURS for s in SHAPES]},
+    "text_classification": {"items_field": "json.questions", "text_key": "question", "label_key": "type",
+                            "classes": list(QUESTION_TYPES)},
+    "prefix_lm": {"caption_field": "json.caption", "relational": True, "transform": TRANSFORM},
+}
 
 
 def soc_settings(name: str) -> dict:

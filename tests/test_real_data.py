@@ -47,6 +47,9 @@ def data(tmp_path_factory) -> Path:
              "answer": "circle" if i % 2 else "square"} for i in range(12)]
     (raw / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _convert("table", root / "single", "--table", str(raw / "questions.jsonl"), "--val-fraction", "0.34")
+    # new images without labels or captions, for mmlit predict
+    (raw / "new.jsonl").write_text("".join(json.dumps({"image": r["image"]}) + "\n" for r in rows[:5]))
+    _convert("table", root / "new", "--table", str(raw / "new.jsonl"), "--split", "predict")
     assert data_main(["answers", "--shards", str(root / "vqa" / "train-*.tar"), "--top", "12", "--out",
                       str(root / "vqa" / "answers.json")]) == 0
     assert data_main(["tokenizer", "--vocab-size", "250", "--out", str(root / "tokenizer.json"),
@@ -82,16 +85,20 @@ def _task(cls: str, shards: dict, batch_size: int = 4, **init_args) -> dict:
     return {"class_path": f"mmlit.tasks.{cls}", "init_args": {"shards": shards, "batch_size": batch_size, **init_args}}
 
 
-def test_image_folder_trains_a_classifier_with_augmentation(data, tmp_path):
-    tasks = {"shapes": _task("ImageClassification", _shards(data, "folder"), classes=str(data / "folder" / "classes.json"),
+def test_image_folder_trains_a_classifier_with_augmentation_and_predicts_new_images(data, tmp_path):
+    shards = {**_shards(data, "folder"), "predict": str(data / "new" / "predict.json")}
+    tasks = {"shapes": _task("ImageClassification", shards, classes=str(data / "folder" / "classes.json"),
                              transform={"auto_augment": "rand-m9-mstd0.5"})}
     values = _fit(_recipe(data, tmp_path / "run", tasks), tmp_path / "r.yaml")
     assert "train/shapes/loss" in values and 0.0 <= values["val/shapes/acc"] <= 1.0
     assert "val/shapes/acc_top5" not in values  # four classes: top-5 says nothing
+    main(["predict", "--config", str(tmp_path / "r.yaml"), "--ckpt_path", str(tmp_path / "run" / "checkpoints" / "last.ckpt")])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "predictions" / "shapes.rank0.jsonl").open()]
+    assert len(rows) == 5 and all(r["prediction"] in shapes.SHAPES and 0.25 <= r["score"] <= 1.0 for r in rows)
 
 
 def test_coco_trains_coca_tasks_with_zero_shot_and_predicts(data, tmp_path):
-    coco = _shards(data, "coco", test="val")
+    coco = {**_shards(data, "coco", test="val"), "predict": str(data / "new" / "predict.json")}
     tasks = {"contrastive": _task("Contrastive", coco, caption_field="json.captions", zero_shot={
                  "shards": {"val": str(data / "folder" / "val.json")}, "classes": str(data / "folder" / "classes.json"),
                  "templates": ["a {}", "a drawing of a {}"], "batch_size": 4}),
@@ -105,13 +112,14 @@ def test_coco_trains_coca_tasks_with_zero_shot_and_predicts(data, tmp_path):
     assert values["val/contrastive/zero_shot_top5"] == 1.0  # four classes: every label is among the top 5
     assert values["val/contrastive/r@10_t2i"] == 1.0  # eight images: every caption finds its image among 10
 
+    # predict on new images that have no captions: a caption each, an embedding each (no CLIP score without a caption)
     main(["predict", "--config", str(tmp_path / "r.yaml"), "--ckpt_path", str(tmp_path / "run" / "checkpoints" / "last.ckpt")])
-    keys = [f"{1000 + i:012d}" for i in range(8)]
-    for name in ("contrastive", "captioning"):
-        rows = [json.loads(line) for line in (tmp_path / "run" / "predictions" / f"{name}.rank0.jsonl").read_text().splitlines()]
-        assert sorted(r["key"] for r in rows) == keys and all({"prediction", "score"} <= set(r) for r in rows)
-    caption = json.loads((tmp_path / "run" / "predictions" / "captioning.rank0.jsonl").read_text().splitlines()[0])
-    assert isinstance(caption["prediction"], str) and caption["score"] <= 0.0  # a log-probability
+    rows = {name: [json.loads(line) for line in (tmp_path / "run" / "predictions" / f"{name}.rank0.jsonl").open()]
+            for name in ("contrastive", "captioning")}
+    for name in rows:
+        assert sorted(r["key"] for r in rows[name]) == [f"{i:08d}" for i in range(5)], name
+    assert all(isinstance(r["prediction"], str) and r["score"] <= 0.0 for r in rows["captioning"])  # log-probabilities
+    assert all(len(r["prediction"]) == 128 and r["score"] is None for r in rows["contrastive"])
 
 
 def test_vqa_in_both_layouts_reports_accuracy_per_answer_type(data, tmp_path):

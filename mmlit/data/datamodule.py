@@ -151,10 +151,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def _readers(self, split: str) -> dict[str, tuple[str, Task]]:
         """What reads ``split``: reader -> (the task its batches go to, the task that prepares them). A task reads its
-        own shards; on evaluation splits its evaluation sources (``Task.evaluation_sources``) read theirs too, as
-        readers ``{task}/1``, ``{task}/2``, ..."""
+        own shards; on the val and test splits its evaluation sources (``Task.evaluation_sources``) read theirs too,
+        as readers ``{task}/1``, ``{task}/2``, ..."""
         readers = {name: (name, task) for name, task in self.tasks.items()}
-        if split != "train":
+        if split in ("val", "test"):  # (mmlit predict writes what the task predicts on its own shards)
             for name, task in self.tasks.items():
                 if name not in self._sources:
                     self._sources[name] = task.evaluation_sources()
@@ -203,6 +203,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def _check_fit(self) -> None:
         self.sampler.bind(self.epoch_samples, self.seed)
+        for names in self.groups("train").values():
+            pipelines = {repr(self.tasks[name].transform) for name in names if self.tasks[name].transform is not None}
+            if len(pipelines) > 1:
+                warnings.warn(f"data: tasks {', '.join(names)} read one source with different image pipelines "
+                              f"(init_args.transform), so each image is encoded once per pipeline in training; give "
+                              f"them one transform to encode it once for all", stacklevel=2)
         # Whether DDP needs find_unused_parameters for a sampled mixture depends on the objective: the module checks.
 
     def _samples_per_epoch(self, name: str, index: ShardIndex) -> int:
@@ -232,7 +238,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return SourceStream(tasks, self.indexes[readers[0]][split], self.tokenizer,
                             batch_size=first.batch_size, train=train, samples_per_epoch=samples, seed=self.seed,
                             shuffle_buffer=self.shuffle_buffer, rank=self.rank, world_size=self.world_size,
-                            source=self.source, max_image_pixels=self.max_image_pixels,
+                            source=self.source, max_image_pixels=self.max_image_pixels, predict=split == "predict",
                             decode_images=self.decode_images)
 
     @property

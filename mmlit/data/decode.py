@@ -98,12 +98,13 @@ def _format_of(data: bytes) -> str | None:
 class EncodedImage:
     """A JPEG entry whose header was checked in the worker and whose pixels are decoded on the training device
     (``data.decode_images: device``); ``size`` is (width, height), ``target`` the square side a task crops it to
-    after resizing its shorter side to ``target / crop_pct``."""
+    after resizing its shorter side to ``target / crop_pct`` with ``interpolation`` (``bilinear`` or ``bicubic``)."""
 
-    __slots__ = ("data", "size", "target", "crop_pct")
+    __slots__ = ("data", "size", "target", "crop_pct", "interpolation")
 
-    def __init__(self, data: bytes, size: tuple[int, int], target: int | None = None, crop_pct: float = 1.0):
-        self.data, self.size, self.target, self.crop_pct = data, size, target, crop_pct
+    def __init__(self, data: bytes, size: tuple[int, int], target: int | None = None, crop_pct: float = 1.0,
+                 interpolation: str = "bilinear"):
+        self.data, self.size, self.target, self.crop_pct, self.interpolation = data, size, target, crop_pct, interpolation
 
     def convert(self, mode: str) -> EncodedImage:  # (decode_jpeg's RGB mode converts on the device)
         return self

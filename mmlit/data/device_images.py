@@ -27,13 +27,16 @@ class EncodedImages:
 
     def __init__(self, images: list[EncodedImage]):
         self.data = [torch.frombuffer(bytearray(image.data), dtype=torch.uint8) for image in images]
-        self.target, self.crop_pct = images[0].target, images[0].crop_pct
+        self.target, self.crop_pct, self.interpolation = images[0].target, images[0].crop_pct, images[0].interpolation
+        if self.interpolation not in ("bilinear", "bicubic"):
+            self.interpolation = "bicubic" if "cubic" in self.interpolation else "bilinear"  # (torch has these two)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, EncodedImages) and (self.target, self.crop_pct) == (other.target, other.crop_pct)
+        return (isinstance(other, EncodedImages)
+                and (self.target, self.crop_pct, self.interpolation) == (other.target, other.crop_pct, other.interpolation)
                 and len(self) == len(other) and all(torch.equal(a, b) for a, b in zip(self.data, other.data)))
 
     __hash__ = object.__hash__
@@ -56,15 +59,15 @@ class EncodedImages:
         return torch.stack([self._resized(image) for image in images])
 
     def _resized(self, image: torch.Tensor) -> torch.Tensor:
-        """The shorter side resized to ``target / crop_pct`` (bilinear with antialiasing, as Pillow's), then the centre
-        ``target`` x ``target`` (torchvision's ``Resize`` and ``CenterCrop`` arithmetic)."""
+        """The shorter side resized to ``target / crop_pct`` (bilinear or bicubic with antialiasing, as Pillow's),
+        then the centre ``target`` x ``target`` (torchvision's ``Resize`` and ``CenterCrop`` arithmetic)."""
         if self.target is None or tuple(image.shape[1:]) == (self.target, self.target):
             return image
         height, width = image.shape[1:]
         short = math.floor(self.target / self.crop_pct)
         size = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
         if size != (height, width):
-            image = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True,
+            image = F.interpolate(image[None].float(), size=size, mode=self.interpolation, antialias=True,
                                   align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
         top, left = (int(round((side - self.target) / 2.0)) for side in size)
         return image[:, top:top + self.target, left:left + self.target]

@@ -49,13 +49,16 @@ class Shape:
         return "centre" if vertical == "middle" and horizontal == "centre" else f"{vertical} {horizontal}"
 
 
-def make_scene(rng: random.Random, count: int | None = None, kind: str | None = None) -> tuple[str, list[Shape]]:
-    """A background and ``count`` (default 1-3) shapes that do not overlap."""
+def make_scene(rng: random.Random, count: int | None = None, kind: str | None = None,
+               radius: tuple[float, float] = (0.08, 0.2)) -> tuple[str, list[Shape]]:
+    """A background and ``count`` (default 1-3) shapes that do not overlap, of a radius in ``radius`` (a share of
+    the image's side)."""
     background = rng.choice(sorted(_BACKGROUNDS))
     shapes: list[Shape] = []
+    low, high = radius
     for _ in range(count or rng.randint(1, 3)):
         for _ in range(100):
-            radius = rng.uniform(0.08, 0.2)
+            radius = rng.uniform(low, high)
             x, y = rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius)
             if all(math.dist((x, y), (s.x, s.y)) > radius + s.radius + 0.02 for s in shapes):
                 shapes.append(Shape(kind or rng.choice(SHAPES), rng.choice(sorted(COLOURS)), x, y, radius,
@@ -132,7 +135,7 @@ def write_folder(out: str | Path, per_class: int, *, seed: int = 0, size: int = 
         (out / kind).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             rng = random.Random(f"{seed}:folder:{kind}:{i}")
-            background, shapes = make_scene(rng, count=1, kind=kind)
+            background, shapes = make_scene(rng, count=1, kind=kind, radius=(0.18, 0.32))  # one shape, in view
             _render(background, shapes, size).save(out / kind / f"{kind}_{i:05d}.jpg", quality=90)
     return out
 

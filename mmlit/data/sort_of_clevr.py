@@ -23,7 +23,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "COLOURS", "ANSWERS", "QUESTION_TYPES", "RELATIONAL", "SPLITS", "PRESETS", "TASK_SETTINGS",
+    "COLOURS", "ANSWERS", "QUESTION_TYPES", "RELATIONAL", "SPLITS", "PRESETS",
     "make_scene", "make_sample", "render", "questions_for", "caption_for", "write_split", "write_dataset",
 ]
 
@@ -46,19 +46,6 @@ _TEMPLATES = {
     "count": "how many objects have the same shape as the {c} object?",
 }
 SPLITS = ("train", "val", "test")
-# The settings of each shipped task on these shards, as the recipes give them (task files hold no data set's values).
-TRANSFORM = {"augment": False, "crop_pct": 1.0, "interpolation": "bilinear"}  # as generated: labels name sides, colours
-TASK_SETTINGS = {
-    "vqa": {"answers": list(ANSWERS), "relational": True, "transform": TRANSFORM},
-    "contrastive": {"caption_field": "json.caption", "transform": TRANSFORM},
-    "captioning": {"caption_field": "json.caption", "transform": TRANSFORM},
-    "image_classification": {"label_field": "json.labels.n_circles", "num_classes": 7, "transform": TRANSFORM},
-    "multilabel_classification": {"labels_field": "json.labels.objects", "transform": TRANSFORM,
-                                  "classes": [f"{c} {s}" for c in COLOURS for s in SHAPES]},
-    "text_classification": {"items_field": "json.questions", "text_key": "question", "label_key": "type",
-                            "classes": list(QUESTION_TYPES)},
-    "prefix_lm": {"caption_field": "json.caption", "relational": True, "transform": TRANSFORM},
-}
 # The paper uses 9,800 training and 200 test images; "full" keeps 10,000 images in all.
 PRESETS = {"quickstart": {"train": 4000, "val": 250, "test": 250}, "full": {"train": 9600, "val": 200, "test": 200}}
 

@@ -44,7 +44,7 @@ from mmlit.data.device_images import EncodedImages
 from mmlit.data.index import ShardIndex, StaleIndexError
 from mmlit.data.shards import ShardError
 from mmlit.data.sources import Source, TarSource
-from mmlit.data.transforms import sample_context
+from mmlit.data.transforms import random_state_kept, sample_context
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -96,8 +96,8 @@ def _has_state(module: nn.Module) -> bool:
 
 
 def _without_state(task: Task) -> Task:
-    """A copy of ``task`` without its parameters, buffers, hooks and the submodules that hold state (its head and
-    metrics: ``prepare`` and ``collate`` need none of them, and the head may live on a GPU). Submodules without
+    """A copy of ``task`` without its parameters, buffers, tensors, hooks and the submodules that hold state (its head
+    and metrics: ``prepare`` and ``collate`` need none of them, and the head may live on a GPU). Submodules without
     state (an image transform) and ``training`` stay."""
     copied = copy.copy(task)
     empty = nn.Module().__dict__
@@ -105,6 +105,8 @@ def _without_state(task: Task) -> Task:
     copied.__dict__.update(empty)  # no parameters, buffers or hooks
     copied.__dict__["_modules"] = {name: module for name, module in task._modules.items()
                                    if module is not None and not _has_state(module)}
+    for name in [k for k, v in copied.__dict__.items() if isinstance(v, torch.Tensor)]:
+        del copied.__dict__[name]  # plain tensors too (a cache of class embeddings on the GPU)
     return copied
 
 
@@ -151,18 +153,19 @@ class SourceStream(IterableDataset):
         decode_images: ``worker``: images are decoded here; ``device``: JPEGs are checked here and decoded on the
             training device (``mmlit/data/device_images.py``).
         start_batch: the number of batches the rank's loader delivered before (a resumed run).
+        predict: the stream feeds ``mmlit predict``: tasks take samples without labels (``predicting()``).
     """
 
     def __init__(self, tasks: Mapping[str, Task] | Sequence[Task], index: ShardIndex, tokenizer: Tokenizer, *, batch_size: int, train: bool,
                  samples_per_epoch: int | None = None, seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0,
                  world_size: int = 1, source: Source | None = None, max_image_pixels: int | None = None,
-                 decode_images: Literal["worker", "device"] = "worker", start_batch: int = 0):
+                 decode_images: Literal["worker", "device"] = "worker", start_batch: int = 0, predict: bool = False):
         super().__init__()
         named = tasks if isinstance(tasks, Mapping) else {task.name: task for task in tasks}
         self.names, self.tasks, self.index, self.tokenizer = list(named), list(named.values()), index, tokenizer
         self.batch_size, self.train, self.samples_per_epoch = batch_size, train, samples_per_epoch
         self.seed, self.shuffle_buffer, self.source = seed, shuffle_buffer, source or TarSource()
-        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.rank, self.world_size, self.start_batch, self.predict = rank, world_size, start_batch, predict
         self.max_image_pixels, self.decode_images = max_image_pixels, decode_images
         fields = [task.fields for task in self.tasks]
         self.fields = None if not all(fields) else tuple(dict.fromkeys(f for fs in fields for f in fs))
@@ -214,6 +217,7 @@ class SourceStream(IterableDataset):
             self._check_size(i)
             for sample in self.source.read(url, start, stop):
                 read += 1
+                sample["__shard__"] = i  # (with the key, it seeds the sample's augmentation: keys may repeat per shard)
                 yield sample
         except (ShardError, OSError) as err:  # (OSError: the store did not answer the size request)
             reason = err.reason if isinstance(err, ShardError) else f"{type(err).__name__}: {err}"
@@ -263,6 +267,10 @@ class SourceStream(IterableDataset):
 
     def _prepare(self, raw: list[dict], epoch: int) -> tuple[dict[str, list], dict[str, dict]]:
         """Each task's examples of a batch's raw samples, and its report of what was read and skipped."""
+        with random_state_kept():
+            return self._prepare_samples(raw, epoch)
+
+    def _prepare_samples(self, raw: list[dict], epoch: int) -> tuple[dict[str, list], dict[str, dict]]:
         examples: dict[str, list] = {name: [] for name in self.names}
         faults: dict[str, list] = {name: [] for name in self.names}
         keys = []
@@ -282,7 +290,8 @@ class SourceStream(IterableDataset):
                 try:
                     own = decoded if decoded is not None else self._decode(sample, task.fields or None)
                     # Each task draws from the same seeded state: tasks with one pipeline get the same crop of the image.
-                    with sample_context((self.seed, epoch, sample["__key__"]), train=self.train):
+                    with sample_context((self.seed, epoch, sample["__shard__"], sample["__key__"]), train=self.train,
+                                        predict=self.predict):
                         produced = list(task.prepare(own, self.tokenizer))
                     for example in produced:
                         example["key"] = sample["__key__"]  # (what mmlit predict names each prediction by)

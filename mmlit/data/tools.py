@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import sys
@@ -74,19 +75,21 @@ def _sort_of_clevr(args: argparse.Namespace) -> None:
 def _tokenizer(args: argparse.Namespace) -> None:
     urls = [url for spec in args.shards for url in resolve_shards(spec, "--shards")]
     fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
-    texts = 0
+    texts = iter_texts(urls, fields)
+    first = next(texts, None)
+    if first is None:  # (before training: an existing tokenizer at --out stays as it is)
+        raise ValueError(f"--fields: no text in {', '.join(fields)} of the shards; name the entries that hold text "
+                         f"(e.g. --fields txt,json.caption)")
+    count = 0
 
     def counted() -> Iterator[str]:
-        nonlocal texts
-        for text in iter_texts(urls, fields):
-            texts += 1
+        nonlocal count
+        for text in itertools.chain([first], texts):
+            count += 1
             yield text
 
     tokenizer = train_tokenizer(counted(), args.out, vocab_size=args.vocab_size)
-    if not texts:
-        raise ValueError(f"--fields: no text in {', '.join(fields)} of the shards; name the entries that hold text "
-                         f"(e.g. --fields txt,json.caption)")
-    print(f"tokenizer with {tokenizer.get_vocab_size()} tokens, trained on {texts} texts of {len(urls)} shard(s), "
+    print(f"tokenizer with {tokenizer.get_vocab_size()} tokens, trained on {count} texts of {len(urls)} shard(s), "
           f"written to {args.out}")
 
 

@@ -64,7 +64,10 @@ def cider_d(candidates: list[list[int]], references: list[list[list[int]]], n: i
 
 
 class CIDErD(Metric):
-    """CIDEr-D over every image of the split (gathered over ranks), from candidates and references as token ids."""
+    """CIDEr-D over every image of the split (gathered over ranks), from candidates and references as token ids.
+
+    The states are flat float tensors (ids and counts are exact in float32 up to 2**24): torchmetrics gathers a rank
+    that saw no batch as an empty 1-D float tensor, and every rank must send one shape and type."""
 
     full_state_update = False
 
@@ -77,14 +80,14 @@ class CIDErD(Metric):
 
     def update(self, candidates: list[list[int]], references: list[list[list[int]]]) -> None:
         sequences = [s for c, rs in zip(candidates, references) for s in (c, *rs)]
-        self.tokens.append(torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=self.device))
-        self.lengths.append(torch.tensor([len(s) for s in sequences], dtype=torch.long, device=self.device))
-        self.references.append(torch.tensor([len(rs) for rs in references], dtype=torch.long, device=self.device))
+        self.tokens.append(torch.tensor([t for s in sequences for t in s], dtype=torch.float, device=self.device))
+        self.lengths.append(torch.tensor([len(s) for s in sequences], dtype=torch.float, device=self.device))
+        self.references.append(torch.tensor([len(rs) for rs in references], dtype=torch.float, device=self.device))
 
     def compute(self) -> torch.Tensor:
-        tokens, lengths = dim_zero_cat(self.tokens).tolist(), iter(dim_zero_cat(self.lengths).tolist())
+        tokens, lengths = dim_zero_cat(self.tokens).long().tolist(), iter(dim_zero_cat(self.lengths).long().tolist())
         position, candidates, references = 0, [], []
-        for count in dim_zero_cat(self.references).tolist():
+        for count in dim_zero_cat(self.references).long().tolist():
             sequences = []
             for _ in range(count + 1):
                 length = next(lengths)

@@ -37,30 +37,34 @@ def recall_at_k(image: torch.Tensor, text: torch.Tensor, text_image: torch.Tenso
 
 
 class RetrievalRecall(Metric):
-    """Recall@K in both directions over every image and caption of the split (all ranks together)."""
+    """Recall@K in both directions over every image and caption of the split (all ranks together).
+
+    Every state is a flat float tensor: torchmetrics gathers a rank that saw no batch as an empty 1-D float tensor,
+    and ranks must send tensors of one shape and type (token ids and counts are exact in float32 up to 2**24)."""
 
     full_state_update = False
 
-    def __init__(self, ks: tuple[int, ...] = (1, 5, 10)):
+    def __init__(self, dim: int, ks: tuple[int, ...] = (1, 5, 10)):
         super().__init__()
-        self.ks = tuple(ks)
-        self.add_state("image", default=[], dist_reduce_fx="cat")
-        self.add_state("text", default=[], dist_reduce_fx="cat")
+        self.dim, self.ks = dim, tuple(ks)
+        self.add_state("image", default=[], dist_reduce_fx="cat")  # (images * dim,)
+        self.add_state("text", default=[], dist_reduce_fx="cat")  # (texts * dim,)
         self.add_state("text_image", default=[], dist_reduce_fx="cat")  # each text's image, within its update
-        self.add_state("sizes", default=[], dist_reduce_fx="cat")  # (images, texts) per update, in order
+        self.add_state("sizes", default=[], dist_reduce_fx="cat")  # images, texts of each update, in order
 
     def update(self, image: torch.Tensor, text: torch.Tensor, text_image: torch.Tensor | None = None) -> None:
         """Image (B, E) and text (C, E) embeddings; ``text_image`` (C,) pairs each text with an image of this batch
         (default: text i with image i)."""
         if text_image is None:
             text_image = torch.arange(len(text), device=text.device)
-        self.image.append(F.normalize(image.float(), dim=-1))
-        self.text.append(F.normalize(text.float(), dim=-1))
-        self.text_image.append(text_image.long())
-        self.sizes.append(torch.tensor([[len(image), len(text)]], device=image.device))
+        self.image.append(F.normalize(image.float(), dim=-1).flatten())
+        self.text.append(F.normalize(text.float(), dim=-1).flatten())
+        self.text_image.append(text_image.float())
+        self.sizes.append(torch.tensor([len(image), len(text)], dtype=torch.float, device=image.device))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        sizes, local = dim_zero_cat(self.sizes), dim_zero_cat(self.text_image)
+        sizes, local = dim_zero_cat(self.sizes).long().view(-1, 2), dim_zero_cat(self.text_image).long()
         offsets = torch.cumsum(sizes[:, 0], 0) - sizes[:, 0]  # each update's first image, over all ranks in order
         text_image = local + torch.repeat_interleave(offsets, sizes[:, 1])
-        return recall_at_k(dim_zero_cat(self.image), dim_zero_cat(self.text), text_image, self.ks)
+        image, text = dim_zero_cat(self.image).view(-1, self.dim), dim_zero_cat(self.text).view(-1, self.dim)
+        return recall_at_k(image, text, text_image, self.ks)

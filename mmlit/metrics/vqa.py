@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-__all__ = ["normalize_answer", "soft_scores", "vqa_accuracy"]
+import torch
+
+__all__ = ["normalize_answer", "soft_accuracy", "soft_scores", "update_subsets"]
 
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -66,17 +68,27 @@ def normalize_answer(answer: str) -> str:
     return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """The official accuracy of ``prediction`` against the human ``answers`` (both normalised already): for each
-    answer left out in turn, ``min(matches among the others / 3, 1)``, averaged (exact match for a single answer)."""
-    if len(answers) < 2:  # one answer: exact match
-        return float(answers == [prediction])
-    matches = sum(a == prediction for a in answers)
-    return sum(min((matches - (a == prediction)) / 3.0, 1.0) for a in answers) / len(answers)
+def soft_accuracy(pred: torch.Tensor, answers: torch.Tensor, missing: int = -2) -> torch.Tensor:
+    """The accuracy of predicted answer ids (Q,) against the human answers' ids (Q, K), ``missing``-padded: for each
+    human answer left out in turn, ``min(matches among the others / 3, 1)``, averaged; exact match for a question
+    with one answer. In closed form with m matches of n answers: (m min((m-1)/3, 1) + (n-m) min(m/3, 1)) / n."""
+    given = answers != missing
+    n = given.sum(1).clamp(min=1).float()
+    m = ((answers == pred[:, None]) & given).sum(1).float()
+    soft = (m * ((m - 1) / 3).clamp(max=1) + (n - m) * (m / 3).clamp(max=1)) / n
+    return torch.where(n > 1, soft, m)
+
+
+def update_subsets(metrics, scores: torch.Tensor, subsets: dict[str, torch.Tensor]) -> None:
+    """``metrics[name]`` (a mean) takes the ``scores`` (Q,) of its subset (a (Q,) mask), where it has any (torchmetrics
+    takes no empty update): overall accuracy, per answer type, relational or not."""
+    for name, subset in subsets.items():
+        if subset.any():
+            metrics[name].update(scores[subset])
 
 
 def soft_scores(answers: list[str]) -> dict[str, float]:
-    """Each distinct human answer's accuracy (``vqa_accuracy``): the soft target of a question (Teney et al. 2018);
+    """Each distinct human answer's accuracy (as ``soft_accuracy`` scores it): the soft target of a question (Teney et al. 2018);
     a question with one answer has that answer as its target."""
     counts = Counter(answers)
     n = len(answers)

@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.data import get_worker_info
 from torchmetrics import MetricCollection
 
-from mmlit.data.decode import EncodedImage
+from mmlit.data.decode import EncodedImage, SampleError, sample_field
 from mmlit.data.device_images import EncodedImages
-from mmlit.data.transforms import ImageTransform, training_sample, build_pipelines
+from mmlit.data.transforms import ImageTransform, build_pipelines, predicting, training_sample
 from mmlit.text import BOS, EOS, PAD
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from mmlit.models import Backbone
 
-__all__ = ["Shards", "Task", "batch_size_of", "collate_examples", "names_from", "stack_tensors"]
+__all__ = ["Shards", "Task", "batch_size_of", "collate_examples", "flatten_items", "names_from", "stack_tensors"]
 
 
 @dataclass
@@ -107,6 +107,12 @@ def collate_examples(examples: list[dict]) -> dict[str, Any]:
     return batch
 
 
+def flatten_items(examples: list[dict], items: str) -> list[dict]:
+    """Each example's list ``items`` (of dicts: an image's questions, captions, sequences) over the whole batch, every
+    item with the ``image_index`` of its example and the sample ``key``, for ``collate_examples``."""
+    return [{**item, "image_index": i, "key": e.get("key")} for i, e in enumerate(examples) for item in e[items]]
+
+
 def batch_size_of(batch: dict[str, Any]) -> int:
     """Rows of a collated batch: the length of its first tensor (images, for VQA's image-grouped batches)."""
     return next(len(v) for v in batch.values() if isinstance(v, torch.Tensor))
@@ -137,6 +143,7 @@ class Task(nn.Module):
         self.max_length: int | None = None
         self.transform: ImageTransform | None = None  # set by tasks that read images
         self._pipelines: dict | None = None  # {training: PIL image -> uint8 tensor}, made by build()
+        self._device_resize: tuple[float, str] = (1.0, "bilinear")  # crop_pct, interpolation of the device path
 
     def build(self, backbone: Backbone) -> None:
         """Create the head for ``backbone``; subclasses call ``super().build(backbone)`` first."""
@@ -145,8 +152,11 @@ class Task(nn.Module):
         self.image_size = backbone.image_encoder.image_size
         self.max_length = backbone.max_length
         if self.transform is not None:
-            self._pipelines = build_pipelines(self.transform, self.image_size, backbone.image_encoder.data_config(),
+            config = backbone.image_encoder.data_config()
+            self._pipelines = build_pipelines(self.transform, self.image_size, config,
                                               f"model.tasks.{self.name}.init_args.transform")
+            self._device_resize = (self.transform.crop_pct or config.get("crop_pct") or 1.0,
+                                   self.transform.interpolation or config.get("interpolation", "bilinear"))
 
     def prepare(self, sample: dict, tokenizer: Tokenizer) -> Iterator[dict]:
         """Yield the examples of one decoded sample (none to drop it).
@@ -195,13 +205,22 @@ class Task(nn.Module):
         encoder normalises the whole batch (4x less to copy between processes and to the GPU). A JPEG left for the
         device (``data.decode_images: device``) stays encoded and is resized and cropped there."""
         if isinstance(image, EncodedImage):
-            crop = self.transform.crop_pct if self.transform is not None else None
-            return EncodedImage(image.data, image.size, self.image_size, crop or 1.0)
+            return EncodedImage(image.data, image.size, self.image_size, *self._device_resize)
         if self._pipelines is not None:
             return self._pipelines[training_sample()](image)
         if self.image_size is not None and image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def label(self, sample: dict, field: str, placeholder: Any) -> Any:
+        """The sample's value at ``field`` (``sample_field``); a sample prepared for ``mmlit predict`` may lack it
+        (new, unlabelled data) and gets ``placeholder``."""
+        try:
+            return sample_field(sample, field, self.name)
+        except SampleError:
+            if predicting():
+                return placeholder
+            raise
 
     def token_ids(self, tokenizer: Tokenizer, text: str, *, bos_eos: bool = False) -> list[int]:
         """Token ids of ``text``, cut to the text encoder's ``max_length``."""

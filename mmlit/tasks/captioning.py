@@ -22,22 +22,28 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
-from mmlit.data.transforms import ImageTransform, training_sample
-from mmlit.metrics.caption import caption_metrics, update_caption_metrics
+from mmlit.data.transforms import ImageTransform, predicting, text_safe, training_sample
+from mmlit.metrics.caption import caption_metrics, tokens_of, update_caption_metrics
 from mmlit.models.generation import generate
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, collate_examples, stack_tensors
-from mmlit.text import BOS, EOS, PAD
+from mmlit.tasks.base import Shards, Task, collate_examples
+from mmlit.text import BOS, PAD
 
 __all__ = ["Captioning", "captions_of", "pad_references"]
 
 
 def captions_of(sample: dict, field: str, task: str) -> list[str]:
-    """The non-empty caption(s) at ``field``: a text, or a list of texts."""
-    value = sample_field(sample, field, task)
+    """The non-empty caption(s) at ``field``: a text, or a list of texts; none for a sample without any that is
+    prepared for ``mmlit predict`` (new images)."""
+    try:
+        value = sample_field(sample, field, task)
+    except SampleError:
+        if predicting():
+            return []
+        raise
     captions = [value] if isinstance(value, str) else value if isinstance(value, list) else []
     captions = [c for c in captions if isinstance(c, str) and c.strip()]
-    if not captions:
+    if not captions and not predicting():
         raise SampleError(f"{sample_location(sample)}: task '{task}' found no caption at '{field}'")
     return captions
 
@@ -76,7 +82,7 @@ class Captioning(Task):
         self.caption_field, self.depth, self.heads, self.dropout = caption_field, depth, heads, dropout
         self.beam_size, self.length_penalty = beam_size, length_penalty
         self.fields = ("image", caption_field)
-        self.transform = transform or ImageTransform(scale=(0.5, 1.0), hflip=0.0, color_jitter=0.0)
+        self.transform = transform or text_safe()
 
     def build(self, backbone) -> None:
         super().build(backbone)
@@ -92,12 +98,12 @@ class Captioning(Task):
         self.out = nn.Linear(dim, backbone.vocab_size)
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        captions = captions_of(sample, self.caption_field, self.name)
+        captions = captions_of(sample, self.caption_field, self.name) or [""]  # ("": none, predicting)
         ids = [self.token_ids(tokenizer, c, bos_eos=True) for c in captions]
         example = {"image": self.image_tensor(sample_image(sample, self.name))}
         if training_sample():
             yield {**example, "caption": random.choice(ids)}  # (seeded by the sample: see mmlit/data/transforms.py)
-        else:
+        else:  # the first caption for the loss, every one as a reference
             yield {**example, "caption": ids[0], "references": [c[1:] for c in ids]}
 
     def collate(self, examples: list[dict]) -> dict[str, Any]:
@@ -120,11 +126,10 @@ class Captioning(Task):
         caption = batch["caption"]  # (B, T): BOS ... EOS PAD ...
         logits = self.logits(memory, caption[:, :-1])
         out = {"loss": F.cross_entropy(logits.flatten(0, 1), caption[:, 1:].flatten(), ignore_index=PAD)}
-        if not self.training:
+        if not self.training:  # (evaluation batches carry every reference: the longest may pass this caption's length)
             prompt = torch.full((len(memory), 1), BOS, dtype=torch.long, device=memory.device)
-            steps = self.max_length - 1 if "references" in batch else caption.shape[1] - 1
             out["generated"], out["score"] = generate(lambda ids, rows: self.logits(memory[rows], ids)[:, -1], prompt,
-                                                      steps, beam_size=self.beam_size,
+                                                      self.max_length - 1, beam_size=self.beam_size,
                                                       length_penalty=self.length_penalty)
         return out
 
@@ -132,12 +137,8 @@ class Captioning(Task):
         return MetricCollection(caption_metrics())
 
     def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
-        references = batch.get("references", batch["caption"][:, None, 1:])
-        update_caption_metrics(metrics, outputs["generated"], references)
+        update_caption_metrics(metrics, outputs["generated"], batch["references"])
 
     def predict(self, outputs: dict, batch: dict, tokenizer) -> list[dict]:
-        rows = []
-        for key, ids, score in zip(batch["key"], outputs["generated"].tolist(), outputs["score"].tolist()):
-            ids = ids[:ids.index(EOS)] if EOS in ids else [t for t in ids if t != PAD]
-            rows.append({"key": key, "prediction": tokenizer.decode(ids), "score": round(score, 6)})
-        return rows
+        return [{"key": key, "prediction": tokenizer.decode(tokens), "score": round(score, 6)}
+                for key, tokens, score in zip(batch["key"], tokens_of(outputs["generated"]), outputs["score"].tolist())]

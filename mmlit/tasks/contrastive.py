@@ -24,12 +24,13 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from mmlit.data.decode import sample_field, sample_image
-from mmlit.data.transforms import ImageTransform, training_sample
+from mmlit.data.transforms import ImageTransform, text_safe, training_sample
 from mmlit.metrics.retrieval import RetrievalRecall
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, collate_examples, names_from, stack_tensors
+from mmlit.tasks.base import Shards, Task, collate_examples, flatten_items, names_from, stack_tensors
 from mmlit.tasks.captioning import captions_of
 from mmlit.tasks.image_classification import class_index
+from mmlit.text import UNK
 
 __all__ = ["Contrastive", "ZeroShot"]
 
@@ -62,7 +63,9 @@ class _ZeroShotSource(Task):
         self.shards_key = f"model.tasks.{owner.name}.init_args.zero_shot.shards"  # (named in the data module's errors)
         self.fields = ("image", settings.label_field)
         self._index = {c: i for i, c in enumerate(classes)}
-        self._pipelines, self.image_size = owner._pipelines, owner.image_size
+        # prepared as the contrastive task's evaluation images
+        self.transform, self._pipelines, self._device_resize = owner.transform, owner._pipelines, owner._device_resize
+        self.image_size = owner.image_size
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
         label = class_index(sample_field(sample, self.label_field, self.name), self.classes, self._index, sample,
@@ -79,7 +82,8 @@ class Contrastive(Task):
         embed_dim: width of the shared embedding space.
         init_temperature: the softmax temperature at the start (CLIP: 0.07); learned, capped at 1/100.
         zero_shot: classification shards to classify zero-shot on evaluation.
-        transform: the image pipeline (CLIP's: a mild random crop, no flip).
+        transform: the image pipeline (crops without flips or colour changes by default, as the other tasks that read
+            text: tasks on one source with one pipeline share each image's pass).
     """
 
     fields = ("image", "txt")
@@ -90,11 +94,12 @@ class Contrastive(Task):
         super().__init__(shards, batch_size)
         self.caption_field, self.embed_dim, self.zero_shot = caption_field, embed_dim, zero_shot
         self.fields = ("image", caption_field)
-        self.transform = transform or ImageTransform(scale=(0.9, 1.0), hflip=0.0, color_jitter=0.0)
+        self.transform = transform or text_safe()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.classes = names_from(zero_shot.classes, f"model.tasks.{self.name}.init_args.zero_shot.classes") \
             if zero_shot is not None else []
         self._class_embeddings: torch.Tensor | None = None  # (K, E), made once per evaluation
+        self._prompt_ids: torch.Tensor | None = None  # (K * templates, T), made by setup()
 
     def build(self, backbone) -> None:
         super().build(backbone)
@@ -104,22 +109,28 @@ class Contrastive(Task):
     def setup(self, tokenizer) -> None:
         if self.zero_shot is not None:  # every class's prompts, (K * templates, T) token ids
             prompts = [self.token_ids(tokenizer, t.format(c)) for c in self.classes for t in self.zero_shot.templates]
-            self.register_buffer("prompt_ids", collate_examples([{"ids": p} for p in prompts])["ids"], persistent=False)
+            # (a plain tensor, not a buffer: DDP would broadcast a buffer before every training step)
+            self._prompt_ids = collate_examples([{"ids": p} for p in prompts])["ids"]
+
+    def train(self, mode: bool = True) -> Contrastive:
+        self._class_embeddings = None  # the weights change between evaluations (or a checkpoint is loaded)
+        return super().train(mode)
 
     def evaluation_sources(self) -> list[Task]:
         return [_ZeroShotSource(self, self.zero_shot, self.classes)] if self.zero_shot is not None else []
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
         captions = [self.token_ids(tokenizer, c) for c in captions_of(sample, self.caption_field, self.name)]
-        yield {"image": self.image_tensor(sample_image(sample, self.name)),
-               "captions": [random.choice(captions)] if training_sample() else captions}
+        chosen = [random.choice(captions)] if training_sample() else captions or [[UNK]]  # (UNK: none, predicting)
+        yield {"image": self.image_tensor(sample_image(sample, self.name)), "captioned": bool(captions),
+               "captions": [{"caption": c} for c in chosen]}
 
     def collate(self, examples: list[dict]) -> dict[str, Any]:
-        """image (B, 3, H, W); captions flattened over images: caption (C, T), caption_image (C,) (C = B in
-        training: one caption each)."""
-        flat = [{"caption": c, "caption_image": i} for i, e in enumerate(examples) for c in e["captions"]]
-        rest = collate_examples([{k: v for k, v in e.items() if k not in ("image", "captions")} for e in examples])
-        return {"image": stack_tensors([e["image"] for e in examples]), **rest, **collate_examples(flat)}
+        """image (B, 3, H, W), captioned (B,); captions flattened over images: caption (C, T), image_index (C,),
+        key (C) (C = B in training: one caption each)."""
+        return {"image": stack_tensors([e["image"] for e in examples]),
+                "captioned": torch.tensor([e["captioned"] for e in examples]),
+                **collate_examples(flatten_items(examples, "captions"))}
 
     def _scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP caps the scale at 100
@@ -127,13 +138,11 @@ class Contrastive(Task):
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         if "zero_shot_label" in batch:
             return self._zero_shot(backbone, batch)
-        if self.training:
-            self._class_embeddings = None  # the model changes between evaluations
         features = backbone(image=batch["image"], text=batch["caption"], fuse=False)
         image = F.normalize(self.image_proj(features.image_pooled), dim=-1)  # (B, E)
         text = F.normalize(self.text_proj(features.text_pooled), dim=-1)  # (C, E)
-        first = torch.ones_like(batch["caption_image"], dtype=torch.bool)
-        first[1:] = batch["caption_image"][1:] != batch["caption_image"][:-1]  # each image's first caption
+        first = torch.ones_like(batch["image_index"], dtype=torch.bool)
+        first[1:] = batch["image_index"][1:] != batch["image_index"][:-1]  # each image's first caption
         logits = self._scale() * image @ text[first].T  # (B, B)
         target = torch.arange(len(logits), device=logits.device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -142,15 +151,16 @@ class Contrastive(Task):
     @torch.no_grad()
     def _zero_shot(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         if self._class_embeddings is None:  # in blocks: 1,000 classes x 80 templates are 80,000 prompts
+            prompts = self._prompt_ids.to(batch["image"].device)
             text = torch.cat([F.normalize(self.text_proj(backbone(text=ids).text_pooled), dim=-1)
-                              for ids in self.prompt_ids.split(1024)])
+                              for ids in prompts.split(1024)])
             per_class = text.view(len(self.classes), -1, text.shape[-1]).mean(1)  # mean over the templates
             self._class_embeddings = F.normalize(per_class, dim=-1)  # (K, E)
         image = F.normalize(self.image_proj(backbone(image=batch["image"]).image_pooled), dim=-1)
         return {"zero_shot_logits": image @ self._class_embeddings.T}  # (B, K)
 
     def metrics(self) -> MetricCollection:
-        metrics = {"retrieval": RetrievalRecall((1, 5, 10))}
+        metrics = {"retrieval": RetrievalRecall(self.embed_dim, (1, 5, 10))}
         if self.zero_shot is not None:
             metrics.update(zero_shot_top1=MeanMetric(), zero_shot_top5=MeanMetric())
         return MetricCollection(metrics)
@@ -162,16 +172,18 @@ class Contrastive(Task):
             metrics["zero_shot_top1"].update(hit[:, 0].float())
             metrics["zero_shot_top5"].update(hit.any(1).float())
             return
-        metrics["retrieval"].update(outputs["image_embed"], outputs["text_embed"], batch["caption_image"])
+        metrics["retrieval"].update(outputs["image_embed"], outputs["text_embed"], batch["image_index"])
 
     def predict(self, outputs: dict, batch: dict, tokenizer) -> list[dict]:
-        """Per image: its embedding, and the cosine with its best-matching caption (CLIP score: a filter of data)."""
+        """Per image: its embedding, and the cosine with its best-matching caption (CLIP score: a filter of data; none
+        for an image without a caption)."""
         if "zero_shot_logits" in outputs:
             score, label = outputs["zero_shot_logits"].max(-1)
             return [{"key": k, "prediction": self.classes[i], "score": round(s, 6)}
                     for k, i, s in zip(batch["key"], label.tolist(), score.tolist())]
-        image, text, owner = outputs["image_embed"].float(), outputs["text_embed"].float(), batch["caption_image"]
+        image, text, owner = outputs["image_embed"].float(), outputs["text_embed"].float(), batch["image_index"]
         cosine = (image[owner] * text).sum(-1)
         best = torch.full((len(image),), -1.0, device=image.device).scatter_reduce(0, owner, cosine, "amax")
-        return [{"key": k, "prediction": [round(v, 5) for v in e], "score": round(s, 6)}
-                for k, e, s in zip(batch["key"], image.tolist(), best.tolist())]
+        keys = dict(zip(owner.tolist(), batch["key"]))  # (the keys come per caption)
+        return [{"key": keys[i], "prediction": [round(v, 5) for v in e], "score": round(s, 6) if captioned else None}
+                for i, (e, s, captioned) in enumerate(zip(image.tolist(), best.tolist(), batch["captioned"].tolist()))]

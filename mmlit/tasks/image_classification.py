@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
+from mmlit.data.decode import SampleError, sample_image, sample_location
 from mmlit.data.transforms import ImageTransform
 from mmlit.registry import register_task
 from mmlit.tasks.base import Shards, Task, names_from
@@ -66,9 +66,10 @@ class ImageClassification(Task):
         self.head = nn.Sequential(nn.LayerNorm(backbone.dim), nn.Linear(backbone.dim, len(self.classes)))
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        label = class_index(sample_field(sample, self.label_field, self.name), self.classes, self._index, sample,
-                            f"model.tasks.{self.name}.init_args.classes")
-        yield {"image": self.image_tensor(sample_image(sample, self.name)), "label": label}
+        value = self.label(sample, self.label_field, None)
+        label = -100 if value is None else class_index(value, self.classes, self._index, sample,
+                                                       f"model.tasks.{self.name}.init_args.classes")
+        yield {"image": self.image_tensor(sample_image(sample, self.name)), "label": label}  # (-100: unlabelled)
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         logits = self.head(backbone(image=batch["image"]).image_pooled)  # (B, K)

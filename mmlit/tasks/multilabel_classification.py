@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
 
-from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
+from mmlit.data.decode import SampleError, sample_image, sample_location
 from mmlit.data.transforms import ImageTransform
 from mmlit.registry import register_task
 from mmlit.tasks.base import Shards, Task, names_from
@@ -55,7 +55,7 @@ class MultiLabelClassification(Task):
         self.head = nn.Sequential(nn.LayerNorm(backbone.dim), nn.Linear(backbone.dim, len(self.classes)))
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        labels = sample_field(sample, self.labels_field, self.name)
+        labels = self.label(sample, self.labels_field, [])
         if not isinstance(labels, list):
             raise SampleError(f"{sample_location(sample)}: '{self.labels_field}' must be a list of labels, got "
                               f"{type(labels).__name__}")

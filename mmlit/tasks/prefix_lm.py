@@ -24,14 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
-from mmlit.data.decode import sample_field, sample_image
-from mmlit.data.transforms import ImageTransform, training_sample
-from mmlit.metrics.caption import caption_metrics, sequence_match, update_caption_metrics
+from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
+from mmlit.data.transforms import ImageTransform, predicting, text_safe, training_sample
+from mmlit.metrics.caption import caption_metrics, sequence_match, tokens_of, update_caption_metrics
+from mmlit.metrics.vqa import update_subsets
 from mmlit.models.generation import generate
 from mmlit.models.text import CausalTextDecoder
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, collate_examples, stack_tensors
-from mmlit.tasks.captioning import captions_of
+from mmlit.tasks.base import Shards, Task, collate_examples, flatten_items, stack_tensors
+from mmlit.tasks.captioning import captions_of, pad_references
 from mmlit.text import BOS, EOS, PAD
 
 __all__ = ["PrefixLM"]
@@ -47,6 +48,7 @@ class PrefixLM(Task):
         questions_field: the entry holding the questions (``target: answer``).
         relational: report accuracy on relational and non-relational questions (Sort-of-CLEVR).
         beam_size: hypotheses kept by beam search on evaluation (1: greedy).
+        length_penalty: beam search ranks hypotheses by log-probability / length ** length_penalty.
         transform: the image pipeline (crops without flips or colour changes by default).
     """
 
@@ -55,12 +57,14 @@ class PrefixLM(Task):
 
     def __init__(self, shards: Shards, batch_size: int = 8, target: Literal["answer", "caption"] = "answer",
                  caption_field: str = "txt", questions_field: str = "json.questions", relational: bool = False,
-                 beam_size: int = 1, transform: ImageTransform | None = None):
+                 beam_size: int = 1, length_penalty: float = 0.0, transform: ImageTransform | None = None):
         super().__init__(shards, batch_size)
+        if beam_size < 1:
+            raise ValueError(f"model.tasks.{self.name}.init_args.beam_size must be at least 1, got {beam_size}")
         self.target, self.caption_field, self.questions_field = target, caption_field, questions_field
-        self.relational, self.beam_size = relational, beam_size
+        self.relational, self.beam_size, self.length_penalty = relational, beam_size, length_penalty
         self.fields = ("image", questions_field if target == "answer" else caption_field)
-        self.transform = transform or ImageTransform(scale=(0.5, 1.0), hflip=0.0, color_jitter=0.0)
+        self.transform = transform or text_safe()
 
     def build(self, backbone) -> None:
         super().build(backbone)
@@ -81,29 +85,38 @@ class PrefixLM(Task):
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
         image = self.image_tensor(sample_image(sample, self.name))
         if self.target == "caption":
-            captions = captions_of(sample, self.caption_field, self.name)
-            caption = random.choice(captions) if training_sample() else captions[0]
-            yield {"image": image, "sequences": [self._sequence([], self.token_ids(tokenizer, caption))],
-                   "relational": [False]}
+            captions = [self.token_ids(tokenizer, c) for c in captions_of(sample, self.caption_field, self.name) or [""]]
+            if training_sample():
+                yield {"image": image, "sequences": [self._sequence([], random.choice(captions))]}
+            else:  # the first caption for the loss, every one as a reference
+                yield {"image": image, "sequences": [self._sequence([], captions[0])],
+                       "references": [[*c, EOS] for c in captions]}
             return
         questions = sample_field(sample, self.questions_field, self.name)
         questions = [questions] if isinstance(questions, dict) else questions
-        if questions:
-            yield {"image": image, "relational": [bool(q.get("relational", False)) for q in questions],
-                   "sequences": [self._sequence(self.token_ids(tokenizer, q["question"]),
-                                                self.token_ids(tokenizer, q["answer"])) for q in questions]}
+        sequences = []
+        for number, q in enumerate(questions if isinstance(questions, list) else [None]):
+            answer = q.get("answer", "" if predicting() else None) if isinstance(q, dict) else None
+            if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not isinstance(answer, str):
+                raise SampleError(f"{sample_location(sample)}: question {number} of '{self.questions_field}' needs a "
+                                  f"\"question\" and an \"answer\" text, got {str(q)[:200]}")
+            sequences.append({**self._sequence(self.token_ids(tokenizer, q["question"]), self.token_ids(tokenizer, answer)),
+                              "relational": bool(q.get("relational", False))})
+        if sequences:
+            yield {"image": image, "sequences": sequences}
 
     def collate(self, examples: list[dict]) -> dict[str, Any]:
         """Images (B, 3, H, W); sequences flattened over images: input and labels (Q, T) padded on the right,
         prompt (Q, P) padded on the left (so that generation appends to every row at once), relational and
-        image_index (Q,)."""
-        flat = [{**seq, "relational": rel, "image_index": i, "key": e.get("key")}
-                for i, e in enumerate(examples) for seq, rel in zip(e["sequences"], e["relational"])]
+        image_index (Q,); for captions on evaluation, references (B, R, T) (every caption, EOS-ended)."""
+        flat = flatten_items(examples, "sequences")
         prompts = [row.pop("prompt") for row in flat]
         batch = collate_examples(flat)
         batch["prompt"] = torch.full((len(prompts), max(map(len, prompts))), PAD, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             batch["prompt"][row, batch["prompt"].shape[1] - len(prompt):] = torch.tensor(prompt)
+        if "references" in examples[0]:
+            batch["references"] = pad_references([e["references"] for e in examples])
         return {"image": stack_tensors([e["image"] for e in examples]), **batch}  # images first: batch_size_of counts them
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
@@ -113,10 +126,11 @@ class PrefixLM(Task):
         out = {"loss": F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=PAD)}
         if not self.training:
             decoder, prompt = backbone.text_encoder, batch["prompt"]
-            steps = min(batch["labels"].shape[1], decoder.max_length - prompt.shape[1] + 1)  # the last reads max_length
+            room = decoder.max_length - prompt.shape[1] + 1  # the last step reads max_length tokens
+            steps = room if "references" in batch else min(batch["labels"].shape[1], room)
             out["generated"], out["score"] = generate(
                 lambda ids, rows: self.out(decoder(ids, prefix=prefix[rows])[0][:, -1]), prompt, steps,
-                beam_size=self.beam_size)
+                beam_size=self.beam_size, length_penalty=self.length_penalty)
         return out
 
     def metrics(self) -> MetricCollection:
@@ -125,28 +139,21 @@ class PrefixLM(Task):
         names = ["acc", "acc_rel", "acc_nonrel"] if self.relational else ["acc"]
         return MetricCollection({name: MeanMetric() for name in names})
 
-    def _reference(self, batch: dict) -> torch.Tensor:
-        labels = batch["labels"]  # the target left-aligned: move the prompt's PADs behind it
-        return labels.gather(1, (labels == PAD).int().argsort(dim=1, stable=True))
-
     def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
-        reference = self._reference(batch)
         if self.target == "caption":
-            update_caption_metrics(metrics, outputs["generated"], reference[:, None])
+            update_caption_metrics(metrics, outputs["generated"], batch["references"])
             return
-        exact, _, _ = sequence_match(outputs["generated"], reference)
-        metrics["acc"].update(exact.float())
-        if self.relational:
-            rel = batch["relational"]
-            for key, subset in (("acc_rel", rel), ("acc_nonrel", ~rel)):
-                if subset.any():
-                    metrics[key].update(exact[subset].float())
+        labels = batch["labels"]  # the answer left-aligned: move the prompt's PADs behind it
+        reference = labels.gather(1, (labels == PAD).int().argsort(dim=1, stable=True))
+        exact = sequence_match(outputs["generated"], reference)[0].float()
+        rel = batch["relational"]
+        update_subsets(metrics, exact, {"acc": torch.ones_like(rel), **({"acc_rel": rel, "acc_nonrel": ~rel}
+                                                                        if self.relational else {})})
 
     def predict(self, outputs: dict, batch: dict, tokenizer) -> list[dict]:
         rows, number = [], {}
-        for key, ids, score in zip(batch["key"], outputs["generated"].tolist(), outputs["score"].tolist()):
-            ids = ids[:ids.index(EOS)] if EOS in ids else [t for t in ids if t != PAD]
-            row = {"key": key, "prediction": tokenizer.decode(ids), "score": round(score, 6)}
+        for key, tokens, score in zip(batch["key"], tokens_of(outputs["generated"]), outputs["score"].tolist()):
+            row = {"key": key, "prediction": tokenizer.decode(tokens), "score": round(score, 6)}
             if self.target == "answer":
                 row["question_index"] = number[key] = number.get(key, -1) + 1
             rows.append(row)

@@ -17,6 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from mmlit.data.decode import SampleError, sample_field, sample_location
+from mmlit.data.transforms import predicting
 from mmlit.registry import register_task
 from mmlit.tasks.base import Shards, Task, names_from
 
@@ -46,11 +47,14 @@ class TextClassification(Task):
         items = sample_field(sample, self.items_field, self.name)
         for number, item in enumerate([items] if isinstance(items, dict) else items):
             label = item.get(self.label_key) if isinstance(item, dict) else None
-            if label not in self._class_index or not isinstance(item.get(self.text_key), str):
+            unlabelled = label is None and predicting()  # (mmlit predict on new texts: label -100, no loss)
+            if not isinstance(item, dict) or not isinstance(item.get(self.text_key), str) or \
+                    (label not in self._class_index and not unlabelled):
                 raise SampleError(f"{sample_location(sample)}: an item of '{self.items_field}' needs a text at "
                                   f"{self.text_key!r} and a class at {self.label_key!r} that is in "
                                   f"model.tasks.{self.name}.init_args.classes, got {str(item)[:200]}")
-            yield {"text": self.token_ids(tokenizer, item[self.text_key]), "label": self._class_index[label], "item": number}
+            yield {"text": self.token_ids(tokenizer, item[self.text_key]), "label": self._class_index.get(label, -100),
+                   "item": number}
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         logits = self.head(backbone(text=batch["text"]).text_pooled)  # (B, K)

@@ -26,12 +26,12 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
-from mmlit.data.transforms import ImageTransform, training_sample
-from mmlit.metrics.vqa import normalize_answer, soft_scores
+from mmlit.data.transforms import ImageTransform, text_safe, training_sample
+from mmlit.metrics.vqa import normalize_answer, soft_accuracy, soft_scores, update_subsets
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, collate_examples, names_from, stack_tensors
+from mmlit.tasks.base import Shards, Task, collate_examples, flatten_items, names_from, stack_tensors
 
-__all__ = ["VQA", "soft_accuracy"]
+__all__ = ["VQA"]
 
 _NO_ANSWER = -2  # padding of a question's human answers (-1: an answer outside the vocabulary)
 
@@ -39,17 +39,6 @@ _NO_ANSWER = -2  # padding of a question's human answers (-1: an answer outside 
 def _type_key(answer_type: str) -> str:
     """The metric name of an answer type's accuracy: ``yes/no`` -> ``acc_yes_no``."""
     return "acc_" + re.sub(r"\W+", "_", answer_type).strip("_")
-
-
-def soft_accuracy(pred: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    """VQA accuracy of predicted answer ids (Q,) against human answer ids (Q, K) (``_NO_ANSWER``-padded): for each
-    human answer left out, ``min(matches among the others / 3, 1)``, averaged; a question with one answer scores
-    exact match."""
-    given = answers != _NO_ANSWER
-    n = given.sum(1).clamp(min=1).float()
-    m = ((answers == pred[:, None]) & given).sum(1).float()
-    soft = (m * ((m - 1) / 3).clamp(max=1) + (n - m) * (m / 3).clamp(max=1)) / n
-    return torch.where(n > 1, soft, m)
 
 
 @register_task("vqa")
@@ -81,7 +70,7 @@ class VQA(Task):
         self.answers = [self._clean(a) for a in names_from(answers, f"{key}.answers")]
         self.questions_field, self.fields = questions_field, ("image", questions_field)
         self.answer_types, self.relational, self.hidden = list(answer_types or []), relational, hidden
-        self.transform = transform or ImageTransform(scale=(0.5, 1.0), hflip=0.0, color_jitter=0.0)
+        self.transform = transform or text_safe()
         self._answer_index = {a: i for i, a in enumerate(self.answers)}
         self._type_index = {t: i for i, t in enumerate(self.answer_types)}
 
@@ -121,17 +110,14 @@ class VQA(Task):
         """Images (B, 3, H, W); questions flattened over images: question (Q, T), answers (Q, K) human answer ids,
         target_index / target_score (Q, J) the soft target, question_id, answer_type, relational, image_index (Q,),
         key (Q)."""
-        flat = [{**q, "image_index": i, "key": e.get("key")} for i, e in enumerate(examples) for q in e["questions"]]
-        batch = collate_examples([{k: v for k, v in q.items() if k not in ("answers", "target_index")} for q in flat])
-        for name, pad in (("answers", _NO_ANSWER), ("target_index", -1)):
+        flat = flatten_items(examples, "questions")
+        padded = {"answers": (_NO_ANSWER, torch.long), "target_index": (-1, torch.long), "target_score": (0.0, torch.float)}
+        batch = collate_examples([{k: v for k, v in q.items() if k not in padded} for q in flat])
+        for name, (pad, dtype) in padded.items():  # (lists of numbers: collate_examples pads token ids with PAD)
             rows = [q[name] for q in flat]
-            batch[name] = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+            batch[name] = torch.full((len(rows), max(map(len, rows))), pad, dtype=dtype)
             for r, row in enumerate(rows):
-                batch[name][r, :len(row)] = torch.tensor(row)
-        scores = [q["target_score"] for q in flat]
-        batch["target_score"] = torch.zeros(batch["target_index"].shape)
-        for r, row in enumerate(scores):
-            batch["target_score"][r, :len(row)] = torch.tensor(row)
+                batch[name][r, :len(row)] = torch.tensor(row, dtype=dtype)
         return {"image": stack_tensors([e["image"] for e in examples]), **batch}
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
@@ -153,14 +139,11 @@ class VQA(Task):
         return MetricCollection({name: MeanMetric() for name in names})
 
     def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
-        accuracy = soft_accuracy(outputs["logits"].argmax(-1), batch["answers"])
-        metrics["acc"].update(accuracy)
-        subsets = {_type_key(t): batch["answer_type"] == i for i, t in enumerate(self.answer_types)}
-        if self.relational:
-            subsets.update(acc_rel=batch["relational"], acc_nonrel=~batch["relational"])
-        for key, subset in subsets.items():
-            if subset.any():  # torchmetrics cannot take an empty update
-                metrics[key].update(accuracy[subset])
+        accuracy = soft_accuracy(outputs["logits"].argmax(-1), batch["answers"], _NO_ANSWER)
+        rel = batch["relational"]
+        subsets = {"acc": torch.ones_like(rel), **{_type_key(t): batch["answer_type"] == i for i, t in enumerate(self.answer_types)},
+                   **({"acc_rel": rel, "acc_nonrel": ~rel} if self.relational else {})}
+        update_subsets(metrics, accuracy, subsets)
 
     def predict(self, outputs: dict, batch: dict, tokenizer) -> list[dict]:
         score, answer = outputs["logits"].float().softmax(-1).max(-1)

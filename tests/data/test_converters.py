@@ -186,11 +186,14 @@ def test_the_tokenizer_learns_only_the_named_text_fields(tmp_path):
     assert {"https", "example"} <= set(load_tokenizer(urls).get_vocab())
 
 
-def test_a_tokenizer_field_that_holds_no_text_is_an_error(tmp_path, capsys):
-    shard = write_tar(tmp_path / "00000.tar", [{"__key__": "a", "txt": b"words"}])
+def test_a_tokenizer_field_that_holds_no_text_is_an_error_that_keeps_the_tokenizer(tmp_path, capsys):
+    shard = write_tar(tmp_path / "00000.tar", [{"__key__": "a", "txt": b"some words"}])
+    assert data_main(["tokenizer", "--shards", str(shard), "--out", str(tmp_path / "t.json")]) == 0
+    before = (tmp_path / "t.json").read_bytes()
     assert data_main(["tokenizer", "--shards", str(shard), "--fields", "json.caption", "--out",
                       str(tmp_path / "t.json")]) == 2
     assert "--fields: no text in json.caption" in capsys.readouterr().err
+    assert (tmp_path / "t.json").read_bytes() == before
 
 
 def test_shapes_layouts_convert_with_their_defaults(tmp_path):

@@ -73,15 +73,19 @@ def test_a_fit_with_images_decoded_on_the_device(soc, jpeg_shards, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_the_device_path_crops_the_centre_as_the_evaluation_pipeline_does(tmp_path):
-    """A 120x80 JPEG: the worker's pipeline resizes its shorter side to 48 / 0.75 = 64 and crops the centre 48; the
-    device path does the same arithmetic."""
+@pytest.mark.parametrize("transform", [{"crop_pct": 0.75, "interpolation": "bilinear"}, {}],
+                         ids=["set", "the encoder's config"])
+def test_the_device_path_crops_the_centre_as_the_evaluation_pipeline_does(tmp_path, transform):
+    """A 120x80 JPEG: the worker's pipeline resizes its shorter side to 48 / crop_pct and crops the centre 48; the
+    device path does the same, with the settings the recipe gives or, by default, the encoder's own (test_byobnet's:
+    bicubic, crop_pct 0.95)."""
     import io
 
     import numpy as np
     from PIL import Image
 
-    from mmlit.data.transforms import ImageTransform, build_pipelines
+    from mmlit.data.transforms import ImageTransform
+    from mmlit.models import Backbone, TimmImageEncoder
     from mmlit.tasks import ImageClassification
 
     from ..conftest import write_tar
@@ -94,10 +98,9 @@ def test_the_device_path_crops_the_centre_as_the_evaluation_pipeline_does(tmp_pa
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
         samples.append({"__key__": f"k{i}", "jpg": buffer.getvalue(), "cls": b"1"})
     index = scan_shards([str(write_tar(tmp_path / "photos.tar", samples))], "k")
-    task = ImageClassification(Shards(), batch_size=3, num_classes=2,
-                               transform=ImageTransform(crop_pct=0.75, interpolation="bilinear"))
-    task.image_size = 48
-    task._pipelines = build_pipelines(task.transform, 48, {}, "k")
+    task = ImageClassification(Shards(), batch_size=3, num_classes=2, transform=ImageTransform(**transform))
+    task.build(Backbone(TimmImageEncoder("test_byobnet", dim=32, image_size=48, feature_index=2)))
+    assert task._device_resize == ((0.75, "bilinear") if transform else (0.95, "bicubic"))
 
     def first(mode: str):
         return next(iter(TaskStream(task, index, None, batch_size=3, train=False, decode_images=mode)))[1]["image"]

@@ -11,10 +11,16 @@ from torchmetrics import MetricCollection
 
 from mmlit.metrics.caption import CIDErD, caption_metrics, cider_d, update_caption_metrics
 from mmlit.metrics.retrieval import RetrievalRecall, recall_at_k
-from mmlit.metrics.vqa import normalize_answer, soft_scores, vqa_accuracy
+from mmlit.metrics.vqa import normalize_answer, soft_accuracy, soft_scores
 from mmlit.models.generation import generate
-from mmlit.tasks.vqa import soft_accuracy
 from mmlit.text import BOS, EOS, PAD
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """The official evaluation's loop (vqaEval.py): for each human answer, min(1, matches among the others / 3),
+    averaged."""
+    scores = [min(1.0, sum(a == prediction for j, a in enumerate(answers) if j != i) / 3) for i in range(len(answers))]
+    return sum(scores) / len(scores)
 
 
 def test_cider_d_by_hand():
@@ -72,11 +78,14 @@ def test_vqa_accuracy_by_hand():
     assert vqa_accuracy("no", humans) == pytest.approx(1.0)
     assert vqa_accuracy("maybe", humans) == 0.0
     assert vqa_accuracy("no", ["yes"] * 8 + ["no"] * 2) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)  # 0.6
-    assert vqa_accuracy("no", ["no"]) == 1.0  # one answer: exact match
     assert soft_scores(humans) == pytest.approx({"yes": 0.9, "no": 1.0})
+    assert soft_scores(["no"]) == {"no": 1.0}  # one answer: it is the target
     # the task's tensor form gives the same numbers: answer ids, -2 padding
     answers = torch.tensor([[1] * 3 + [2] * 7, [1] * 8 + [2] * 2, [2] + [-2] * 9])
-    assert soft_accuracy(torch.tensor([1, 2, 2]), answers).tolist() == pytest.approx([0.9, 0.6, 1.0])
+    assert soft_accuracy(torch.tensor([1, 2, 2]), answers).tolist() == pytest.approx([0.9, 0.6, 1.0])  # (one: exact)
+    for m in range(11):  # the closed form against the official loop, for every number of matching answers
+        humans = [1] * m + [2] * (10 - m)
+        assert soft_accuracy(torch.tensor([1]), torch.tensor([humans])).item() == pytest.approx(vqa_accuracy(1, humans))
 
 
 def test_recall_at_k_on_a_fixed_similarity_matrix():
@@ -99,9 +108,9 @@ def test_retrieval_metric_pairs_captions_with_their_images_across_updates():
     torch.manual_seed(0)
     image, text = torch.randn(5, 8), torch.randn(9, 8)
     owner = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4])
-    whole = RetrievalRecall((1, 2))
+    whole = RetrievalRecall(8, (1, 2))
     whole.update(image, text, owner)
-    parts = RetrievalRecall((1, 2))
+    parts = RetrievalRecall(8, (1, 2))
     parts.update(image[:2], text[:3], owner[:3])  # images 0-1 and their captions
     parts.update(image[2:], text[3:], owner[3:] - 2)  # images 2-4: indices within this update
     assert {k: v.item() for k, v in parts.compute().items()} == pytest.approx({k: v.item() for k, v in whole.compute().items()})
@@ -127,3 +136,33 @@ def test_beam_search_finds_the_sequence_greedy_decoding_misses():
     assert (beam[:, 2:] == PAD).all() and torch.equal(beam[0], beam[1])
     one, _ = generate(_toy_model, prompt, 4, beam_size=1)
     assert torch.equal(one, greedy)
+
+
+def _gather_with_an_empty_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    retrieval, cider = RetrievalRecall(4, (1,)), CIDErD()
+    if rank == 0:  # rank 1 saw no batch (all its samples skipped)
+        retrieval.update(torch.eye(4)[:3], torch.eye(4)[:3])
+        cider.update([[1, 2, 3], [9]], [[[1, 2]], [[8]]])
+    values = {"r@1_i2t": retrieval.compute()["r@1_i2t"].item(), "cider": cider.compute().item()}
+    torch.save(values, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_gathered_metrics_survive_a_rank_without_batches(tmp_path):
+    """torchmetrics sends an empty 1-D float tensor for a rank that never updated a list state: mmlit's states are
+    flat floats, so the gather matches and both ranks compute the first rank's values."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_gather_with_an_empty_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0] == ranks[1] == {"r@1_i2t": 1.0, "cider": pytest.approx(cider_d([[1, 2, 3], [9]], [[[1, 2]], [[8]]]))}

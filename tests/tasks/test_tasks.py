@@ -118,7 +118,7 @@ def test_vqa_splits_relational_accuracy(soc):
 def test_retrieval_recall_is_one_for_matching_embeddings():
     from mmlit.metrics.retrieval import RetrievalRecall
 
-    metric = RetrievalRecall((1,))
+    metric = RetrievalRecall(6, (1,))
     emb = torch.eye(6)
     metric.update(emb[:3], emb[:3])
     metric.update(emb[3:], emb[3:].roll(1, dims=0))  # the last three are shuffled
@@ -126,7 +126,7 @@ def test_retrieval_recall_is_one_for_matching_embeddings():
 
 
 def test_captioning_exact_match_and_token_accuracy(soc):
-    _, task, batch = _task_and_batch("captioning", soc, batch_size=4)
+    _, task, batch = _task_and_batch("captioning", soc, train=False, batch_size=4)  # (evaluation: with references)
     metrics = task.metrics()
     generated = batch["caption"][:, 1:].clone()
     generated[0, 0] = generated[0, 1]  # one wrong token in the first caption

@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-from mmlit.data.converters.writer import Planned, check_output, write_split
+from mmlit.data.converters.writer import Planned, check_output, numbered, write_split
 
 HELP = "an image folder, one class per subfolder (ImageNet layout)"
 __all__ = ["HELP", "add_arguments", "plan_folder", "run"]
@@ -48,14 +48,13 @@ def plan_folder(images: Path, val_fraction: float, seed: int) -> tuple[list[str]
             relative = path.relative_to(images).as_posix()
             splits["val" if i in held else "train"].append(
                 Planned("", relative, str(path), {"cls": label, "json": {"class": name, "path": relative}}))
-    return classes, {split: [Planned(f"{i:08d}", s.origin, s.image, s.entries) for i, s in enumerate(samples)]
-                     for split, samples in splits.items() if samples}
+    return classes, {split: numbered(samples) for split, samples in splits.items() if samples}
 
 
 def run(args: argparse.Namespace) -> list:
     images = Path(args.images)
     classes, splits = plan_folder(images, args.val_fraction, args.seed)
-    out = check_output(args.out, list(splits), args.overwrite, extra=("classes.json",))
+    out = check_output(args.out, ["train", "val"], args.overwrite, extra=("classes.json",))
     (out / "classes.json").write_text(json.dumps(classes, indent=1, ensure_ascii=False) + "\n")
     return [write_split(samples, out, split, shard_size=args.shard_size, workers=args.workers, progress=args.progress)
             for split, samples in splits.items()]

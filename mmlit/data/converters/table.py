@@ -18,7 +18,8 @@ import random
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmlit.data.converters.writer import Planned, Skipped, check_output, write_split
+from mmlit.data.converters.writer import Planned, Skipped, check_output, numbered, write_split
+from mmlit.tasks.base import names_from
 
 HELP = "a CSV, TSV, JSONL or parquet table of image paths, texts and labels"
 __all__ = ["HELP", "add_arguments", "plan_table", "read_table", "run"]
@@ -79,13 +80,15 @@ def _class_order(labels: set[str]) -> list[str]:
 def plan_table(path: Path, image_column: str, text_column: str | None, label_column: str | None,
                classes: list[str] | None) -> tuple[list[Planned], list[Skipped], list[str] | None]:
     """The rows as planned samples (keys are set by the caller), the rows left out, and the classes."""
-    columns = [c for c in (image_column, text_column, label_column) if c]
+    flags = {c: f for c, f in ((label_column, "--label-column"), (text_column, "--text-column"),
+                               (image_column, "--image-column")) if c}
+    columns = list(flags)
     rows, skipped = [], []
     for where, row in read_table(path):
         missing = [c for c in columns if c not in row]
         if missing:
             raise ValueError(f"{where}: no column {missing[0]!r} (the row has: {', '.join(map(str, row))}); "
-                             f"set --{'image' if missing[0] == image_column else 'text' if missing[0] == text_column else 'label'}-column")
+                             f"set {flags[missing[0]]} to one of them")
         empty = [c for c in columns if row[c] is None or str(row[c]).strip() == ""]
         if empty:
             skipped.append(Skipped(where, f"empty {empty[0]!r}"))
@@ -119,9 +122,7 @@ def plan_table(path: Path, image_column: str, text_column: str | None, label_col
 
 def run(args: argparse.Namespace) -> list:
     table = Path(args.table)
-    given = json.loads(Path(args.classes).read_text()) if args.classes else None
-    if given is not None and not (isinstance(given, list) and all(isinstance(c, str) for c in given)):
-        raise ValueError(f"--classes: '{args.classes}' must hold a JSON list of class names")
+    given = names_from(args.classes, "--classes") if args.classes else None
     planned, skipped, classes = plan_table(table, args.image_column, args.text_column, args.label_column, given)
     if not 0.0 <= args.val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
@@ -129,10 +130,9 @@ def run(args: argparse.Namespace) -> list:
     splits = {args.split: [p for i, p in enumerate(planned) if i not in held]}
     if held:
         splits["val"] = [p for i, p in enumerate(planned) if i in held]
-    out = check_output(args.out, list(splits), args.overwrite, extra=("classes.json",) if classes else ())
+    out = check_output(args.out, [args.split, "val"], args.overwrite, extra=("classes.json",))
     if classes:
         (out / "classes.json").write_text(json.dumps(classes, indent=1, ensure_ascii=False) + "\n")
-    return [write_split([Planned(f"{i:08d}", p.origin, p.image, p.entries) for i, p in enumerate(samples)], out, split,
-                        shard_size=args.shard_size, workers=args.workers, progress=args.progress,
-                        skipped=skipped if split == args.split else None)
+    return [write_split(numbered(samples), out, split, shard_size=args.shard_size, workers=args.workers,
+                        progress=args.progress, skipped=skipped if split == args.split else None)
             for split, samples in splits.items()]

@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from mmlit.data.converters.coco import load_json
-from mmlit.data.converters.writer import Planned, Skipped, check_output, write_split
+from mmlit.data.converters.writer import Planned, Skipped, check_output, image_key, write_split
 from mmlit.metrics.vqa import normalize_answer
 
 HELP = "VQAv2 questions and annotations and their COCO images"
@@ -40,6 +40,8 @@ def _annotation(note: dict, where: str) -> dict:
         raise ValueError(f"{where}: \"answers\" must be a list of {{\"answer\": str}}")
     consensus = note.get("multiple_choice_answer")
     answers = [normalize_answer(a["answer"]) for a in answers]
+    if not answers and not isinstance(consensus, str):
+        raise ValueError(f"{where}: no answer (neither \"answers\" nor \"multiple_choice_answer\")")
     return {"answers": answers,
             "answer": normalize_answer(consensus) if isinstance(consensus, str) else Counter(answers).most_common(1)[0][0],
             "answer_type": note.get("answer_type", ""), "question_type": note.get("question_type", "")}
@@ -74,8 +76,7 @@ def plan_vqa(questions: Path, annotations: Path | None, images: Path, pattern: s
         except (KeyError, ValueError, IndexError) as err:
             raise ValueError(f"--image-pattern {pattern!r}: {err!r} (fields: image_id, data_subtype)") from None
         items = sorted(by_image[image_id], key=lambda q: q["question_id"])
-        planned.append(Planned(f"{image_id:012d}" if isinstance(image_id, int) else str(image_id).replace(".", "_"),
-                               f"{questions} image {image_id} ({len(items)} questions)", str(images / name),
+        planned.append(Planned(image_key(image_id), f"{questions} image {image_id} ({len(items)} questions)", str(images / name),
                                {"json": {"image_id": image_id, "questions": items}}))
     return planned, skipped
 

@@ -24,7 +24,7 @@ import webdataset as wds
 from mmlit.data.decode import IMAGE_EXTENSIONS, SampleError, decode_sample
 from mmlit.data.index import save_index
 
-__all__ = ["Planned", "Skipped", "SplitReport", "check_output", "write_split"]
+__all__ = ["Planned", "Skipped", "SplitReport", "check_output", "image_key", "numbered", "write_split"]
 
 
 @dataclass(frozen=True)
@@ -65,14 +65,26 @@ class SplitReport:
         return line
 
 
+def image_key(image_id) -> str:
+    """A sample key from a data set's image id: COCO's 12-digit form for integers (a key may hold no dot)."""
+    return f"{image_id:012d}" if isinstance(image_id, int) else str(image_id).replace(".", "_")
+
+
+def numbered(samples: list[Planned]) -> list[Planned]:
+    """The samples keyed by their position (``00000000``, ...), for layouts without ids of their own."""
+    return [Planned(f"{i:08d}", s.origin, s.image, s.entries) for i, s in enumerate(samples)]
+
+
 def _outputs(out: Path, split: str) -> list[Path]:
-    return sorted([*out.glob(f"{split}-[0-9]*.tar"), *(p for p in (out / f"{split}.json", out / f"{split}-skipped.jsonl")
-                                                         if p.exists())])
+    """A split's shards (and those a crash left half written), index and report."""
+    named = (out / f"{split}.json", out / f"{split}-skipped.jsonl")
+    return sorted([*out.glob(f"{split}-[0-9]*.tar"), *out.glob(f"{split}-[0-9]*.tar.partial"), *(p for p in named if p.exists())])
 
 
 def check_output(out: str | Path, splits: list[str], overwrite: bool, extra: tuple[str, ...] = ()) -> Path:
     """Make ``out``; if it holds a split's shards, index or report (or one of ``extra``), fail unless ``overwrite``,
-    which removes them first (so that no shard of an earlier, larger conversion is left behind)."""
+    which removes them first (so that no shard of an earlier, larger conversion is left behind). ``splits`` and
+    ``extra`` name everything a conversion may write, also what this one will not (a val split, classes.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     existing = [p for split in splits for p in _outputs(out, split)] + [out / e for e in extra if (out / e).exists()]
