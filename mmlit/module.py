@@ -270,7 +270,8 @@ class MultiTaskModule(pl.LightningModule):
         for (name, key, metric), count in zip(parts, counts.tolist()):
             if count:
                 value = metric.compute()  # a metric may give several values (recall@1, @5, ... both ways)
-                values.update({f"{stage}/{name}/{k}": v for k, v in (value if isinstance(value, dict) else {key: value}).items()})
+                named = value if isinstance(value, dict) else {key: value}
+                values.update({f"{stage}/{name}/{k}": v for k, v in named.items()})
             metric.reset()
         self.log_dict({k: v for k, v in values.items() if torch.isfinite(v)}, sync_dist=False)
 

@@ -234,7 +234,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         tasks = dict(self._readers(split)[reader] for reader in readers)  # task name -> what prepares its batches
         first = next(iter(tasks.values()))
         train = split == "train"
-        samples = self._samples_per_epoch(readers[0], self.indexes[readers[0]]["train"]) if train and self.mode == "resampled" else None
+        resampled = train and self.mode == "resampled"
+        samples = self._samples_per_epoch(readers[0], self.indexes[readers[0]]["train"]) if resampled else None
         return SourceStream(tasks, self.indexes[readers[0]][split], self.tokenizer,
                             batch_size=first.batch_size, train=train, samples_per_epoch=samples, seed=self.seed,
                             shuffle_buffer=self.shuffle_buffer, rank=self.rank, world_size=self.world_size,

@@ -15,7 +15,8 @@ __all__ = ["RetrievalRecall", "recall_at_k"]
 _BLOCK = 1024  # query rows per similarity block
 
 
-def recall_at_k(image: torch.Tensor, text: torch.Tensor, text_image: torch.Tensor, ks: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def recall_at_k(image: torch.Tensor, text: torch.Tensor, text_image: torch.Tensor,
+                ks: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """Image (N, E) and text (M, E) embeddings, L2-normalised; ``text_image`` (M,) the image of each text ->
     ``r@{k}_i2t`` and ``r@{k}_t2i`` for each k (a tie counts for the query)."""
     hits = {f"r@{k}_{d}": torch.zeros((), device=image.device) for k in ks for d in ("i2t", "t2i")}

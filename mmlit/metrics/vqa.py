@@ -88,8 +88,8 @@ def update_subsets(metrics, scores: torch.Tensor, subsets: dict[str, torch.Tenso
 
 
 def soft_scores(answers: list[str]) -> dict[str, float]:
-    """Each distinct human answer's accuracy (as ``soft_accuracy`` scores it): the soft target of a question (Teney et al. 2018);
-    a question with one answer has that answer as its target."""
+    """Each distinct human answer's accuracy (as ``soft_accuracy`` scores it): the soft target of a question (Teney et
+    al. 2018); a question with one answer has that answer as its target."""
     counts = Counter(answers)
     n = len(answers)
     if n == 1:

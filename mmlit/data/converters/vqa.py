@@ -26,7 +26,8 @@ __all__ = ["HELP", "add_arguments", "answer_vocabulary", "plan_vqa", "run", "wri
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--questions", required=True, help="VQAv2 questions JSON (v2_OpenEnded_mscoco_train2014_questions.json)")
+    parser.add_argument("--questions", required=True,
+                        help="VQAv2 questions JSON (v2_OpenEnded_mscoco_train2014_questions.json)")
     parser.add_argument("--annotations", default=None, help="VQAv2 annotations JSON (none for test questions)")
     parser.add_argument("--images", required=True, help="the folder of the COCO images")
     parser.add_argument("--image-pattern", default="COCO_{data_subtype}_{image_id:012d}.jpg",
@@ -76,7 +77,8 @@ def plan_vqa(questions: Path, annotations: Path | None, images: Path, pattern: s
         except (KeyError, ValueError, IndexError) as err:
             raise ValueError(f"--image-pattern {pattern!r}: {err!r} (fields: image_id, data_subtype)") from None
         items = sorted(by_image[image_id], key=lambda q: q["question_id"])
-        planned.append(Planned(image_key(image_id), f"{questions} image {image_id} ({len(items)} questions)", str(images / name),
+        planned.append(Planned(image_key(image_id), f"{questions} image {image_id} ({len(items)} questions)",
+                               str(images / name),
                                {"json": {"image_id": image_id, "questions": items}}))
     return planned, skipped
 

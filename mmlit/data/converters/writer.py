@@ -78,7 +78,8 @@ def numbered(samples: list[Planned]) -> list[Planned]:
 def _outputs(out: Path, split: str) -> list[Path]:
     """A split's shards (and those a crash left half written), index and report."""
     named = (out / f"{split}.json", out / f"{split}-skipped.jsonl")
-    return sorted([*out.glob(f"{split}-[0-9]*.tar"), *out.glob(f"{split}-[0-9]*.tar.partial"), *(p for p in named if p.exists())])
+    return sorted([*out.glob(f"{split}-[0-9]*.tar"), *out.glob(f"{split}-[0-9]*.tar.partial"),
+                   *(p for p in named if p.exists())])
 
 
 def check_output(out: str | Path, splits: list[str], overwrite: bool, extra: tuple[str, ...] = ()) -> Path:
