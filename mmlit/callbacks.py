@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmlit.tasks.base import batch_size_of
 
-__all__ = ["Freeze", "PredictionWriter", "Progress", "Throughput"]
+__all__ = ["Freeze", "PredictionWriter", "Preemption", "Progress", "Throughput"]
 
 
 class Progress(TQDMProgressBar):
@@ -156,3 +161,57 @@ class Freeze(pl.Callback):
         if self.until_step is None or trainer.global_step < self.until_step:
             for param in self._params:
                 param.grad = None
+
+
+class Preemption(pl.Callback):
+    """Stop for a preemption without losing a step: on ``signals`` (SIGUSR1 by default: what SLURM sends before the
+    time limit with ``#SBATCH --signal=USR1@90``, and what a user can send with ``kill -USR1``), every rank saves
+    ``{checkpoint dir}/preempted.ckpt`` at the end of the same step and the fit ends; under SLURM (``SLURM_JOB_ID``)
+    rank 0 then requeues the job (``scontrol requeue``), whose next start resumes with ``--ckpt_path auto``.
+
+    The ranks agree on the step with one all-reduce of a flag per step (the signal may reach one rank only, or the
+    ranks at different steps).
+
+    Args:
+        signals: the signals that mean "preempted".
+        requeue: under SLURM, requeue the job after the checkpoint.
+    """
+
+    def __init__(self, signals: list[str] = ["SIGUSR1"], requeue: bool = True):  # noqa: B006 (a recipe value)
+        unknown = [name for name in signals if not isinstance(getattr(signal, name, None), signal.Signals)]
+        if unknown:
+            raise ValueError(f"preemption.signals: {', '.join(unknown)} is not a signal name (SIGUSR1, SIGTERM, ...)")
+        self.signals, self.requeue = list(signals), requeue
+        self._signalled, self._previous, self.path = False, {}, None
+
+    def _handle(self, signum, frame) -> None:
+        self._signalled = True  # acted on at the end of the step: a handler may run in the middle of anything
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            for name in self.signals:
+                self._previous[name] = signal.signal(getattr(signal, name), self._handle)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        flag = torch.tensor(float(self._signalled), device=pl_module.device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if not flag.item():
+            return
+        folder = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
+        self.path = folder / "preempted.ckpt"
+        trainer.save_checkpoint(self.path)  # (every rank calls it; rank 0 writes)
+        trainer.should_stop = True
+        rank_zero_info(f"preempted: checkpoint {self.path} at step {trainer.global_step}; resume with --ckpt_path auto")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        job = os.environ.get("SLURM_JOB_ID")
+        if self.path is not None and self.requeue and job and trainer.is_global_zero:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            rank_zero_info(f"requeued SLURM job {job}" if result.returncode == 0 else
+                           f"scontrol requeue {job} failed ({result.returncode}): {result.stderr.strip()}")

@@ -12,10 +12,12 @@ import yaml
 
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import CheckpointIO
 
-from mmlit.callbacks import PredictionWriter, Progress, Throughput
+from mmlit.callbacks import PredictionWriter, Preemption, Progress, Throughput
+from mmlit.checkpoints import AtomicCheckpointIO, resolve_checkpoint
 from mmlit.data import DataMonitor, MultiTaskDataModule
-from mmlit.loggers import WandbLogger
+from mmlit.loggers import WandbContinuity, WandbLogger, wandb_run_of
 from mmlit.module import MultiTaskModule
 
 __all__ = ["MMLitCLI", "main"]
@@ -57,7 +59,8 @@ class _SaveConfigToLoggers(SaveConfigCallback):
 
 class MMLitCLI(LightningCLI):
     """LightningCLI with mmlit's links and defaults: the data module reads the model's tasks, checkpoints
-    go to ``{trainer.default_root_dir}/checkpoints`` (``--ckpt_path last`` resumes from there), and every
+    go to ``{trainer.default_root_dir}/checkpoints``, written atomically (``--ckpt_path last`` resumes from the newest
+    one that loads, ``--ckpt_path auto`` too or starts fresh without one, and the W&B run continues), and every
     checkpoint is loaded with ``weights_only=True``."""
 
     def __init__(self, args=None, run: bool = True):
@@ -74,6 +77,7 @@ class MMLitCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(DataMonitor, "data_monitor")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(Preemption, "preemption")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.link_arguments("model", "data.tasks", compute_fn=_tasks_of, apply_on="instantiate")
@@ -87,13 +91,44 @@ class MMLitCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
         """Lightning's, with mmlit's ``Progress`` (a bar on a terminal, a line per epoch elsewhere) where the recipe
-        shows progress and names no progress bar of its own."""
+        shows progress and names no progress bar of its own, ``AtomicCheckpointIO`` where it names no checkpoint
+        writer, and ``WandbContinuity``."""
         listed = config.get("callbacks") or []
         listed = listed if isinstance(listed, list) else [listed]
+        callbacks = [*callbacks, WandbContinuity()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in
                                                                        [*listed, *callbacks]):
-            callbacks = [*callbacks, Progress()]
+            callbacks.append(Progress())
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _resume(self) -> None:
+        """``--ckpt_path last|auto`` -> a checkpoint that loads, or none (``auto`` without one); a fit resumed from
+        a checkpoint continues its W&B run."""
+        config = self.config_init[self.subcommand]
+        callback = self.trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or _checkpoint_dir(self.trainer.default_root_dir)
+        config["ckpt_path"] = resolve_checkpoint(config.get("ckpt_path"), folder)
+        if config["ckpt_path"] is not None and self.subcommand == "fit":
+            run_id = wandb_run_of(config["ckpt_path"], self.trainer.default_root_dir)
+            for logger in self.trainer.loggers:
+                if isinstance(logger, WandbLogger) and run_id is not None:
+                    logger.continue_run(run_id)
+
+    def before_fit(self) -> None:
+        self._resume()
+
+    def before_validate(self) -> None:
+        self._resume()
+
+    def before_test(self) -> None:
+        self._resume()
+
+    def before_predict(self) -> None:
+        self._resume()
 
     def after_fit(self) -> None:
         self._report()
@@ -107,7 +142,10 @@ class MMLitCLI(LightningCLI):
             lines.append(f"checkpoint:  {trainer.checkpoint_callback.last_model_path}")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and logger.run_folder() is not None:
-                how = f"offline; upload with `wandb sync {logger.run_folder()}`" if logger.is_offline else "online"
+                # Every start of a resumed run has a folder of its own with the run's id: one sync uploads them all,
+                # in order, into the one W&B run.
+                every_start = logger.run_folder().parent / f"offline-run-*-{logger.version}"
+                how = f"offline; upload with `wandb sync {every_start}`" if logger.is_offline else "online"
                 lines.append(f"W&B run:     {logger.run_folder()} ({how})")
             elif logger.log_dir:
                 lines.append(f"{type(logger).__name__}: {logger.log_dir}")
