@@ -20,6 +20,7 @@ from mmlit.data.index import ShardIndex, plan_shards
 from mmlit.data.sources import Source, get_source
 from mmlit.data.stream import Mixture, Sequential, SourceStream
 from mmlit.data.workers import StartMethod, start_fork_server, task_loader
+from mmlit.distributed import report_failure, watch_peers
 from mmlit.tasks.base import Task
 from mmlit.text import load_tokenizer
 
@@ -109,6 +110,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return self.world_size * max(self.num_workers, 1)
 
     def setup(self, stage: str) -> None:
+        watch_peers()  # from here on, a rank that fails stops the others (mmlit/distributed.py)
         if not self.tasks:
             raise ValueError("model.tasks: the recipe declares no task")
         unknown = sorted(set(self.samples_per_epoch) - set(self.tasks))
@@ -148,6 +150,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
             self._check_fit()
         if self.num_workers:
             start_fork_server(self.start_method, self._task_modules)
+
+    def on_exception(self, exception: BaseException) -> None:
+        report_failure(exception)  # every other rank stops now, with this error, instead of at its next collective
 
     def _readers(self, split: str) -> dict[str, tuple[str, Task]]:
         """What reads ``split``: reader -> (the task its batches go to, the task that prepares them). A task reads its
