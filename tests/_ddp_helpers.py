@@ -1,13 +1,20 @@
-"""Callbacks for the multi-process tests, loaded by class path from a recipe: every rank writes what it trained
-on and the weights it ended with, and a run can be made to crash at a chosen step."""
+"""Callbacks and plugins for the multi-process tests, loaded by class path from a recipe: every rank writes what it
+trained on and the weights it ended with; a run can be made to crash at a chosen step, to write its first checkpoint
+slowly (so that a test can kill it in the middle of the write), or to fail on one rank."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+
+from mmlit.checkpoints import AtomicCheckpointIO
+from mmlit.tasks import ImageClassification, Shards
 
 
 class DumpWeights(pl.Callback):
@@ -48,3 +55,101 @@ class Crash(pl.Callback):
 def read_keys(dirpath: Path, rank: int) -> list[dict]:
     path = Path(dirpath) / f"rank{rank}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+class Pace(pl.Callback):
+    """Sleeps ``seconds`` after each training step: a tiny run lasts long enough to be interrupted in its middle."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        time.sleep(self.seconds)
+
+
+class SlowCheckpointIO(AtomicCheckpointIO):
+    """The first checkpoint of a test (while ``marker`` does not exist) is written half, then ``marker`` is made,
+    then it pauses ``pause`` seconds before the rest: a test kills the run in that pause."""
+
+    def __init__(self, marker: str, pause: float = 5.0):
+        super().__init__()
+        self.marker, self.pause = Path(marker), pause
+
+    def _write(self, checkpoint: dict, file) -> None:
+        if self.marker.exists():
+            return super()._write(checkpoint, file)
+        data = io.BytesIO()
+        torch.save(checkpoint, data)
+        data = data.getvalue()
+        file.write(data[: len(data) // 2])
+        file.flush()
+        self.marker.write_text("writing")
+        time.sleep(self.pause)
+        file.write(data[len(data) // 2:])
+
+
+class FailOn(pl.Callback):
+    """Raises on rank ``rank``, in its callbacks' ``setup`` (after the data module's) or at training step ``step``."""
+
+    def __init__(self, rank: int, step: int | None = None):
+        self.rank, self.step = rank, step
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.step is None and trainer.global_rank == self.rank:
+            raise RuntimeError(f"injected failure in setup on rank {self.rank}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.step is not None and trainer.global_step == self.step and trainer.global_rank == self.rank:
+            raise RuntimeError(f"injected failure at step {self.step} on rank {self.rank}")
+
+
+def read_steps(dirpath: Path, rank: int) -> list[dict]:
+    """``read_keys`` of a run that was killed and resumed: each step as it was last trained, in step order."""
+    last = {record["step"]: record for record in read_keys(dirpath, rank)}
+    return [last[step] for step in sorted(last)]
+
+
+class FailingTask(ImageClassification):
+    """Image classification that fails on rank ``fail_rank``: in the data module's setup, before its broadcast of
+    the shard index (``setup``), or in a DataLoader worker's ``prepare`` (``worker``)."""
+
+    def __init__(self, shards: Shards, fail_rank: int, fail_in: str = "worker", marker: str | None = None, **kwargs):
+        super().__init__(shards, **kwargs)
+        self.fail_rank, self.fail_in, self.marker = fail_rank, fail_in, marker
+
+    def _fail(self, where: str):
+        if self.marker:
+            Path(self.marker).write_text(str(time.time()))  # when it failed
+        raise RuntimeError(f"injected failure in {where} on rank {self.fail_rank}")
+
+    def evaluation_sources(self) -> list:
+        import torch.distributed as dist
+
+        if self.fail_in == "setup" and dist.is_initialized() and dist.get_rank() == self.fail_rank:
+            self._fail("the data module's setup")
+        return super().evaluation_sources()
+
+    def prepare(self, sample, tokenizer):
+        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+        if self.fail_in == "worker" and rank == self.fail_rank:
+            self._fail("a DataLoader worker")
+        yield from super().prepare(sample, tokenizer)
+
+
+class NaNOnce(ImageClassification):
+    """Image classification whose loss is NaN once: at the first training step on rank ``rank`` after the file
+    ``trigger`` appears (the file is removed then), as from a bad batch or a hardware fault. ``tools/soak.py``."""
+
+    def __init__(self, shards: Shards, trigger: str, rank: int = 1, **kwargs):
+        super().__init__(shards, **kwargs)
+        self.trigger, self.rank = Path(trigger), rank
+
+    def forward(self, backbone, batch: dict) -> dict:
+        import torch.distributed as dist
+
+        out = super().forward(backbone, batch)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.training and rank == self.rank and self.trigger.exists():
+            self.trigger.unlink()
+            out["loss"] = out["loss"] * float("nan")
+        return out

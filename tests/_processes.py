@@ -13,14 +13,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
-__all__ = ["ProcessTimeout", "kill_tree", "run", "run_cli"]
+__all__ = ["ProcessTimeout", "after_lines", "cli_env", "kill_tree", "lines_in", "run", "run_cli", "run_together",
+           "run_until"]
 
 
 class ProcessTimeout(subprocess.TimeoutExpired):
@@ -104,16 +107,37 @@ def run(command: list[str], *, timeout: float, cwd: Path = REPO, env: dict | Non
 
     The output goes to files, not pipes: a process left behind would hold a pipe open, and reading it to its end
     would wait for that process."""
+    return run_until(command, None, timeout=timeout, cwd=cwd, env=env)
+
+
+def _read(file) -> str:
+    file.seek(0)
+    return file.read()
+
+
+def run_until(command: list[str], interrupt: Callable[[], bool] | None, *, timeout: float, sig: int = signal.SIGKILL,
+              cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``run``, but once ``interrupt()`` is true (polled every 0.05 s) the command gets ``sig``: SIGKILL goes to it
+    and everything it started (a killed job, ``returncode`` -9), another signal to the command alone (which then
+    ends by itself)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=cwd, env=env, start_new_session=True)
+        deadline, sent = time.monotonic() + timeout, interrupt is None
         try:
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                stacks = _stacks(proc)
-                kill_tree(proc)
-                proc.wait()
-                raise ProcessTimeout(command, timeout, _read(out), _read(err), stacks) from None
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    stacks = _stacks(proc)
+                    kill_tree(proc)
+                    proc.wait()
+                    raise ProcessTimeout(command, timeout, _read(out), _read(err), stacks)
+                if not sent and interrupt():
+                    sent = True
+                    if sig == signal.SIGKILL:
+                        kill_tree(proc)
+                        proc.wait()
+                        break
+                    proc.send_signal(sig)
+                time.sleep(0.05)
         finally:
             # Workers or ranks that outlived the main process, or a test that was interrupted. pytest-timeout's alarm
             # waits until they are killed: between SIGSTOP and SIGKILL it would leave them stopped.
@@ -127,14 +151,56 @@ def run(command: list[str], *, timeout: float, cwd: Path = REPO, env: dict | Non
         return subprocess.CompletedProcess(command, proc.returncode, _read(out), _read(err))
 
 
-def _read(file) -> str:
-    file.seek(0)
-    return file.read()
+def lines_in(path: Path) -> int:
+    """The lines of a file a run appends to (0 before it exists): e.g. the steps ``RecordKeys`` logged."""
+    return len(Path(path).read_text().splitlines()) if Path(path).exists() else 0
+
+
+def after_lines(path: Path, lines: int, delay: float = 0.0) -> Callable[[], bool]:
+    """An ``interrupt`` for ``run_until``: true from ``delay`` seconds after ``path`` gained ``lines`` lines since
+    this call (a run started next trained that many steps of its own)."""
+    start, reached = lines_in(path), []
+
+    def due() -> bool:
+        if not reached and lines_in(path) >= start + lines:
+            reached.append(time.monotonic())
+        return bool(reached) and time.monotonic() - reached[0] >= delay
+    return due
+
+
+def run_together(commands: list[list[str]], *, timeout: float, env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Several commands at once (the nodes of a job), each as ``run``, under its own timeout."""
+    results: dict[int, subprocess.CompletedProcess | BaseException] = {}
+
+    def one(i: int, command: list[str]) -> None:
+        try:
+            results[i] = run(command, timeout=timeout, env=env)
+        except BaseException as err:  # noqa: BLE001 (raised below, in the test's thread)
+            results[i] = err
+
+    threads = [threading.Thread(target=one, args=(i, c)) for i, c in enumerate(commands)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results.values():
+        if isinstance(result, BaseException):
+            raise result
+    return [results[i] for i in range(len(commands))]
+
+
+def cli_env(ddp: bool = False) -> dict:
+    """The environment of a ``python -m mmlit.cli`` started by a test (``tests._ddp_helpers`` importable; gloo)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    # A W&B run made in the test process leaves its service's address here; a command of its own starts its own, as
+    # it would outside the tests (two runs with one id in one service are refused: "run ID is in use").
+    env.pop("WANDB_SERVICE", None)
+    if ddp:
+        env["PL_TORCH_DISTRIBUTED_BACKEND"] = "gloo"
+    return env
 
 
 def run_cli(*args: str, timeout: float, ddp: bool = False) -> subprocess.CompletedProcess:
     """``python -m mmlit.cli ARGS`` from the repository (``tests._ddp_helpers`` importable; gloo for DDP)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    if ddp:
-        env["PL_TORCH_DISTRIBUTED_BACKEND"] = "gloo"
+    env = cli_env(ddp)
     return run([sys.executable, "-m", "mmlit.cli", *args], timeout=timeout, env=env)

@@ -115,7 +115,9 @@ def test_fit_end_to_end_then_resume_then_test(soc, tmp_path):
     assert checkpoint["global_step"] == 3
     assert any(k.startswith("tasks.vqa.head") for k in checkpoint["state_dict"])
     assert (run / "config.yaml").is_file() and "tasks:" in (run / "config.yaml").read_text()
-    assert list((run / "wandb").glob("offline-run-*"))
+    run_id = (run / "wandb-run-id").read_text().strip()
+    assert [p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")] == [run_id]
+    assert checkpoint["mmlit_wandb_run_id"] == run_id
 
     rows = list(csv.DictReader(open(next((run / "csv").glob("version_*/metrics.csv")))))
     keys = {k for row in rows for k, v in row.items() if v}
@@ -131,6 +133,8 @@ def test_fit_end_to_end_then_resume_then_test(soc, tmp_path):
     resumed = _run("fit", "--config", str(recipe_path), "--trainer.max_epochs", "2", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(last, weights_only=True)["global_step"] == 6
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and {p.name.rsplit("-", 1)[1] for p in offline} == {run_id}, "the resume continues its run"
 
     assert (run / "config.1.yaml").is_file(), "resuming keeps the first run's recipe"
     tested = _run("test", "--config", str(recipe_path), "--ckpt_path", str(last))

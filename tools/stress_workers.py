@@ -5,8 +5,9 @@
 Each round runs two of the test suite's scenarios on 2 gloo ranks, each process killed with all it started if it
 runs past ``--timeout`` seconds:
 
-* ``resume``: 2 ranks x 2 workers, 2 tasks; a run killed at step 5 and resumed must train on exactly the samples of
-  the uninterrupted run and end with bit-identical weights (``tests/data/test_resume.py``, 3 fits);
+* ``resume``: 2 ranks x 2 workers, 2 tasks; a run killed twice (once while writing a checkpoint), preempted once and
+  resumed must train on exactly the samples of the uninterrupted run and end with bit-identical weights
+  (``tests/data/test_resume.py``);
 * ``fit``: 3 tasks, 2 ranks x 2 workers, 2 epochs with validation (``tests/test_ddp.py``);
 * ``fit-all`` (not by default): the same with every registered task, so more loaders start workers per rank.
 
@@ -32,8 +33,19 @@ from tests.conftest import make_soc  # noqa: E402
 from tests.data import test_resume  # noqa: E402
 
 
+class _Folders:
+    """``tmp_path_factory``'s ``mktemp`` under one folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def mktemp(self, name: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=name, dir=self.root))
+
+
 def _resume(soc: dict, tmp: Path) -> None:
-    test_resume.test_killed_and_resumed_run_matches_the_uninterrupted_one(soc, tmp, world=2, workers=2)
+    test_resume.test_runs_killed_at_random_moments_resume_to_the_uninterrupted_weights(
+        soc, tmp, _Folders(tmp), None, world=2, workers=2, store="local")
 
 
 def _fit(soc: dict, tmp: Path) -> None:

@@ -1,30 +1,31 @@
-"""Exact mid-epoch resume: a run killed at step k and resumed from its checkpoint trains on exactly the samples
-of the uninterrupted run, in the same order, with the same augmentations, and ends with bit-identical weights (1 and 2
-ranks, 0 and 2 workers; local shards, and once each with an index and shards over HTTP and on S3)."""
+"""Kill and resume, for real: a run is SIGKILLed at random moments (once while it writes a checkpoint, made slow on
+purpose), stopped once by SIGUSR1 (a preemption: it checkpoints and ends), and started again each time with
+``--ckpt_path auto``; it trains on exactly the samples of the uninterrupted run, in the same order, with the same
+augmentations, and ends with bit-identical weights. On 1 and 2 ranks, with 0 and 2 workers; local shards, and shards
+with an index over HTTP and on S3."""
 
 from __future__ import annotations
 
+import random
 import shutil
-import subprocess
+import signal
+import sys
 
 import pytest
 import torch
 
 from mmlit.data import write_index
 
-from .._ddp_helpers import read_keys
-from .._processes import run_cli
+from .._ddp_helpers import read_steps
+from .._processes import after_lines, cli_env, run_cli, run_until
 from ..conftest import tiny_recipe, write_recipe
 
-TOTAL, CRASH = 8, 5  # steps; with 3 steps per epoch the crash is in the middle of epoch 1
-FIT_TIMEOUT = 300  # seconds per fit (about 10 s each here); tools/stress_workers.py sets its own
+TOTAL, EVERY = 8, 2  # steps, and a checkpoint every 2; with 3 steps per epoch the run crosses two epoch ends
+FIT_TIMEOUT = 300  # seconds per fit (about 10-30 s each here); tools/stress_workers.py sets its own
+_REFERENCES: dict = {}  # (world, workers) -> the uninterrupted run's folder (the store does not change what it trains)
 
 
-def _fit(recipe: dict, path, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli("fit", "--config", str(write_recipe(recipe, path)), *extra, timeout=FIT_TIMEOUT, ddp=True)
-
-
-def _recipe(soc, root, world: int, workers: int, callbacks: list[dict]) -> dict:
+def _recipe(soc, root, world: int, workers: int) -> dict:
     recipe = tiny_recipe(soc, root, tasks=["vqa", "image_classification"], max_epochs=-1, max_steps=TOTAL, logger=False,
                          limit_val_batches=0, num_sanity_val_steps=0, devices=world,
                          strategy="ddp_find_unused_parameters_true" if world > 1 else "auto")
@@ -33,17 +34,11 @@ def _recipe(soc, root, world: int, workers: int, callbacks: list[dict]) -> dict:
     # Augmentation on (random crops, flips, RandAugment): a resumed run draws the same augmentations
     recipe["model"]["tasks"]["image_classification"]["init_args"]["transform"] = {"auto_augment": "rand-m9-mstd0.5"}
     recipe["model"]["tasks"]["vqa"]["init_args"].pop("transform")  # VQA's own: random crops
-    recipe["checkpoint"] = {"every_n_train_steps": CRASH}
-    recipe["trainer"]["callbacks"] = callbacks
+    recipe["checkpoint"] = {"every_n_train_steps": EVERY}
+    recipe["trainer"]["callbacks"] = [
+        {"class_path": "tests._ddp_helpers.RecordKeys", "init_args": {"dirpath": str(root / "keys")}},
+        {"class_path": "tests._ddp_helpers.DumpWeights", "init_args": {"dirpath": str(root / "weights")}}]
     return recipe
-
-
-def _callbacks(tmp, name: str, crash: int | None = None) -> list[dict]:
-    callbacks = [{"class_path": "tests._ddp_helpers.RecordKeys", "init_args": {"dirpath": str(tmp / name / "keys")}},
-                 {"class_path": "tests._ddp_helpers.DumpWeights", "init_args": {"dirpath": str(tmp / name / "weights")}}]
-    if crash is not None:
-        callbacks.append({"class_path": "tests._ddp_helpers.Crash", "init_args": {"at_step": crash}})
-    return callbacks
 
 
 def _on_store(soc: dict, request, store: str) -> dict:
@@ -64,35 +59,63 @@ def _on_store(soc: dict, request, store: str) -> dict:
     return {**soc, "train": server.url + "/soc/train.json"}
 
 
+def _reference(soc, tmp_path_factory, world: int, workers: int):
+    if (world, workers) not in _REFERENCES:
+        root = tmp_path_factory.mktemp(f"whole-{world}-{workers}")
+        recipe = write_recipe(_recipe(soc, root, world, workers), root / "r.yaml")
+        whole = run_cli("fit", "--config", str(recipe), timeout=FIT_TIMEOUT, ddp=True)
+        assert whole.returncode == 0, whole.stderr[-4000:]
+        _REFERENCES[world, workers] = root
+    return _REFERENCES[world, workers]
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.timeout(3 * FIT_TIMEOUT + 60)
-@pytest.mark.parametrize("world,workers,store", [(1, 0, "local"), (1, 2, "local"), (2, 0, "local"), (2, 2, "local"),
-                                                 (1, 2, "http"), (2, 0, "s3")])
-def test_killed_and_resumed_run_matches_the_uninterrupted_one(soc, tmp_path, request, world, workers, store):
+@pytest.mark.timeout(6 * FIT_TIMEOUT)
+# Every (ranks, workers) pair once, each store once (a store changes how shards are read, not what is trained)
+@pytest.mark.parametrize("world,workers,store", [(1, 0, "local"), (1, 2, "http"), (2, 0, "s3"), (2, 2, "local")])
+def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_weights(soc, tmp_path, tmp_path_factory, request,
+                                                                           world, workers, store):
+    whole = _reference(soc, tmp_path_factory, world, workers)
     soc = _on_store(soc, request, store)
-    whole = _fit(_recipe(soc, tmp_path / "a", world, workers, _callbacks(tmp_path, "a")), tmp_path / "a.yaml")
-    assert whole.returncode == 0, whole.stderr[-4000:]
+    recipe = _recipe(soc, tmp_path / "b", world, workers)
+    marker = tmp_path / "writing"
+    recipe["trainer"]["plugins"] = [{"class_path": "tests._ddp_helpers.SlowCheckpointIO",
+                                     "init_args": {"marker": str(marker)}}]
+    recipe["trainer"]["callbacks"].append({"class_path": "tests._ddp_helpers.Pace", "init_args": {"seconds": 0.5}})
+    path = write_recipe(recipe, tmp_path / "b.yaml")
+    command = [sys.executable, "-m", "mmlit.cli", "fit", "--config", str(path), "--ckpt_path", "auto"]
+    rng = random.Random(f"{world}-{workers}-{store}")
 
-    killed = _recipe(soc, tmp_path / "b", world, workers, _callbacks(tmp_path, "b", crash=CRASH))
-    crashed = _fit(killed, tmp_path / "b.yaml")
-    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr
-    checkpoint = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["global_step"] == CRASH
-    position = checkpoint["MultiTaskDataModule"]
-    assert position["step"] == CRASH and set(position["tasks"]) == {"vqa", "image_classification"}
+    keys = tmp_path / "b" / "keys" / "rank0.jsonl"
 
-    killed["trainer"]["callbacks"] = _callbacks(tmp_path, "b")
-    resumed = _fit(killed, tmp_path / "b2.yaml", "--ckpt_path", "last")
+    def after(steps: int, delay: float):  # steps trained by rank 0 in the start to come
+        return after_lines(keys, steps, delay)
+
+    # 1. SIGKILL while the first checkpoint (step 2) is half written: no checkpoint is left, the next start is fresh
+    killed = run_until(command, marker.exists, timeout=FIT_TIMEOUT, env=cli_env(ddp=True))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    assert not list((tmp_path / "b" / "checkpoints").glob("*.ckpt")), "a half-written checkpoint under a real name"
+    # 2. SIGKILL at a random moment after a random number of steps: the next start resumes from the last checkpoint
+    killed = run_until(command, after(rng.randrange(EVERY + 1, TOTAL - 3), rng.uniform(0, 1)), timeout=FIT_TIMEOUT,
+                       env=cli_env(ddp=True))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    if store == "local":  # 3. a preemption: SIGUSR1 to the first rank only; every rank checkpoints one step and ends
+        stopped = run_until(command, after(1, rng.uniform(0, 0.5)), sig=signal.SIGUSR1, timeout=FIT_TIMEOUT,
+                            env=cli_env(ddp=True))
+        assert stopped.returncode == 0 and "preempted: checkpoint" in stopped.stdout + stopped.stderr, stopped.stderr[-4000:]
+        preempted = torch.load(tmp_path / "b" / "checkpoints" / "preempted.ckpt", weights_only=True)
+        assert preempted["global_step"] < TOTAL, "the preempted run stopped before its end"
+    resumed = run_until(command, None, timeout=FIT_TIMEOUT, env=cli_env(ddp=True))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
 
     for rank in range(world):
-        expected = read_keys(tmp_path / "a" / "keys", rank)
+        expected = read_steps(whole / "keys", rank)
         assert [r["step"] for r in expected] == list(range(TOTAL))
-        assert read_keys(tmp_path / "b" / "keys", rank) == expected, f"rank {rank} saw other samples after resuming"
-        a = torch.load(tmp_path / "a" / "weights" / f"rank{rank}.pt", weights_only=True)
+        assert read_steps(tmp_path / "b" / "keys", rank) == expected, f"rank {rank} saw other samples after resuming"
+        a = torch.load(whole / "weights" / f"rank{rank}.pt", weights_only=True)
         b = torch.load(tmp_path / "b" / "weights" / f"rank{rank}.pt", weights_only=True)
         for key in a:
             assert torch.equal(a[key], b[key]), key
-    tasks_per_step = [sorted(r["keys"]) for r in read_keys(tmp_path / "a" / "keys", 0)]
+    tasks_per_step = [sorted(r["keys"]) for r in read_steps(whole / "keys", 0)]
     assert all(len(t) == 1 for t in tasks_per_step) and len({t[0] for t in tasks_per_step}) == 2  # sampled mixture
