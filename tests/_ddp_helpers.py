@@ -68,15 +68,16 @@ class Pace(pl.Callback):
 
 
 class SlowCheckpointIO(AtomicCheckpointIO):
-    """The first checkpoint of a test (while ``marker`` does not exist) is written half, then ``marker`` is made,
-    then it pauses ``pause`` seconds before the rest: a test kills the run in that pause."""
+    """The first checkpoint of a test (while ``marker`` does not exist; every checkpoint with ``first_only`` false)
+    is written half, then ``marker`` is made, then it pauses ``pause`` seconds before the rest: a test kills the run
+    in that pause."""
 
-    def __init__(self, marker: str, pause: float = 5.0):
+    def __init__(self, marker: str, pause: float = 5.0, first_only: bool = True):
         super().__init__()
-        self.marker, self.pause = Path(marker), pause
+        self.marker, self.pause, self.first_only = Path(marker), pause, first_only
 
     def _write(self, checkpoint: dict, file) -> None:
-        if self.marker.exists():
+        if self.first_only and self.marker.exists():
             return super()._write(checkpoint, file)
         data = io.BytesIO()
         torch.save(checkpoint, data)

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import urllib.parse
 import urllib.request
@@ -63,7 +64,7 @@ class HTTPStore:
             pass
 
         Handler.store = store
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, args=(0.05,), name="HTTPStore", daemon=True).start()
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -103,6 +104,12 @@ class HTTPStore:
 
     def bytes_sent(self, path_glob: str | None = None) -> int:
         return sum(r.bytes_sent for r in self.requests(path_glob))
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client killed or gone mid-request: not news
+            super().handle_error(request, client_address)
 
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
