@@ -31,6 +31,8 @@ class Compile:
         dynamic: ``torch.compile``'s ``dynamic`` (None: dynamic shapes after the first recompile, e.g. for a new text
             length).
         fullgraph: fail on a graph break instead of running the break eagerly.
+        backend: ``torch.compile``'s backend: ``inductor`` (generated kernels; ``mode`` applies to it alone), or
+            ``aot_eager`` / ``eager`` to find graph breaks and compile-only bugs without code generation.
     """
 
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
@@ -38,6 +40,7 @@ class Compile:
     heads: bool = True
     dynamic: bool | None = None
     fullgraph: bool = False
+    backend: str = "inductor"
 
 
 def _has_parameters(module: nn.Module) -> bool:
@@ -64,7 +67,9 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
 def compile_modules(parts: Iterable[nn.Module], heads: Iterable[nn.Module], settings: Compile) -> list[nn.Module]:
     """Compile ``parts`` (by their repeated blocks, or whole) and, with ``settings.heads``, ``heads``; returns the
     modules compiled."""
-    options = {"mode": settings.mode, "dynamic": settings.dynamic, "fullgraph": settings.fullgraph}
+    options = {"backend": settings.backend, "dynamic": settings.dynamic, "fullgraph": settings.fullgraph}
+    if settings.backend == "inductor":
+        options["mode"] = settings.mode
     # A compiled backward donates its saved buffers by default, which forbids retain_graph; mmlit back-propagates one
     # graph several times (one pass per task for gradient-based objectives, and the gradient statistics logged for
     # every objective), and torch's error names this switch as the way out. It costs the donation's memory saving.
