@@ -7,7 +7,6 @@ import io
 import re
 import subprocess
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmlit.callbacks import Freeze
-from mmlit.models import Backbone, CrossAttentionFusion, LateFusion, TimmImageEncoder, TransformerTextEncoder
+from mmlit.models import Backbone, CrossAttentionFusion, TimmImageEncoder, TransformerTextEncoder
 from mmlit.transfer import export_backbone, layer_decay_groups, load_backbone_weights
 
 from .objectives._train import build_module, loader, step_batches, trainer

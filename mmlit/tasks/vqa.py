@@ -21,7 +21,6 @@ import re
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 

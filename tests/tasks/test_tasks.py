@@ -100,7 +100,7 @@ def test_task_declares_the_fields_it_reads(name, soc):
             del node[path[-1]]
         else:
             del broken[head]
-        with pytest.raises(SampleError, match=rf"val-000000.tar: sample 'val0000000'"):
+        with pytest.raises(SampleError, match=r"val-000000.tar: sample 'val0000000'"):
             list(task.prepare(broken, load_tokenizer(soc["tokenizer"])))
 
 
