@@ -198,10 +198,11 @@ class Preemption(pl.Callback):
         self._previous = {}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        flag = torch.tensor(float(self._signalled), device=pl_module.device)
-        if trainer.world_size > 1:
-            flag = trainer.strategy.reduce(flag, reduce_op="max")
-        if not flag.item():
+        signalled = self._signalled
+        if trainer.world_size > 1:  # (one process alone needs no tensor, no collective and no device sync)
+            flag = torch.tensor(float(signalled), device=pl_module.device)
+            signalled = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
+        if not signalled:
             return
         folder = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
         self.path = folder / "preempted.ckpt"
