@@ -93,8 +93,13 @@ class Captioning(Task):
         self.decoder = nn.TransformerDecoder(layer, self.depth, norm=nn.LayerNorm(dim))
         # The whole token grid, flattened in order, is also added to every input (the image vector of
         # Show and Tell, Vinyals et al. 2015): where each object is, is there before attention has learned.
+        # The LayerNorm keeps it at the scale of the token embeddings. Without it, AdamW moves each of the
+        # Linear's N*D inputs' weights by about the learning rate per step, all in one direction, so this one
+        # vector, the same at every position, grows by ~N*D*lr a step and drowns the tokens: the decoder then
+        # predicts the captions' unigram distribution (loss 2.4 on 8 fixed captions after 150 steps, 0.12 with the
+        # norm), which is why exact match was 0 in every run before.
         grid = backbone.image_encoder.grid
-        self.image_in = nn.Sequential(nn.Flatten(1), nn.Linear(grid[0] * grid[1] * dim, dim))
+        self.image_in = nn.Sequential(nn.Flatten(1), nn.Linear(grid[0] * grid[1] * dim, dim), nn.LayerNorm(dim))
         self.out = nn.Linear(dim, backbone.vocab_size)
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
