@@ -100,12 +100,17 @@ class PredictionWriter(BasePredictionWriter):
 
 class Throughput(pl.Callback):
     """Logs ``train/perf/samples_per_s``: examples of all tasks on all ranks per second of wall time,
-    measured over the steps between two logging points (data loading included).
+    measured over the steps between two logging points (data loading included), and ``train/perf/minutes``: wall
+    minutes since this fit started (validation included), for curves against time.
     """
 
     def __init__(self) -> None:
         self._start: float | None = None
         self._samples = 0
+        self._fit_start = time.perf_counter()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start, self._samples = None, 0  # the gap between epochs (validation) is not training time
@@ -120,6 +125,7 @@ class Throughput(pl.Callback):
         if every > 0 and trainer.global_step % every == 0 and now > self._start:
             rate = self._samples * trainer.world_size / (now - self._start)
             pl_module.log("train/perf/samples_per_s", rate, rank_zero_only=True)
+            pl_module.log("train/perf/minutes", (now - self._fit_start) / 60, rank_zero_only=True)
             self._start, self._samples = now, 0
 
 

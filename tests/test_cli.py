@@ -125,9 +125,11 @@ def test_fit_end_to_end_then_resume_then_test(soc, tmp_path):
     for name in list_tasks():
         assert f"train/{name}/loss" in keys and f"val/{name}/loss" in keys
     for key in ("val/vqa/acc_rel", "val/vqa/acc_nonrel", "val/contrastive/r@1_i2t", "val/captioning/exact_match",
-                "train/perf/samples_per_s", "train/objective/weight/vqa", "train/objective/grad_norm/vqa",
+                "train/perf/samples_per_s", "train/perf/minutes", "train/objective/weight/vqa", "train/objective/grad_norm/vqa",
                 "train/objective/cosine/captioning:vqa", "train/objective/skipped_steps"):
         assert key in keys, key
+    minutes = [float(row["train/perf/minutes"]) for row in rows if row.get("train/perf/minutes")]
+    assert minutes == sorted(minutes) and 0 < minutes[-1] < 30, minutes  # wall minutes since the fit started
 
     resumed = _run("fit", "--config", str(recipe_path), "--trainer.max_epochs", "2", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
