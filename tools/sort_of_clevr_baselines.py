@@ -25,14 +25,11 @@ def _annotations(spec: str) -> list[dict]:
     return [decode_sample({k: v for k, v in s.items() if not k.endswith("png")})["json"] for s in samples]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", required=True)
-    parser.add_argument("--eval", required=True)
-    parser.add_argument("--tokenizer", required=True)
-    args = parser.parse_args()
-    train, evaluation = _annotations(args.train), _annotations(args.eval)
-    tokenizer = load_tokenizer(args.tokenizer, key="--tokenizer")
+def chance_levels(train_shards: str, eval_shards: str, tokenizer_path: str) -> dict[str, float]:
+    """The chance level of every quickstart metric (``val/{task}/{metric}``), learned on ``train_shards`` and scored on
+    ``eval_shards``."""
+    train, evaluation = _annotations(train_shards), _annotations(eval_shards)
+    tokenizer = load_tokenizer(tokenizer_path, key="--tokenizer")
 
     by_type = collections.defaultdict(collections.Counter)
     for ann in train:
@@ -58,7 +55,7 @@ def main() -> None:
         matches = [g == t for g, t in itertools.zip_longest(guess[: len(target)], target)]
         correct, total, exact = correct + sum(matches), total + len(target), exact + all(matches)
 
-    rows = {
+    return {
         "val/vqa/acc_nonrel": sum(hits["nonrel"]) / len(hits["nonrel"]),
         "val/vqa/acc_rel": sum(hits["rel"]) / len(hits["rel"]),
         "val/vqa/acc": sum(hits["nonrel"] + hits["rel"]) / len(hits["nonrel"] + hits["rel"]),
@@ -69,7 +66,15 @@ def main() -> None:
         "val/text_classification/acc": sum(q["type"] == types for a in evaluation for q in a["questions"])
         / sum(len(a["questions"]) for a in evaluation),
     }
-    for key, value in rows.items():
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--eval", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    args = parser.parse_args()
+    for key, value in chance_levels(args.train, args.eval, args.tokenizer).items():
         print(f"{key:<32} {value:.3f}")
 
 
