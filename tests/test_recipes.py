@@ -28,13 +28,16 @@ RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name != "quic
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A folder whose ``data/sort_of_clevr`` has the quickstart's shard names with 8 images per train shard, and whose
+    """A folder whose ``data/sort_of_clevr`` has the quickstart's shard names with 8 images per train shard (and
+    ``data/sort_of_clevr_full`` the full preset's, with 2), and whose
     ``data/shapes`` has the converted COCO, image-folder and VQAv2 layouts the recipes for real data sets read, made
     with the commands their headers give (at a few images each)."""
     root = tmp_path_factory.mktemp("recipes")
     data = root / "data" / "sort_of_clevr"
     shards = write_dataset(data, {"train": 64, "val": 8, "test": 8}, seed=0, shard_size=8)
     train_tokenizer(iter_texts(shards["train"]), data / "tokenizer.json", vocab_size=200)
+    # the full preset's shard names (sort_of_clevr_fast.yaml): 20 training shards
+    write_dataset(root / "data" / "sort_of_clevr_full", {"train": 40, "val": 4, "test": 4}, seed=0, shard_size=2)
     raw, out = root / "data" / "shapes" / "raw", root / "data" / "shapes"
 
     def convert(fmt: str, *args) -> None:
