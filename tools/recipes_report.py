@@ -1,71 +1,253 @@
-"""Train the architecture recipes on the quickstart data and print their final validation metrics.
+"""Train the shipped Sort-of-CLEVR recipes, each for a fixed wall time, and print where they get beside the published
+results and chance.
 
-    python tools/recipes_report.py                          # every run below, in order
-    python tools/recipes_report.py --runs vqa_relation_network vqa_transformer --epochs 5
+    python tools/recipes_report.py                               # every run below, in order
+    python tools/recipes_report.py --runs vqa_relation_network vqa_lstm_cnn --minutes 5
 
-Each run is ``mmlit fit`` on a recipe as shipped (the Sort-of-CLEVR shards of ``tools/quickstart.sh``), with CSV
-logging into ``runs/report/<run>``; the table has the last validation value of every metric and the wall time of
-the fit. ``clip_to_vqa`` starts from the ``clip`` run's checkpoint, so ``clip`` runs first.
+Each run is ``mmlit fit`` on a recipe as shipped, with ``--trainer.max_time`` set to the run's minutes and CSV logging
+into ``runs/report/<run>``, then ``mmlit test`` of its last checkpoint on the test split. The data: the full
+Sort-of-CLEVR (``mmlit data sort-of-clevr --out data/sort_of_clevr_full --preset full``: 9,600 training images, as
+in Santoro et al. 2017) for the VQA runs, the quickstart's shards (``tools/quickstart.sh``) for the rest. The
+VQA and captioning runs also predict the test split: the answers are scored per question type (which relation limits
+the relational accuracy), the captions per attribute (every object's shape, side and half) besides exact match.
+
+Written for each run: ``runs/report/<run>/curves.png``, every validation metric against wall minutes; and
+``runs/report/vqa_relational.png``, the relational accuracy of the VQA runs against minutes, with the paper's 94% (RN)
+and 63% (CNN+MLP). ``--reuse`` tests a run whose folder already holds a finished fit instead of training it again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import subprocess
 import sys
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from objectives_report import _final_metrics  # tools/ is on sys.path when a tool runs as a script
+from sort_of_clevr_baselines import chance_levels  # tools/ is on sys.path when a tool runs as a script
+
+from mmlit.plot import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-_FUSION = "--model.backbone.init_args.fusion"
-# run name -> (recipe, extra command-line arguments)
+QUICK, FULL = "data/sort_of_clevr", "data/sort_of_clevr_full"
+FULL_SHARDS = json.dumps({"train": f"{FULL}/train-{{000000..000019}}.tar", "val": f"{FULL}/val-000000.tar",
+                          "test": f"{FULL}/test-000000.tar"})
+# Santoro et al. 2017, Sort-of-CLEVR: "a CNN augmented with an RN achieves an accuracy above 94% for both relational
+# and non-relational questions ... a CNN augmented with an MLP only reached this performance on the non-relational
+# questions, plateauing at 63% on the relational questions".
+RN_PAPER = {"test/vqa/acc_rel": (0.94, "RN, Santoro et al. 2017"), "test/vqa/acc_nonrel": (0.94, "RN, Santoro et al. 2017")}
+MLP_PAPER = {"test/vqa/acc_rel": (0.63, "CNN+MLP, Santoro et al. 2017"),
+             "test/vqa/acc_nonrel": (0.94, "CNN+MLP, Santoro et al. 2017")}
+
+
+@dataclass
+class Run:
+    recipe: str
+    minutes: float
+    extra: list[str] = field(default_factory=list)
+    full_data: bool = False  # the VQA runs: the full Sort-of-CLEVR instead of the quickstart's shards
+    published: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+
+def _steps(total: int) -> list[str]:
+    """A one-cycle schedule of ``total`` steps (what a run's time limit allows on this CPU, measured)."""
+    return ["--model.scheduler.init_args.total_steps", str(total), "--trainer.max_steps", str(total)]
+
+
 RUNS = {
-    "clip": ("clip", []),
-    "clip_to_vqa": ("clip_to_vqa", ["--model.pretrained", "runs/report/clip/checkpoints/last.ckpt"]),
-    "vqa_relation_network": ("vqa_relation_network", []),
-    "vqa_lstm_cnn": ("vqa_lstm_cnn", []),
-    "vqa_transformer": ("vqa_transformer", []),
-    "vqa_bert_vit": ("vqa_bert_vit", []),
-    "captioning": ("captioning", []),
-    "prefix_lm": ("prefix_lm", []),
-    "vqa_transformer_early": ("vqa_transformer", [_FUSION, json.dumps(
-        {"class_path": "mmlit.models.EarlyFusion", "init_args": {"dim": 128, "depth": 2, "heads": 4}})]),
-    "vqa_transformer_hybrid": ("vqa_transformer", [_FUSION, json.dumps(
-        {"class_path": "mmlit.models.HybridFusion", "init_args": {"fusions": [
-            {"class_path": "mmlit.models.CrossAttentionFusion", "init_args": {"dim": 128, "depth": 2, "heads": 4}},
-            {"class_path": "mmlit.models.LateFusion", "init_args": {"dim": 128, "mode": "gated"}}]}})]),
+    "sort_of_clevr_fast": Run("sort_of_clevr_fast", 60, full_data=True, published=RN_PAPER),
+    "vqa_relation_network": Run("vqa_relation_network", 8, ["--model.tasks.vqa.init_args.shards", FULL_SHARDS,
+                                                            "--trainer.max_epochs", "-1", *_steps(600)],
+                                full_data=True, published=RN_PAPER),
+    "vqa_lstm_cnn": Run("vqa_lstm_cnn", 8, ["--model.tasks.vqa.init_args.shards", FULL_SHARDS,
+                                            "--trainer.max_epochs", "-1", *_steps(5000)],
+                        full_data=True, published=MLP_PAPER),
+    "captioning": Run("captioning", 8, ["--trainer.max_epochs", "-1", *_steps(1200)]),
+    "clip": Run("clip", 3),
+    "clip_to_vqa": Run("clip_to_vqa", 3, ["--model.pretrained", "runs/report/clip/checkpoints/last.ckpt"]),
 }
+
+
+def _logger(root: Path, name: str) -> list[str]:
+    return ["--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                            "init_args": {"save_dir": str(root), "name": name}})]
+
+
+def _mmlit(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "mmlit.cli", *args], cwd=REPO, check=True)
+
+
+def _last(series: dict, prefix: str) -> dict[str, float]:
+    return {k: v[-1][1] for k, v in series.items() if k.startswith(prefix) and not k.endswith("/loss") and v}
+
+
+def _minutes_of(series: dict) -> callable:
+    """Step -> wall minutes of the fit, from the ``train/perf/minutes`` the Throughput callback logs."""
+    import numpy as np
+
+    points = series.get("train/perf/minutes") or [(0, 0.0)]
+    steps, minutes = zip(*[(0, 0.0), *points])
+    return lambda step: float(np.interp(step, steps, minutes))
+
+
+def _plot_curves(root: Path, series: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    minutes = _minutes_of(series)
+    keys = sorted(k for k in series if k.startswith("val/") and not k.endswith("/loss"))
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot([minutes(s) for s, _ in series[key]], [v for _, v in series[key]], marker=".")
+        ax.set_title(key[4:], fontsize=9)
+        ax.set_xlabel("minutes")
+        ax.grid(alpha=0.3)
+    fig.suptitle(root.name)
+    fig.tight_layout()
+    fig.savefig(root / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def _caption_attributes(predictions: Path, test_shard: str) -> dict[str, float]:
+    """Per-attribute accuracy of predicted Sort-of-CLEVR captions (``red circle top left , green square ...``): for
+    every object of the scene, whether the caption names it with the right shape, half (top/bottom) and side
+    (left/right); an object the caption leaves out counts wrong. ``all``: every attribute of the scene right."""
+    scenes = _test_scenes(test_shard)
+    right = {"shape": 0, "vertical": 0, "horizontal": 0, "all": 0}
+    objects = images = 0
+    for line in predictions.read_text().splitlines():
+        row = json.loads(line)
+        named = {}
+        for part in row["prediction"].split(","):
+            words = part.split()
+            if len(words) == 4:
+                named.setdefault(words[0], words[1:])
+        scene_right = True
+        for o in scenes[row["key"]]["objects"]:
+            truth = [o["shape"], "top" if o["y"] < 37.5 else "bottom", "left" if o["x"] < 37.5 else "right"]
+            said = named.get(o["colour"], [None] * 3)
+            for attribute, t, s in zip(("shape", "vertical", "horizontal"), truth, said):
+                right[attribute] += t == s
+                scene_right &= t == s
+            objects += 1
+        right["all"] += scene_right
+        images += 1
+    return {**{f"test/captioning/attr_{a}": right[a] / objects for a in ("shape", "vertical", "horizontal")},
+            "test/captioning/attr_all_of_scene": right["all"] / images}
+
+
+def _test_scenes(test_shard: str) -> dict[str, dict]:
+    """Sample key -> its Sort-of-CLEVR annotations (objects, questions), from the test shard."""
+    from sort_of_clevr_baselines import _annotations
+    import webdataset as wds
+
+    from mmlit.data import resolve_shards
+
+    keys = [s["__key__"] for s in wds.tarfile_samples({"url": u} for u in resolve_shards(test_shard, "test"))]
+    return dict(zip(keys, _annotations(test_shard)))
+
+
+def _vqa_types(predictions: Path, test_shard: str) -> dict[str, float]:
+    """Accuracy per Sort-of-CLEVR question type (shape, horizontal, vertical; closest, furthest, count) of predicted
+    answers: which relation limits the relational accuracy."""
+    scenes, hits = _test_scenes(test_shard), {}
+    for line in predictions.read_text().splitlines():
+        row = json.loads(line)
+        question = scenes[row["key"]]["questions"][row["question_id"]]
+        hits.setdefault(question["type"], []).append(row["prediction"] == question["answer"])
+    return {f"test/vqa/type_{t}": sum(h) / len(h) for t, h in sorted(hits.items())}
+
+
+def run(name: str, spec: Run, minutes: float | None, reuse: bool = False) -> dict:
+    root = REPO / "runs" / "report" / name
+    config = ["--config", f"recipes/{spec.recipe}.yaml", *spec.extra]
+    limit = minutes if minutes is not None else spec.minutes
+    hours, rest = divmod(int(limit * 60), 3600)
+    checkpoint = str(root / "checkpoints" / "last.ckpt")
+    if not (reuse and Path(checkpoint).exists()):
+        shutil.rmtree(root, ignore_errors=True)  # (an earlier run's logs would mix into the curves)
+        _mmlit("fit", *config, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+               "--trainer.max_time", f"00:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}", *_logger(root, "csv"))
+    _mmlit("test", *config, "--ckpt_path", checkpoint, "--trainer.default_root_dir", str(root),
+           "--trainer.enable_progress_bar", "false", *_logger(root, "test"))
+    series = read_metrics(root / "csv")
+    logged = series.get("train/perf/minutes") or [(0, 0.0)]
+    result = {"seconds": logged[-1][1] * 60,  # (the fit's wall time at its last logged step)
+              "steps": int(series["train/loss"][-1][0]) if "train/loss" in series else 0,
+              "val": _last(series, "val/"), "test": _last(read_metrics(root / "test"), "test/")}
+    scorers = {"captioning": _caption_attributes, "vqa": _vqa_types}
+    tasks = [task for task in scorers if any(k.startswith(f"test/{task}/") for k in result["test"])]
+    if tasks:  # the test split's predictions, scored per attribute / per question type
+        _mmlit("predict", *config, "--ckpt_path", checkpoint, "--trainer.default_root_dir", str(root),
+               "--trainer.logger", "false", "--trainer.enable_progress_bar", "false")
+        for task in tasks:
+            result["test"].update(scorers[task](root / "predictions" / f"{task}.rank0.jsonl",
+                                                f"{FULL if spec.full_data else QUICK}/test-000000.tar"))
+    _plot_curves(root, series)
+    result["curve"] = [(_minutes_of(series)(s), v) for s, v in series.get("val/vqa/acc_rel", [])]
+    (root / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _relational_figure(results: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {name: r["curve"] for name, r in results.items() if r.get("curve")}
+    if not curves:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot(*zip(*curve), marker=".", label=name)
+    for value, label in ((0.94, "RN, paper (94%)"), (0.63, "CNN+MLP, paper (63%)")):
+        ax.axhline(value, linestyle="--", linewidth=0.8, color="gray")
+        ax.text(0, value + 0.005, label, fontsize=8, color="gray")
+    ax.set_xlabel("minutes of training (2-core CPU)")
+    ax.set_ylabel("relational accuracy (validation)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(REPO / "runs" / "report" / "vqa_relational.png", dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--epochs", type=int, help="train this many epochs of 50 steps instead of the recipe's")
+    parser.add_argument("--minutes", type=float, help="each run's time limit instead of its own")
+    parser.add_argument("--reuse", action="store_true",
+                        help="a run whose folder holds a finished fit (checkpoints/last.ckpt) is tested, not trained again")
     args = parser.parse_args()
-    rows = []
+    chance = {}
+    for data in (QUICK, FULL):
+        shards = f"{data}/train-{{000000..{19 if data == FULL else 7:06d}}}.tar"
+        if Path(REPO / data / "test-000000.tar").exists():
+            levels = chance_levels(str(REPO / shards), str(REPO / data / "test-000000.tar"),
+                                   str(REPO / QUICK / "tokenizer.json"))
+            chance[data] = {"test/" + k[4:]: v for k, v in levels.items()}
+    results = {}
     for name in args.runs:
-        recipe, extra = RUNS[name]
-        root = REPO / "runs" / "report" / name
-        command = [sys.executable, "-m", "mmlit.cli", "fit", "--config", f"recipes/{recipe}.yaml", *extra,
-                   "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-                   "--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                                   "init_args": {"save_dir": str(root), "name": "csv"}})]
-        if args.epochs:
-            command += ["--trainer.max_epochs", str(args.epochs), "--model.scheduler.init_args.total_steps",
-                        str(50 * args.epochs)]
-        start = time.perf_counter()
-        subprocess.run(command, cwd=REPO, check=True)
-        seconds = time.perf_counter() - start
-        metrics = {k: v for k, v in _final_metrics(root).items() if not k.endswith("/loss")}
-        rows.append((name, seconds, metrics))
-        print(f"| {name} | {seconds:.0f} s | " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in sorted(metrics.items())) + " |",
-              flush=True)
-    print("\n| run | fit time | final validation metrics |\n|---|---|---|")
-    for name, seconds, metrics in rows:
-        print(f"| {name} | {seconds:.0f} s | " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in sorted(metrics.items())) + " |")
+        results[name] = run(name, RUNS[name], args.minutes, args.reuse)
+    _relational_figure(results)
+    print("\n| recipe | data | time | steps | test metric | reached | published | chance |\n|---|---|---|---|---|---|---|---|")
+    for name, result in results.items():
+        spec = RUNS[name]
+        data = FULL if spec.full_data else QUICK
+        for i, (key, value) in enumerate(sorted(result["test"].items())):
+            published = spec.published.get(key)
+            level = chance.get(data, {}).get(key)
+            head = (f"| {name} | {Path(data).name} | {result['seconds'] / 60:.1f} min | {result['steps']} |" if i == 0
+                    else "| | | | |")
+            print(f"{head} {re.sub('^test/[^/]+/', '', key)} | {value:.3f} | "
+                  f"{f'{published[0]:.2f} ({published[1]})' if published else '-'} | "
+                  f"{f'{level:.3f}' if level is not None else '-'} |")
 
 
 if __name__ == "__main__":
