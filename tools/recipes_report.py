@@ -65,7 +65,7 @@ RUNS = {
     "vqa_lstm_cnn": Run("vqa_lstm_cnn", 8, ["--model.tasks.vqa.init_args.shards", FULL_SHARDS,
                                             "--trainer.max_epochs", "-1", *_steps(5000)],
                         full_data=True, published=MLP_PAPER),
-    "captioning": Run("captioning", 8, ["--trainer.max_epochs", "-1", *_steps(1200)]),
+    "captioning": Run("captioning", 8),
     "clip": Run("clip", 3),
     "clip_to_vqa": Run("clip_to_vqa", 3, ["--model.pretrained", "runs/report/clip/checkpoints/last.ckpt"]),
 }
