@@ -20,7 +20,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["main", "plot_run", "read_metrics"]
+__all__ = ["figure", "main", "plot_run", "read_metrics"]
 
 Series = dict[str, list[tuple[int, float]]]  # key -> [(step, value)] sorted by step
 
@@ -63,8 +63,10 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _figure(panels: dict[str, dict[str, list[tuple[int, float]]]], title: str, path: Path, smooth: bool = False) -> bool:
-    """One subplot per panel, one line per series; False (nothing written) when there is nothing to draw."""
+def figure(panels: dict[str, dict[str, list[tuple[float, float]]]], title: str, path: Path, smooth: bool = False,
+           xlabel: str = "step") -> bool:
+    """One subplot per panel, one line per series of (x, value) points; False (nothing written) when there is nothing
+    to draw."""
     panels = {name: lines for name, lines in panels.items() if lines}
     if not panels:
         return False
@@ -86,7 +88,7 @@ def _figure(panels: dict[str, dict[str, list[tuple[int, float]]]], title: str, p
             else:
                 ax.plot(steps, values, marker="o" if len(values) < 30 else None, markersize=3, label=label)
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
@@ -128,7 +130,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
                            f"{name}: throughput", False),
     }
     return [out / file for file, (panels, title, smooth) in figures.items()
-            if _figure(panels, title, out / file, smooth)]
+            if figure(panels, title, out / file, smooth)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,9 +20,14 @@ from mmlit.data import decode_sample, resolve_shards
 from mmlit.text import load_tokenizer
 
 
-def _annotations(spec: str) -> list[dict]:
+def scenes(spec: str) -> dict[str, dict]:
+    """Sample key -> its Sort-of-CLEVR annotations (objects, questions, caption), in shard order."""
     samples = wds.tarfile_samples({"url": u} for u in resolve_shards(spec, "--shards"))
-    return [decode_sample({k: v for k, v in s.items() if not k.endswith("png")})["json"] for s in samples]
+    return {s["__key__"]: decode_sample({k: v for k, v in s.items() if not k.endswith("png")})["json"] for s in samples}
+
+
+def _annotations(spec: str) -> list[dict]:
+    return list(scenes(spec).values())
 
 
 def chance_levels(train_shards: str, eval_shards: str, tokenizer_path: str) -> dict[str, float]:
