@@ -111,9 +111,11 @@ class Backbone(nn.Module):
         if fuse and image is not None and text is not None:
             if self.fusion is None:
                 raise ValueError("model.backbone: a task asked for fused features, but the backbone has no fusion")
-            tokens, pooled = out.image_tokens, out.image_pooled
-            if image_index is not None:
+            tokens, pooled, pairs = out.image_tokens, out.image_pooled, {}
+            if getattr(self.fusion, "indexes_images", False):  # it reads each image once for all its texts
+                pairs = {"image_index": image_index}
+            elif image_index is not None:
                 tokens, pooled = tokens[image_index], pooled[image_index]
             out.fused_tokens, out.fused_pooled = self.fusion(tokens, pooled, out.text_tokens, out.text_pooled,
-                                                             out.text_mask)
+                                                             out.text_mask, **pairs)
         return out

@@ -240,3 +240,20 @@ def test_a_vit_dual_encoder_learns_with_flatten_pooling(soc):
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.5 * math.log(batch_size), loss.item()  # measured: 0.09
+
+
+def test_cross_attention_reads_each_image_once_and_equals_the_decoder_per_text():
+    """Grouping an image's texts into one cross-attention changes no number: the result is the plain
+    ``nn.TransformerDecoder`` over each text and its own copy of the image, for texts in any order."""
+    torch.manual_seed(0)
+    fusion = CrossAttentionFusion(D, depth=2, heads=2).eval()
+    images, texts = torch.randn(3, 9, D), torch.randn(7, 5, D)
+    image_index = torch.tensor([2, 0, 2, 1, 2, 0, 2])  # image 2 has four texts, image 1 one
+    mask = torch.ones(7, 5, dtype=torch.bool)
+    mask[1, 3:] = mask[4, 1:] = False
+    tokens, pooled = fusion(images, images.mean(1), texts, texts.mean(1), mask, image_index=image_index)
+    reference = fusion.layers(texts, images[image_index], tgt_key_padding_mask=~mask)
+    torch.testing.assert_close(tokens, reference, rtol=1e-5, atol=1e-5)
+    one_each, _ = fusion(images[image_index], images.mean(1)[image_index], texts, texts.mean(1), mask)
+    torch.testing.assert_close(one_each, reference, rtol=1e-5, atol=1e-5)
+    assert pooled.shape == (7, D)
