@@ -29,6 +29,7 @@ from pathlib import Path
 
 from sort_of_clevr_baselines import chance_levels, scenes  # tools/ is on sys.path when a tool runs as a script
 
+from mmlit.data.sort_of_clevr import SceneObject
 from mmlit.plot import figure, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,8 +94,6 @@ def _minutes_of(series: dict) -> callable:
     return lambda step: float(np.interp(step, steps, minutes))
 
 
-
-
 def _caption_attributes(predictions: Path, test_shard: str) -> dict[str, float]:
     """Per-attribute accuracy of predicted Sort-of-CLEVR captions (``red circle top left , green square ...``): for
     every object of the scene, whether the caption names it with the right shape, half (top/bottom) and side
@@ -110,9 +109,9 @@ def _caption_attributes(predictions: Path, test_shard: str) -> dict[str, float]:
             if len(words) == 4:
                 named.setdefault(words[0], words[1:])
         scene_right = True
-        for o in annotations[row["key"]]["objects"]:
-            truth = [o["shape"], "top" if o["y"] < 37.5 else "bottom", "left" if o["x"] < 37.5 else "right"]
-            said = named.get(o["colour"], [None] * 3)
+        for o in (SceneObject(**fields) for fields in annotations[row["key"]]["objects"]):
+            truth = [o.shape, o.vertical, o.horizontal]  # (the generator's own halves and sides)
+            said = named.get(o.colour, [None] * 3)
             for attribute, t, s in zip(("shape", "vertical", "horizontal"), truth, said):
                 right[attribute] += t == s
                 scene_right &= t == s

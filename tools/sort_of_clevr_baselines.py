@@ -26,14 +26,10 @@ def scenes(spec: str) -> dict[str, dict]:
     return {s["__key__"]: decode_sample({k: v for k, v in s.items() if not k.endswith("png")})["json"] for s in samples}
 
 
-def _annotations(spec: str) -> list[dict]:
-    return list(scenes(spec).values())
-
-
 def chance_levels(train_shards: str, eval_shards: str, tokenizer_path: str) -> dict[str, float]:
     """The chance level of every quickstart metric (``val/{task}/{metric}``), learned on ``train_shards`` and scored on
     ``eval_shards``."""
-    train, evaluation = _annotations(train_shards), _annotations(eval_shards)
+    train, evaluation = list(scenes(train_shards).values()), list(scenes(eval_shards).values())
     tokenizer = load_tokenizer(tokenizer_path, key="--tokenizer")
 
     by_type = collections.defaultdict(collections.Counter)
