@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["Objective", "PeriodLosses", "gram", "mean_over_ranks", "step_generator"]
+__all__ = ["Objective", "PeriodLosses", "adam_step", "gram", "mean_over_ranks", "step_generator"]
 
 
 class Objective(nn.Module):
@@ -92,6 +92,20 @@ class PeriodLosses(nn.Module):
         """Add the all-rank mean ``losses`` (T,) of the tasks at ``rows`` to the current period."""
         self.sums[0, rows] += losses
         self.sums[1, rows] += 1
+
+
+def adam_step(value: Tensor, grad: Tensor, moments: Tensor, steps: Tensor | int, lr: float,
+              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Tensor:
+    """One Adam step (Kingma & Ba 2015, as ``torch.optim.Adam`` takes it) on the weights of an objective:
+    ``moments`` (2, N) holds the first and second moments and is updated in place, ``steps`` counts the steps taken,
+    this one included (a number, or a tensor of N counts); returns the new ``value`` (N,). Methods whose weights are
+    learnt by Adam in their authors' code (FAMO's logits, GradNorm's weights) step with it: the step is about ``lr``
+    whatever the scale of the gradient."""
+    moments[0].mul_(betas[0]).add_((1 - betas[0]) * grad)
+    moments[1].mul_(betas[1]).add_((1 - betas[1]) * grad * grad)
+    steps = torch.as_tensor(steps, dtype=moments.dtype)
+    m_hat, v_hat = moments[0] / (1 - betas[0] ** steps), moments[1] / (1 - betas[1] ** steps)
+    return value - lr * m_hat / (v_hat.sqrt() + eps)
 
 
 def gram(grads: Tensor, chunk: int = 1 << 22) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from mmlit.objectives.base import Objective, PeriodLosses, mean_over_ranks
+from mmlit.objectives.base import Objective, PeriodLosses, adam_step, mean_over_ranks
 from mmlit.registry import register_objective
 
 __all__ = ["FAMO"]
@@ -48,18 +48,15 @@ class FAMO(Objective):
     def _update_logits(self, means: torch.Tensor) -> None:
         present = ~means.isnan()
         log_loss = torch.log(means + _EPS)
-        delta = torch.where(present & ~self.previous.isnan(), self.previous - log_loss, 0.0)
+        known = present & ~self.previous.isnan()  # tasks with a loss in this period and an earlier one
+        delta = torch.where(known, self.previous - log_loss, 0.0)
         self.previous.copy_(torch.where(present, log_loss, self.previous))
-        if not bool((delta != 0).any()):
-            return
+        if not bool(known.any()):
+            return  # nothing to compare yet; a step whose losses did not change still steps, as the authors' code does
         z = torch.softmax(self.logits, dim=0)
         grad = z * (delta - (z * delta).sum()) + self.gamma * self.logits  # J_softmax^T delta, plus weight decay
         self.adam_steps += 1
-        t = float(self.adam_steps)
-        self.adam[0].mul_(0.9).add_(0.1 * grad)
-        self.adam[1].mul_(0.999).add_(0.001 * grad * grad)
-        m_hat, v_hat = self.adam[0] / (1 - 0.9 ** t), self.adam[1] / (1 - 0.999 ** t)
-        self.logits -= self.lr * m_hat / (v_hat.sqrt() + 1e-8)
+        self.logits.copy_(adam_step(self.logits, grad, self.adam, self.adam_steps, self.lr))
 
     def forward(self, losses: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         closed = self.period_losses.advance(step)

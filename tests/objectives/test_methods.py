@@ -3,6 +3,7 @@ objective through the common interface (a method added later is tested without a
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -102,12 +103,36 @@ def test_famo_weighs_gradients_by_z_over_c_loss_and_favours_the_slower_task():
         objective({"a": torch.tensor(-1.0)}, 3)
 
 
+def test_famo_matches_the_authors_adam_steps_also_when_no_loss_changes():
+    """The reference way (the authors' code): logits ``w`` a parameter, ``delta = log L_prev - log L_now``, the
+    gradient ``J_softmax(w)^T delta`` stepped by torch's Adam with weight decay gamma after every step, including a
+    step whose losses did not change (Adam's momentum still moves the logits)."""
+    objective = _bound(FAMO(lr=0.025, gamma=0.01))
+    logits = torch.nn.Parameter(torch.zeros(2))
+    adam = torch.optim.Adam([logits], lr=0.025, weight_decay=0.01)
+    history = [(1.0, 2.0), (0.5, 2.0), (0.5, 2.0), (0.5, 2.0), (0.4, 1.0), (0.4, 1.0)]
+    for step, (a, b) in enumerate(history):
+        objective({"a": torch.tensor(a), "b": torch.tensor(b)}, step)
+        if step >= 2:  # FAMO compares the losses of the previous two steps when a step begins
+            previous, now = torch.tensor(history[step - 2]), torch.tensor(history[step - 1])
+            delta = torch.log(previous + 1e-8) - torch.log(now + 1e-8)
+            with torch.enable_grad():
+                grad = torch.autograd.grad(torch.softmax(logits, 0), logits, grad_outputs=delta)[0]
+            adam.zero_grad()
+            logits.grad = grad
+            adam.step()
+        assert objective.logits.tolist() == pytest.approx(logits.tolist(), abs=1e-6), step
+    assert int(objective.adam_steps) == 4
+    assert objective.logits[0] < objective.logits[1]  # a's loss fell: weight moves to b
+
+
 def test_gradnorm_moves_weights_towards_equal_weighted_gradient_norms():
     objective = _bound(GradNorm(alpha=1.5, lr=0.025))
     update = _combine(objective, [[3.0, 0.0], [0.0, 1.0]])
     assert update.tolist() == pytest.approx([3.0, 1.0])  # this step uses w = (1, 1)
-    # G = (3, 1), target = mean(G) = 2 (equal loss ratios): w_a - 0.025 * 3, w_b + 0.025 * 1, renormalised to sum 2
-    w = torch.tensor([1 - 0.075, 1 + 0.025])
+    # G = (3, 1), target = mean(G) = 2 (equal loss ratios): Adam's first step moves each weight by lr against the
+    # sign of G - target: w_a - 0.025, w_b + 0.025, renormalised to sum 2
+    w = torch.tensor([1 - 0.025, 1 + 0.025])
     assert objective.task_weights.tolist() == pytest.approx((2 * w / w.sum()).tolist())
     # Equal gradient norms, but task b's loss stays high relative to its start: b trains slower, gets more weight.
     objective = _bound(GradNorm(alpha=1.5, lr=0.025))
@@ -115,6 +140,37 @@ def test_gradnorm_moves_weights_towards_equal_weighted_gradient_norms():
     _combine(objective, [[1.0, 0.0], [0.0, 1.0]], losses=(0.5, 1.0))
     assert objective.task_weights[1] > objective.task_weights[0]
     assert objective.task_weights.sum().item() == pytest.approx(2.0)
+
+
+def test_gradnorm_matches_adam_on_its_gradient_loss_with_large_gradient_norms():
+    """The reference way (LibMTL): the weights are a parameter, ``sum_t |w_t ||g_t|| - target_t|`` (targets
+    detached) is back-propagated into it, torch's Adam steps it, and it is renormalised to sum T. With gradient norms of
+    30-60 a plain gradient step of 0.025 x the norm would send a weight to the floor in one step."""
+    tasks = ["a", "b", "c"]
+    objective = _bound(GradNorm(alpha=1.5, lr=0.025), tasks)
+    weights = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    adam = torch.optim.Adam([weights], lr=0.025)
+    generator, initial = torch.Generator().manual_seed(0), None
+    for step in range(6):
+        grads = torch.randn(3, 8, generator=generator, dtype=torch.float64)
+        grads *= torch.tensor([30.0, 41.0, 60.0], dtype=torch.float64)[:, None] / grads.norm(dim=1, keepdim=True)
+        losses = torch.tensor([2.0, 1.5, 1.0], dtype=torch.float64) * (1 - 0.1 * step * torch.tensor([1.0, 0.5, 0.2]))
+        objective.combine(grads.float(), losses.float(), tasks, step)
+
+        initial = losses if initial is None else initial
+        norms = grads.norm(dim=1)
+        weighted = weights * norms
+        ratio = losses / initial
+        target = (weighted.mean() * (ratio / ratio.mean()) ** 1.5).detach()
+        adam.zero_grad()
+        (weighted - target).abs().sum().backward()
+        adam.step()
+        with torch.no_grad():
+            weights.clamp_(min=1e-6)
+            weights.mul_(3 / weights.sum())
+        assert objective.task_weights.tolist() == pytest.approx(weights.tolist(), abs=1e-5)
+        assert objective.task_weights.min() > 0.5  # six steps of about 0.025 each
+    assert objective.task_weights[0] > objective.task_weights[2]  # the smaller gradient is weighed up
 
 
 def test_pcgrad_projects_only_conflicting_gradients():
@@ -168,3 +224,61 @@ def test_mgda_finds_the_minimum_norm_combination():
     assert (grads @ d >= d @ d - 1e-5).all()  # optimality: a common descent direction with d . g_t >= ||d||^2
     l2 = _combine(_bound(MGDA("l2")), [[2.0, 0.0], [0.0, 1.0]])  # unit gradients: equal weights on them
     assert l2.tolist() == pytest.approx([0.5, 0.5], abs=1e-5)
+
+
+
+def _min_norm_by_supports(g):
+    """The exact minimum-norm weights by enumeration: for every support S, the affine minimum of its points (a linear
+    solve of the KKT system); the best one with non-negative weights is the optimum of the convex problem."""
+    n, best = g.shape[0], None
+    for k in range(1, n + 1):
+        for support in itertools.combinations(range(n), k):
+            index = torch.tensor(support)
+            kkt = torch.ones(k + 1, k + 1, dtype=torch.float64)
+            kkt[:k, :k], kkt[k, k] = g[index][:, index], 0.0
+            v = torch.linalg.lstsq(kkt, torch.eye(k + 1, dtype=torch.float64)[k:].T).solution[:k, 0]
+            if (v < -1e-12).any():
+                continue
+            w = torch.zeros(n, dtype=torch.float64)
+            w[index] = v
+            if best is None or w @ g @ w < best @ g @ best:
+                best = w
+    return best
+
+
+def _badly_scaled_conflicting_gradients(tasks=5, dim=40, seed=0):
+    """Gradients with norms 100x apart and pairwise cosines down to about -0.9 (the hard case of MGDA's solvers)."""
+    generator = torch.Generator().manual_seed(seed)
+    shared = torch.randn(dim, generator=generator, dtype=torch.float64)
+    signs = torch.tensor([1.0, -1.0] * tasks, dtype=torch.float64)[:tasks, None]
+    grads = signs * shared + 0.4 * torch.randn(tasks, dim, generator=generator, dtype=torch.float64)
+    return grads / grads.norm(dim=1, keepdim=True) * torch.logspace(0, 2, tasks, dtype=torch.float64)[:, None]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mgda_update_is_the_exact_minimum_norm_point_on_badly_scaled_conflicting_gradients(seed):
+    grads = _badly_scaled_conflicting_gradients(seed=seed)
+    cosines = torch.nn.functional.normalize(grads, dim=1) @ torch.nn.functional.normalize(grads, dim=1).T
+    assert cosines.min() < -0.85 and grads.norm(dim=1).max() / grads.norm(dim=1).min() > 99
+    tasks = list("abcde")
+    expected = _min_norm_by_supports(grads @ grads.T) @ grads
+    update = _bound(MGDA(), tasks).combine(grads.float(), torch.ones(5), tasks, 0).double()
+    assert (update - expected).abs().max() <= 1e-4 * expected.abs().max()
+    # the same for the l2-normalised problem, with the weights on the normalised gradients (LibMTL) or the raw ones
+    unit = grads / grads.norm(dim=1, keepdim=True)
+    w = _min_norm_by_supports(unit @ unit.T)
+    for weights_on, reference in (("normalized", w @ unit), ("raw", w @ grads)):
+        update = _bound(MGDA("l2", weights_on), tasks).combine(grads.float(), torch.ones(5), tasks, 0).double()
+        assert (update - reference).abs().max() <= 1e-4 * reference.abs().max(), weights_on
+
+
+def test_mgda_two_tasks_closed_form_and_a_zero_gradient_under_l2():
+    a, b = torch.tensor([300.0, 20.0, -5.0]), torch.tensor([-2.0, 1.5, 0.5])  # norms 150x apart, cosine ~ -0.8
+    gamma = ((b @ b - a @ b) / (a - b).pow(2).sum()).clamp(0, 1)  # the minimum of ||gamma a + (1 - gamma) b||^2
+    update = _bound(MGDA()).combine(torch.stack([a, b]), torch.ones(2), TASKS, 0)
+    assert update.tolist() == pytest.approx((gamma * a + (1 - gamma) * b).tolist(), rel=1e-5, abs=1e-7)
+    objective = _bound(MGDA("l2"), ["a", "b", "c"])
+    grads = torch.tensor([[3.0, 0.0], [0.0, 0.0], [0.0, 1.0]])  # task b: a zero gradient
+    update = objective.combine(grads, torch.ones(3), ["a", "b", "c"], 0)
+    assert update.tolist() == pytest.approx([0.5, 0.5], abs=1e-6)  # a and c solved alone: unit vectors, equal weights
+    assert [float(objective.weights[t]) for t in "abc"] == pytest.approx([0.5 / 3, 0.0, 0.5], abs=1e-6)
