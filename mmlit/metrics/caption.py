@@ -1,5 +1,6 @@
-"""Caption metrics: CIDEr-D (Vedantam et al. 2015), BLEU-4 (Papineni et al. 2002, torchmetrics' corpus BLEU), exact
-match and token accuracy, on token ids against all the reference captions of an image.
+"""Caption metrics: CIDEr-D (Vedantam et al. 2015), BLEU-4 (Papineni et al. 2002: torchmetrics' corpus BLEU, with
+coco-caption's choice of reference length), exact match and token accuracy, on token ids against all the reference
+captions of an image.
 
 Scores are computed on the tokenizer's tokens (lower-cased words and punctuation, word pieces for rare words), not on
 the PTB tokenizer of the COCO caption toolkit, so they are close to, not equal to, published numbers. Every metric
@@ -122,6 +123,13 @@ def sequence_match(generated: torch.Tensor, target: torch.Tensor) -> tuple[torch
     return ((pred == target) | ~real).all(dim=1), ((pred == target) & real).sum(1), real.sum(1)
 
 
+def _bleu_references(references: list[list[list[int]]]) -> list[list[str]]:
+    """Each image's references as torchmetrics' BLEU takes them, shortest first. The brevity penalty uses the reference
+    length closest to the candidate's; where two are equally close, coco-caption takes the shorter and torchmetrics the
+    one listed first, so listing the shortest first gives coco-caption's score whatever the order in the data."""
+    return [[" ".join(map(str, r)) for r in sorted(rs, key=len)] for rs in references]
+
+
 def caption_metrics() -> dict[str, Metric]:
     return {"exact_match": MeanMetric(), "token_acc": MeanMetric(), "bleu4": BLEUScore(n_gram=4), "cider": CIDErD()}
 
@@ -137,8 +145,7 @@ def update_caption_metrics(metrics, generated: torch.Tensor, references: torch.T
     metrics["token_acc"].update(correct.sum() / real.sum(), weight=real.sum())
     candidates = tokens_of(generated)
     refs = [[r for r, p in zip(tokens_of(rows), kept) if p] for rows, kept in zip(references.tolist(), present.tolist())]
-    if "bleu4" in metrics:
-        metrics["bleu4"].update([" ".join(map(str, c)) for c in candidates],
-                                [[" ".join(map(str, r)) for r in rs] for rs in refs])
+    if "bleu4" in metrics:  # shortest reference first: see _bleu_references
+        metrics["bleu4"].update([" ".join(map(str, c)) for c in candidates], _bleu_references(refs))
     if "cider" in metrics:
         metrics["cider"].update(candidates, refs)

@@ -4,10 +4,13 @@ with several captions per image; and beam search against greedy decoding on a to
 from __future__ import annotations
 
 import math
+import random
+from collections import Counter
 
 import pytest
 import torch
 from torchmetrics import MetricCollection
+from torchmetrics.text import BLEUScore
 
 from mmlit.metrics.caption import CIDErD, caption_metrics, cider_d, update_caption_metrics
 from mmlit.metrics.retrieval import RetrievalRecall, recall_at_k
@@ -63,6 +66,57 @@ def test_caption_metrics_against_several_references():
     perfect = MetricCollection(caption_metrics())
     update_caption_metrics(perfect, long[:, 0], long)
     assert perfect.compute()["bleu4"].item() == pytest.approx(1.0)
+
+
+def _bleu4_coco_caption(candidates, references):
+    """Corpus BLEU-4 as coco-caption's BleuScorer computes it (option "closest"): clipped n-gram counts summed over
+    the corpus, the reference length closest to each candidate's (the shorter one on a tie), the brevity penalty on the
+    sums (its 1e-15 / 1e-9 smoothing of empty counts left out: every count here is non-zero)."""
+    correct, guessed, length, reference_length = [0] * 4, [0] * 4, 0, 0
+    for candidate, refs in zip(candidates, references):
+        for n in range(1, 5):
+            counts = Counter(tuple(candidate[i:i + n]) for i in range(len(candidate) - n + 1))
+            most = Counter()
+            for ref in refs:
+                most |= Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+            correct[n - 1] += sum(min(c, most[g]) for g, c in counts.items())
+            guessed[n - 1] += max(len(candidate) - n + 1, 0)
+        length += len(candidate)
+        reference_length += min((abs(len(r) - len(candidate)), len(r)) for r in refs)[1]
+    precision = math.exp(sum(math.log(c / g) for c, g in zip(correct, guessed)) / 4)
+    return precision * (1.0 if length >= reference_length else math.exp(1 - reference_length / length))
+
+
+def test_bleu4_takes_the_shorter_of_two_equally_close_references_whatever_their_order():
+    candidate = [5, 6, 7, 8, 9]  # 5 tokens; references of 6 and 4 tokens are both 1 away
+    longer, shorter = [5, 6, 7, 8, 9, 10], [5, 6, 7, 8]
+    other = ([11, 12, 13, 14, 15, 16, 17], [[11, 12, 13, 14, 15, 16, 17, 18]])  # a second image, no tie
+    expected = _bleu4_coco_caption([candidate, other[0]], [[longer, shorter], other[1]])
+    assert expected == pytest.approx(1.0)  # reference length 4 + 8 <= 12 tokens: no brevity penalty
+    for refs in ([longer, shorter], [shorter, longer]):
+        rows = [[*r, EOS] + [PAD] * (8 - len(r)) for r in refs]
+        references = torch.tensor([rows, [[*other[1][0], EOS], [PAD] * 9]])
+        generated = torch.tensor([[*candidate, EOS, PAD, PAD], [*other[0], EOS]])
+        metrics = MetricCollection(caption_metrics())
+        update_caption_metrics(metrics, generated, references)
+        assert metrics.compute()["bleu4"].item() == pytest.approx(expected, abs=1e-6), refs
+    # torchmetrics alone takes the first listed: the longer one first costs a brevity penalty of exp(1 - 14 / 12)
+    alone = BLEUScore(n_gram=4)
+    alone.update(["5 6 7 8 9", "11 12 13 14 15 16 17"], [["5 6 7 8 9 10", "5 6 7 8"], ["11 12 13 14 15 16 17 18"]])
+    assert alone.compute().item() == pytest.approx(math.exp(1 - 14 / 12), abs=1e-6)
+
+
+def test_bleu4_equals_coco_captions_on_random_captions_with_five_references():
+    generator = random.Random(0)
+    candidates = [[generator.randint(5, 8) for _ in range(generator.randint(6, 12))] for _ in range(50)]
+    references = [[[generator.randint(5, 8) for _ in range(generator.randint(6, 12))] for _ in range(5)]
+                  for _ in candidates]
+    metrics = MetricCollection(caption_metrics())
+    width = 13
+    generated = torch.tensor([[*c, EOS] + [PAD] * (width - len(c) - 1) for c in candidates])
+    refs = torch.tensor([[[*r, EOS] + [PAD] * (width - len(r) - 1) for r in rs] for rs in references])
+    update_caption_metrics(metrics, generated, refs)
+    assert metrics.compute()["bleu4"].item() == pytest.approx(_bleu4_coco_caption(candidates, references), abs=1e-6)
 
 
 @pytest.mark.parametrize("answer,expected", [("Yes.", "yes"), ("Two dogs!", "2 dogs"), ("the red one", "red 1"),
