@@ -111,7 +111,7 @@ def _answers(args: argparse.Namespace) -> None:
         except SampleError:
             continue  # a sample without questions
         questions.append(items if isinstance(items, list) else [items])
-    answers, coverage = write_answers(questions, args.top, args.out)
+    answers, coverage = write_answers(questions, args.top, args.out, normalize=not args.as_written)
     print(f"{args.out}: {len(answers)} answers from {len(questions)} samples; they answer {coverage:.1%} of the questions")
 
 
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ans.add_argument("--shards", required=True, action="append", help="shard pattern or URL (repeat for more)")
     ans.add_argument("--top", type=int, default=3129, help="how many answers (3,129: the usual VQAv2 vocabulary)")
     ans.add_argument("--out", required=True, help="the file to write (answers.json)")
+    ans.add_argument("--as-written", action="store_true",
+                     help="count answers as written, for a VQA task with normalize: false (default: normalised)")
     ans.add_argument("--field", default="json.questions", help="the entry holding the questions")
     ans.set_defaults(run=_answers)
     idx = sub.add_parser("index", help="write a shard index (wids-shard-index-v1 JSON: samples and bytes per shard), "

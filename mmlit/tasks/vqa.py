@@ -10,9 +10,14 @@ An example is one image with its questions, so the image is encoded once however
 counts images. The head reads the fused pooled feature. The target of a question is each answer's VQA accuracy
 (``min(#humans who gave it / 3, 1)`` over the 10 subsets of 9) over the answer vocabulary, normalised: cross-entropy
 with it is cross-entropy with the answer when there is one answer. Questions whose answers are all outside the
-vocabulary take no part in the loss and score 0 in ``acc``. ``acc`` is the official VQA accuracy (exact match for a
-question with one answer); with ``answer_types`` also ``acc_{type}`` per answer type, with ``relational`` the
-Sort-of-CLEVR split ``acc_rel`` / ``acc_nonrel``.
+vocabulary take no part in the loss and score 0 in ``acc``.
+
+``acc`` is the official VQA accuracy (``vqaEval.py``): the predicted answer (a vocabulary entry) is compared with the
+human answers as written when all of them agree, and after normalising both (``normalize_answer``) when they do not,
+so a prediction "2" scores 0 against ten "two"s, as it does in the official evaluation. With ``normalize: false``
+answers are compared as written throughout. A question with one answer (Sort-of-CLEVR) is scored by exact match,
+where the official leave-one-out formula would give every answer 0. With ``answer_types`` also ``acc_{type}`` per
+answer type, with ``relational`` the Sort-of-CLEVR split ``acc_rel`` / ``acc_nonrel``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ __all__ = ["VQA"]
 _NO_ANSWER = -2  # padding of a question's human answers (-1: an answer outside the vocabulary)
 
 
+def _written(answer: str) -> str:
+    """An answer as the official evaluation reads it before any normalisation."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def _type_key(answer_type: str) -> str:
     """The metric name of an answer type's accuracy: ``yes/no`` -> ``acc_yes_no``."""
     return "acc_" + re.sub(r"\W+", "_", answer_type).strip("_")
@@ -50,8 +60,9 @@ class VQA(Task):
         answer_types: report accuracy per answer type (``acc_{type}``) for these types (VQAv2: yes/no, number, other).
         relational: report accuracy on relational and non-relational questions (``relational`` in each question;
             Sort-of-CLEVR).
-        normalize: compare answers as the official VQA evaluation does (lower case, no punctuation or articles,
-            number words as digits); off for vocabularies whose answers must stay as written.
+        normalize: normalise answers for the vocabulary and targets (lower case, no punctuation or articles, number
+            words as digits) and score them as the official VQA evaluation does; off for vocabularies whose answers
+            must stay as written.
         hidden: width of the answer MLP.
         transform: the image pipeline (crops without flips or colour changes by default: questions ask about
             left, right and colours).
@@ -71,10 +82,24 @@ class VQA(Task):
         self.answer_types, self.relational, self.hidden = list(answer_types or []), relational, hidden
         self.transform = transform or text_safe()
         self._answer_index = {a: i for i, a in enumerate(self.answers)}
+        # how the official evaluation finds a prediction among the human answers: as written (stripped) when they
+        # agree, normalised when they do not
+        self._written_index = {_written(a): i for i, a in reversed(list(enumerate(self.answers)))}
+        self._normalized_index = {normalize_answer(a): i for i, a in reversed(list(enumerate(self.answers)))}
         self._type_index = {t: i for i, t in enumerate(self.answer_types)}
 
     def _clean(self, answer: str) -> str:
         return normalize_answer(answer) if self.normalize else answer
+
+    def _scored_ids(self, written: list[str]) -> list[int]:
+        """The vocabulary entry that each human answer matches in the official evaluation (-1: none), so that
+        ``soft_accuracy`` on ids gives its score."""
+        if not self.normalize:
+            return [self._answer_index.get(a, -1) for a in written]
+        stripped = [_written(a) for a in written]
+        if len(set(stripped)) <= 1:
+            return [self._written_index.get(a, -1) for a in stripped]
+        return [self._normalized_index.get(normalize_answer(a), -1) for a in stripped]
 
     def build(self, backbone) -> None:
         super().build(backbone)
@@ -84,11 +109,12 @@ class VQA(Task):
         if not isinstance(q, dict) or not isinstance(q.get("question"), str):
             raise SampleError(f"{sample_location(sample)}: question {number} of '{self.questions_field}' needs a "
                               f"\"question\" text")
-        human = q.get("answers") if isinstance(q.get("answers"), list) else [q["answer"]] if "answer" in q else []
-        human = [self._clean(str(a)) for a in human]
+        written = q.get("answers") if isinstance(q.get("answers"), list) else [q["answer"]] if "answer" in q else []
+        written = [str(a) for a in written]
+        human = [self._clean(a) for a in written]
         target = [(self._answer_index[a], score) for a, score in soft_scores(human).items() if a in self._answer_index]
         return {"question": self.token_ids(tokenizer, q["question"]),
-                "answers": [self._answer_index.get(a, -1) for a in human] or [_NO_ANSWER],
+                "answers": self._scored_ids(written) or [_NO_ANSWER],
                 "target_index": [i for i, _ in target] or [-1], "target_score": [s for _, s in target] or [0.0],
                 "question_id": q["question_id"] if isinstance(q.get("question_id"), int) else number,
                 "answer_type": self._type_index.get(q.get("answer_type"), -1),

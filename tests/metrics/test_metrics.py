@@ -10,12 +10,18 @@ from collections import Counter
 import pytest
 import torch
 from torchmetrics import MetricCollection
+from PIL import Image
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
 from torchmetrics.text import BLEUScore
 
 from mmlit.metrics.caption import CIDErD, caption_metrics, cider_d, update_caption_metrics
 from mmlit.metrics.retrieval import RetrievalRecall, recall_at_k
 from mmlit.metrics.vqa import normalize_answer, soft_accuracy, soft_scores
 from mmlit.models.generation import generate
+from mmlit.tasks import VQA
+from mmlit.tasks.base import Shards
 from mmlit.text import BOS, EOS, PAD
 
 
@@ -24,6 +30,18 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     averaged."""
     scores = [min(1.0, sum(a == prediction for j, a in enumerate(answers) if j != i) / 3) for i in range(len(answers))]
     return sum(scores) / len(scores)
+
+
+def official_vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """vqaEval.py's steps for one question: newlines and tabs to spaces and strip; only where the human answers are
+    not all the same, the punctuation and digit/article processing of both sides; then the loop above."""
+    def written(a):
+        return a.replace("\n", " ").replace("\t", " ").strip()
+
+    answers, prediction = [written(a) for a in answers], written(prediction)
+    if len(set(answers)) > 1:
+        answers, prediction = [normalize_answer(a) for a in answers], normalize_answer(prediction)
+    return vqa_accuracy(prediction, answers)
 
 
 def test_cider_d_by_hand():
@@ -123,6 +141,53 @@ def test_bleu4_equals_coco_captions_on_random_captions_with_five_references():
                                              ("isnt it", "isn't it"), ("  a  cat ", "cat"), ("3.5", "3.5")])
 def test_answers_are_normalised_as_the_official_evaluation_does(answer, expected):
     assert normalize_answer(answer) == expected
+
+
+def _vqa_scores(questions: list[tuple[list[str], str]], vocabulary: list[str]) -> torch.Tensor:
+    """Each (human answers, predicted answer) scored through the VQA task's data side (prepare, collate) and its
+    metric (``soft_accuracy`` on the collated answer ids, as ``update_metrics`` scores them)."""
+    task = VQA(Shards(), answers=vocabulary)
+    tokenizer = Tokenizer(WordLevel({"[UNK]": 0, "what": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    sample = {"__key__": "k", "png": Image.new("RGB", (8, 8)),
+              "json": {"questions": [{"question": "what", "answers": h} for h, _ in questions]}}
+    batch = task.collate(list(task.prepare(sample, tokenizer)))
+    predicted = torch.tensor([vocabulary.index(p) for _, p in questions])
+    metrics = task.metrics()
+    task.update_metrics(metrics, {"logits": torch.nn.functional.one_hot(predicted, len(vocabulary)).float()}, batch)
+    scores = soft_accuracy(predicted, batch["answers"])
+    assert metrics.compute()["acc"].item() == pytest.approx(scores.mean().item())
+    return scores
+
+
+def test_vqa_accuracy_is_the_official_one_for_unanimous_and_split_answers():
+    vocabulary = ["2", "dog", "x ray", "yes", "no", "3"]  # as `mmlit data answers` writes them: normalised
+    cases = [(["two"] * 10, "2", 0.0), (["a dog"] * 10, "dog", 0.0), (["x-ray"] * 10, "x ray", 0.0),  # unanimous:
+             (["yes"] * 10, "yes", 1.0), (["Yes"] * 10, "yes", 0.0),                                   # as written
+             (["two"] * 5 + ["2"] * 3 + ["Two."] * 2, "2", 1.0),  # split: all normalised, 10 of 10 agree
+             (["dog"] * 2 + ["a dog"] + ["cat"] * 7, "dog", 0.9),  # 3 of 10 say "dog": (3 * 2/3 + 7 * 1) / 10
+             (["x-ray", "X-Ray", "bone"] + ["no"] * 7, "x ray", 0.6),  # (2 * 1/3 + 8 * 2/3) / 10
+             ([" yes\n"] * 10, "yes", 1.0)]  # stripped before anything else
+    scores = _vqa_scores([(h, p) for h, p, _ in cases], vocabulary)
+    assert scores.tolist() == pytest.approx([e for _, _, e in cases])
+    assert [official_vqa_accuracy(p, h) for h, p, _ in cases] == pytest.approx([e for _, _, e in cases])
+    # a random set against the official steps: answers in several spellings, unanimous about a third of the time
+    spellings = {"2": ["two", "2", "Two.", "2 "], "dog": ["dog", "a dog", "Dog", "the dog"], "x ray": ["x-ray", "x ray"],
+                 "yes": ["yes", "Yes", "yes."], "no": ["no", "No"], "3": ["three", "3"]}
+    generator, questions = random.Random(0), []
+    for _ in range(400):
+        truth = generator.choice(vocabulary)
+        if generator.random() < 0.35:
+            humans = [generator.choice(spellings[truth])] * 10
+        else:
+            humans = [generator.choice(spellings[generator.choice(vocabulary) if generator.random() < 0.3 else truth])
+                      for _ in range(10)]
+        questions.append((humans, generator.choice([truth, generator.choice(vocabulary)])))
+    scores = _vqa_scores(questions, vocabulary)
+    official = [official_vqa_accuracy(p, h) for h, p in questions]
+    assert scores.tolist() == pytest.approx(official)
+    always_normalised = [vqa_accuracy(normalize_answer(p), [normalize_answer(a) for a in h]) for h, p in questions]
+    assert sum(always_normalised) - sum(official) > 10  # what scoring every question normalised would add
 
 
 def test_vqa_accuracy_by_hand():

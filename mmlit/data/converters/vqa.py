@@ -3,8 +3,10 @@
 
 One sample per image, with all its questions: the image as found and ``.json``
 (``{"image_id", "questions": [{"question_id", "question", "answers": [10 answers], "answer", "answer_type",
-"question_type"}, ...]}``). Answers are normalised as the official evaluation compares them (``normalize_answer``);
-``answer`` is the annotators' consensus (``multiple_choice_answer``). Without ``--annotations`` (the test-dev
+"question_type"}, ...]}``). Answers are kept as the annotators wrote them: the official evaluation compares them
+as written when all ten agree and normalised otherwise, so the shards must hold what it holds (the VQA task
+normalises for its answer vocabulary and targets itself). ``answer`` is the annotators' consensus
+(``multiple_choice_answer``). ``mmlit data answers`` counts consensus answers normalised (``normalize_answer``). Without ``--annotations`` (the test-dev
 questions) the questions come without answers, for ``mmlit predict``. Image files are found by ``--image-pattern``
 (default: VQAv2's ``COCO_{data_subtype}_{image_id:012d}.jpg``). A question without an annotation and a missing or
 unreadable image are left out and listed in the report.
@@ -40,11 +42,11 @@ def _annotation(note: dict, where: str) -> dict:
     if not isinstance(answers, list) or not all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers):
         raise ValueError(f"{where}: \"answers\" must be a list of {{\"answer\": str}}")
     consensus = note.get("multiple_choice_answer")
-    answers = [normalize_answer(a["answer"]) for a in answers]
+    answers = [a["answer"] for a in answers]
     if not answers and not isinstance(consensus, str):
         raise ValueError(f"{where}: no answer (neither \"answers\" nor \"multiple_choice_answer\")")
     return {"answers": answers,
-            "answer": normalize_answer(consensus) if isinstance(consensus, str) else Counter(answers).most_common(1)[0][0],
+            "answer": consensus if isinstance(consensus, str) else Counter(answers).most_common(1)[0][0],
             "answer_type": note.get("answer_type", ""), "question_type": note.get("question_type", "")}
 
 
@@ -91,26 +93,29 @@ def run(args: argparse.Namespace) -> list:
                         progress=args.progress, skipped=skipped)]
 
 
-def answer_vocabulary(questions: list[list[dict]], top: int) -> list[tuple[str, int]]:
+def answer_vocabulary(questions: list[list[dict]], top: int, normalize: bool = True) -> list[tuple[str, int]]:
     """The ``top`` most frequent answers with their counts: each question's consensus ``answer`` (or, without one,
-    each of its ``answers``); ties in name order."""
+    each of its ``answers``), normalised as the VQA task compares them (unless ``normalize`` is off, for a task with
+    ``normalize: false``); ties in name order."""
+    clean = normalize_answer if normalize else str
     counts: Counter = Counter()
     for items in questions:
         for q in items:
             if isinstance(q.get("answer"), str):
-                counts[q["answer"]] += 1
+                counts[clean(q["answer"])] += 1
             else:
-                counts.update(a for a in q.get("answers", ()) if isinstance(a, str))
+                counts.update(clean(a) for a in q.get("answers", ()) if isinstance(a, str))
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top]
 
 
-def write_answers(questions: list[list[dict]], top: int, out: str) -> tuple[list[str], float]:
+def write_answers(questions: list[list[dict]], top: int, out: str, normalize: bool = True) -> tuple[list[str], float]:
     """Write the vocabulary as a JSON list; returns it and the share of questions whose answer it holds."""
-    vocabulary = answer_vocabulary(questions, top)
+    vocabulary = answer_vocabulary(questions, top, normalize)
     answers = [a for a, _ in vocabulary]
     known = set(answers)
+    clean = normalize_answer if normalize else str
     total = sum(1 for items in questions for _ in items)
-    covered = sum(1 for items in questions for q in items if q.get("answer") in known)
+    covered = sum(1 for items in questions for q in items if isinstance(q.get("answer"), str) and clean(q["answer"]) in known)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(answers, indent=1, ensure_ascii=False) + "\n")
     return answers, covered / max(total, 1)
