@@ -54,8 +54,9 @@ class MultiTaskModule(pl.LightningModule):
             (e.g. a fusion that the pre-training run did not have) start fresh; task heads never load.
         layer_decay: layer-wise learning-rate decay: each encoder layer trains at ``layer_decay`` times the
             rate of the layer above it; fusion and heads at the full rate (1: off).
-        compile: ``torch.compile`` the backbone (block by block, by default) and the heads (see ``mmlit/compile.py``);
-            checkpoints keep their keys, so they load with or without it.
+        compile: ``torch.compile`` the backbone (block by block, by default) and the heads (see ``mmlit/compile.py``):
+            ``true`` with the defaults, or the settings (``{backend: aot_eager}``); checkpoints keep their keys, so
+            they load with or without it.
         gradient_statistics: log each task's gradient norm on the backbone and the pairwise cosines at logging steps.
             A loss-based objective pays one extra backward pass per task for them at those steps (about 9% of a
             CPU run's time with ``log_every_n_steps: 10``, measured by ``tools/bench_train.py``); a gradient-based
@@ -66,7 +67,7 @@ class MultiTaskModule(pl.LightningModule):
 
     def __init__(self, backbone: Backbone, tasks: dict[str, Task], objective: Objective | str | None = None,
                  optimizer: OptimizerCallable = _default_optimizer, scheduler: LRSchedulerCallable | None = None,
-                 pretrained: str | None = None, layer_decay: float = 1.0, compile: Compile | None = None,
+                 pretrained: str | None = None, layer_decay: float = 1.0, compile: bool | Compile | None = False,
                  gradient_statistics: bool = True,
                  matmul_precision: Literal["highest", "high", "medium"] | None = None):
         super().__init__()
@@ -98,7 +99,9 @@ class MultiTaskModule(pl.LightningModule):
         self.tokenizer = None  # the data module's, once a stage is set up (decodes predictions)
         if matmul_precision is not None:
             torch.set_float32_matmul_precision(matmul_precision)
-        if compile is not None:
+        if compile is True:
+            compile = Compile()
+        if isinstance(compile, Compile):
             parts = [p for p in (backbone.image_encoder, backbone.text_encoder, backbone.fusion) if p is not None]
             heads = [child for task in tasks.values() for child in task.children() if any(True for _ in child.parameters())]
             compile_modules(parts, heads, compile)

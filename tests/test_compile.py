@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmlit.cli import main
+from mmlit.cli import MMLitCLI, main
 from mmlit.compile import Compile, _blocks, compile_modules
 from mmlit.models import TimmImageEncoder, TransformerTextEncoder
 
@@ -65,6 +65,15 @@ def test_inductor_compiled_blocks_match_eager_outputs_and_gradients():
         module(ids)[1].square().sum().backward()
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("value,backend", [("true", "inductor"), ("{backend: aot_eager}", "aot_eager"), ("false", None)])
+def test_model_compile_takes_true_as_the_defaults_on_the_command_line(soc, tmp_path, value, backend):
+    """``--model.compile true`` (what a Lightning user types) compiles with the defaults, as ``{}`` does."""
+    recipe = write_recipe(tiny_recipe(soc, tmp_path, tasks=["vqa"], logger=False), tmp_path / "r.yaml")
+    cli = MMLitCLI(args=["--config", str(recipe), "--model.compile", value], run=False)
+    compiled = [m for m in cli.model.modules() if m._compiled_call_impl is not None]
+    assert len(compiled) >= (3 if backend else 0) and (backend is not None or not compiled)  # encoders, fusion, head
 
 
 @pytest.mark.slow
