@@ -1,7 +1,7 @@
 """Benchmark: what mmlit's data layer costs at setup, at a resume and per loader worker.
 
     python tools/bench_data.py                      # all three parts, a plain-text table
-    python tools/bench_data.py --markdown           # the same table in Markdown, for the README
+    python tools/bench_data.py --markdown           # the same table in Markdown, for docs/benchmarks.md
     python tools/bench_data.py --skip loader --shards 100 1000
 
 Measures, on shards it writes once under ``--out`` (and reuses on later runs):

@@ -1,6 +1,6 @@
 """Shapes: a small synthetic world written in the layouts users bring (COCO captions, an image folder, VQAv2, a CSV
 table), generated locally, so the converters and the tasks for real data sets can be run end to end without a
-download (``mmlit data shapes``, the tests and the README's converter runs).
+download (``mmlit data shapes``, the tests and the converter runs of docs/results.md).
 
 A scene is a plain background with one to three shapes (circle, square, triangle, star), each in a colour, a size and
 a place; images are JPEGs of ``size`` pixels. A COCO image has five captions written from different templates; a VQA
