@@ -1,7 +1,11 @@
-"""Registries: short names for task and objective classes, filled by ``@register_task`` /
-``@register_objective`` and by the ``mmlit.tasks`` / ``mmlit.objectives`` entry-point groups, so a
-class shipped in another package is found without any edit to mmlit (the timm ``register_model`` /
-``list_models`` pattern)."""
+"""Registries: short names for the classes at mmlit's extension points, one mechanism for all of them.
+
+Each kind (tasks, objectives, modalities, fusions, sources) is filled by its decorator (``@register_task("vqa")``)
+and by its entry-point group (``mmlit.tasks``, ``mmlit.objectives``, ``mmlit.modalities``, ``mmlit.fusions``,
+``mmlit.sources``), so a class shipped in another package is found without any edit to mmlit (the timm
+``register_model`` / ``list_models`` pattern). ``list_*`` and ``get_*`` import the group's modules and mmlit's own
+ones on first use; the tests parametrize over every registered name.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ import logging
 from importlib.metadata import entry_points
 from typing import Callable, TypeVar
 
-__all__ = ["register_task", "get_task", "list_tasks", "register_objective", "get_objective", "list_objectives"]
+__all__ = ["get_fusion", "get_modality", "get_objective", "get_source", "get_task", "is_modality", "list_fusions",
+           "list_modalities", "list_objectives", "list_sources", "list_tasks", "register_fusion", "register_modality",
+           "register_objective", "register_source", "register_task"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=type)
@@ -27,7 +33,7 @@ class _Registry:
     def register(self, name: str) -> Callable[[T], T]:
         def wrap(cls: T) -> T:
             known = self.classes.get(name)
-            if known is not None and known.__qualname__ != cls.__qualname__:
+            if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
                 raise ValueError(f"{self.kind} name {name!r} is taken by {known.__module__}.{known.__qualname__}")
             setattr(cls, self.attribute, name)
             self.classes[name] = cls
@@ -52,43 +58,51 @@ class _Registry:
         return sorted(self.classes)
 
     def get(self, name: str) -> type:
-        self._discover()
+        if name not in self.classes:
+            self._discover()
         try:
             return self.classes[name]
         except KeyError:
             raise KeyError(f"no {self.kind} named {name!r}; registered {self.kind}s: "
                            f"{', '.join(sorted(self.classes))}") from None
 
+    def __contains__(self, name: str) -> bool:
+        self._discover()
+        return name in self.classes
+
+
+    def api(self) -> tuple[Callable, Callable, Callable]:
+        """``register_x``, ``list_x`` and ``get_x`` of this kind."""
+        kind = self.kind
+
+        def register(name: str) -> Callable[[T], T]:
+            return self.register(name)
+
+        def names() -> list[str]:
+            return self.names()
+
+        def get(name: str) -> type:
+            return self.get(name)
+
+        register.__doc__ = f"Class decorator: make a {kind} class available under ``name``."
+        names.__doc__ = f"Names of every registered {kind}, sorted."
+        get.__doc__ = f"The {kind} class registered as ``name``; the error lists the known names."
+        return register, names, get
+
 
 _TASKS = _Registry("task", "mmlit.tasks", "mmlit.tasks", "task_name")
 _OBJECTIVES = _Registry("objective", "mmlit.objectives", "mmlit.objectives", "objective_name")
+_MODALITIES = _Registry("modality", "mmlit.modalities", "mmlit.modalities", "modality_name")
+_FUSIONS = _Registry("fusion", "mmlit.fusions", "mmlit.models", "fusion_name")
+_SOURCES = _Registry("source", "mmlit.sources", "mmlit.data.sources", "format")
+
+register_task, list_tasks, get_task = _TASKS.api()
+register_objective, list_objectives, get_objective = _OBJECTIVES.api()
+register_modality, list_modalities, get_modality = _MODALITIES.api()
+register_fusion, list_fusions, get_fusion = _FUSIONS.api()
+register_source, list_sources, get_source = _SOURCES.api()
 
 
-def register_task(name: str) -> Callable[[T], T]:
-    """Class decorator: make a task class available under ``name``."""
-    return _TASKS.register(name)
-
-
-def list_tasks() -> list[str]:
-    """Names of every registered task, sorted."""
-    return _TASKS.names()
-
-
-def get_task(name: str) -> type:
-    """The task class registered as ``name``; the error lists the known names."""
-    return _TASKS.get(name)
-
-
-def register_objective(name: str) -> Callable[[T], T]:
-    """Class decorator: make a multi-task objective available under ``name``."""
-    return _OBJECTIVES.register(name)
-
-
-def list_objectives() -> list[str]:
-    """Names of every registered objective, sorted."""
-    return _OBJECTIVES.names()
-
-
-def get_objective(name: str) -> type:
-    """The objective class registered as ``name``; the error lists the known names."""
-    return _OBJECTIVES.get(name)
+def is_modality(name: str) -> bool:
+    """Whether ``name`` is a registered modality (a task field so named reads any entry of it)."""
+    return name in _MODALITIES

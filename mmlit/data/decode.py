@@ -2,35 +2,35 @@
 
 ``webdataset``'s ``.decode()`` always appends its basic handlers, which unpickle ``.pyd`` and
 ``.pickle`` entries and ``torch.load`` ``.pth`` entries: a shard could run code. mmlit decodes
-with its own allow-list instead: images, text, JSON, class ids and numpy arrays (without pickle).
-Entries in formats that can run code are refused; entries of unknown formats stay raw bytes.
-Only the entries a task reads are decoded, and an image is parsed only by the Pillow plugin of the
-format its name says, so a shard cannot reach the rest of Pillow's (older, less fuzzed) plugins.
+with its own allow-list instead: the entries of the registered modalities (images, text, ...), JSON, class ids and
+numpy arrays (without pickle). Entries in formats that can run code are refused; entries of unknown formats stay raw
+bytes. Only the entries a task reads are decoded. A task field named like a modality (``image``) reads the entries
+that modality decodes, with the modality's own checks (an image is parsed only by the Pillow plugin of the format its
+name says, so a shard cannot reach the rest of Pillow's older, less fuzzed plugins); ``sample_input`` finds the
+value of a modality in a decoded sample.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-__all__ = ["EncodedImage", "IMAGE_EXTENSIONS", "UNSAFE_EXTENSIONS", "UnsafeSampleError", "SampleError", "decode_sample", "sample_field", "sample_image",
-           "sample_location"]
+from mmlit.data.device_images import EncodedImage
+from mmlit.modalities.image import IMAGE_FORMATS, decode_image
+from mmlit.registry import get_modality, is_modality
 
-# The Pillow format each image extension names (as ``PIL.Image.registered_extensions()`` maps them).
-_IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "bmp": "BMP", "ppm": "PPM", "pgm": "PPM",
-                  "pbm": "PPM", "pnm": "PPM", "tif": "TIFF", "tiff": "TIFF", "gif": "GIF"}
-IMAGE_EXTENSIONS = frozenset(_IMAGE_FORMATS)
+__all__ = ["EncodedImage", "IMAGE_EXTENSIONS", "UNSAFE_EXTENSIONS", "UnsafeSampleError", "SampleError", "decode_sample",
+           "sample_field", "sample_image", "sample_input", "sample_location"]
+
+IMAGE_EXTENSIONS = frozenset(IMAGE_FORMATS)
 TEXT_EXTENSIONS = frozenset({"txt", "text", "caption"})
 INT_EXTENSIONS = frozenset({"cls", "cls2", "index", "label"})
 # Formats whose loaders execute code (pickle and everything built on it).
 UNSAFE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "bin", "joblib", "dill", "mp", "msgpack"})
-
-_log = logging.getLogger(__name__)
 
 
 class SampleError(ValueError):
@@ -59,85 +59,10 @@ def _names(field: str, name: str) -> bool:
     return field == name or field.startswith(name + ".")
 
 
-def _reads(field: str, name: str) -> bool:
-    """Whether a task field reads entry ``name``; ``image`` reads every image entry."""
-    return (field == "image" and _extension(name) in IMAGE_EXTENSIONS) or _names(field, name)
-
-
-def _allow_pillow(pixels: int) -> None:
-    """Let Pillow open images of up to ``pixels`` pixels, so that the recipe's limit is the one that refuses.
-
-    Pillow has no per-call limit: it compares the process-wide ``Image.MAX_IMAGE_PIXELS`` in ``open`` and again
-    while GIF frames grow and TIFF tiles load, warning above it and raising above twice it. Swapping the global
-    around each ``open`` would miss those later checks and race with other threads, so where the recipe allows
-    more than Pillow does, Pillow's limit is raised to the recipe's, once, in the process that decodes (usually a
-    DataLoader worker). It is never lowered: where the recipe's limit is the smaller, mmlit's check refuses first.
-    """
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < pixels:
-        _log.info("data.max_image_pixels: raising PIL.Image.MAX_IMAGE_PIXELS from %d to %d", Image.MAX_IMAGE_PIXELS, pixels)
-        Image.MAX_IMAGE_PIXELS = pixels
-
-
-def _format_of(data: bytes) -> str | None:
-    """The format whose signature ``data`` starts with, as Pillow's plugins tell it; None if none does.
-
-    Only the plugins' signature checks run, on the first 16 bytes (what ``Image.open`` gives them): no plugin
-    parses the data, which is the point of opening an image with its own format only."""
-    Image.init()
-    for name in Image.ID:
-        accept = Image.OPEN[name][1]
-        try:
-            found = accept is not None and accept(data[:16])
-        except Exception:  # a signature check that does not expect so few bytes: not that format
-            continue
-        if found and not isinstance(found, str):  # a str is Pillow's "maybe, but unsupported" note
-            return name
-    return None
-
-
-class EncodedImage:
-    """A JPEG entry whose header was checked in the worker and whose pixels are decoded on the training device
-    (``data.decode_images: device``); ``size`` is (width, height), ``target`` the square side a task crops it to
-    after resizing its shorter side to ``target / crop_pct`` with ``interpolation`` (``bilinear`` or ``bicubic``)."""
-
-    __slots__ = ("data", "size", "target", "crop_pct", "interpolation")
-
-    def __init__(self, data: bytes, size: tuple[int, int], target: int | None = None, crop_pct: float = 1.0,
-                 interpolation: str = "bilinear"):
-        self.data, self.size, self.target, self.crop_pct, self.interpolation = data, size, target, crop_pct, interpolation
-
-    def convert(self, mode: str) -> EncodedImage:  # (decode_jpeg's RGB mode converts on the device)
-        return self
-
-
-def _decode_image(ext: str, data: bytes, max_pixels: int | None, jpeg_on_device: bool = False) -> Any:
-    expected = _IMAGE_FORMATS[ext]
-    try:
-        image = Image.open(io.BytesIO(data), formats=[expected])
-    except Image.DecompressionBombError as err:  # above twice Pillow's limit, which is above the recipe's
-        if max_pixels is None:
-            raise
-        raise ValueError(f"more pixels than data.max_image_pixels ({max_pixels}) allows ({err})") from None
-    except UnidentifiedImageError:
-        found = _format_of(data)
-        if found == expected:
-            raise ValueError(f"its {expected} header cannot be read") from None
-        held = f"{found} data" if found else "data of a format Pillow cannot tell"
-        raise ValueError(f"it holds {held}, not the {expected} its .{ext} name says; re-encode it or rename the "
-                         f"entry") from None
-    width, height = image.size
-    if max_pixels is not None and width * height > max_pixels:  # before load(): the pixels are never decoded
-        raise ValueError(f"{width}x{height} = {width * height} pixels, more than data.max_image_pixels ({max_pixels}) "
-                         f"allows; raise it to train on images this large")
-    if jpeg_on_device and expected == "JPEG":
-        return EncodedImage(data, image.size)
-    image.load()  # fail here, on the bad sample, rather than later in a transform
-    return image
-
-
 def _decode_entry(ext: str, data: bytes, max_pixels: int | None, jpeg_on_device: bool = False) -> Any:
+    """An entry read by a field that names no modality, by its extension."""
     if ext in IMAGE_EXTENSIONS:
-        return _decode_image(ext, data, max_pixels, jpeg_on_device)
+        return decode_image(ext, data, max_pixels, jpeg_on_device)
     if ext in TEXT_EXTENSIONS:
         return data.decode("utf-8")
     if ext == "json":
@@ -149,36 +74,67 @@ def _decode_entry(ext: str, data: bytes, max_pixels: int | None, jpeg_on_device:
     return data
 
 
-def decode_sample(sample: dict, fields: tuple[str, ...] | None = None, *, max_image_pixels: int | None = None,
-                  jpeg_on_device: bool = False) -> dict:
+def decode_sample(sample: dict, fields: tuple[str, ...] | None = None, *, modalities: Mapping[str, Any] | None = None,
+                  max_image_pixels: int | None = None, jpeg_on_device: bool = False) -> dict:
     """Decode the entries of a raw sample that ``fields`` read, by extension (the part of the name after the key).
 
     Args:
         sample: raw entries by name, plus ``__key__``-style entries, which pass through.
-        fields: a task's ``Task.fields``; the entries none of them reads are dropped undecoded (an unused
-            ``.pth`` too). None or empty: every entry is decoded.
+        fields: a task's ``TaskData.fields``; the entries none of them reads are dropped undecoded (an unused
+            ``.pth`` too). A field named like a modality reads the entries that modality decodes. None or empty:
+            every entry is decoded.
+        modalities: the run's modality objects by name (with the recipe's limits); one not given is made with its
+            defaults (the image modality with ``max_image_pixels`` and ``jpeg_on_device``).
         max_image_pixels: an image with more pixels (width x height) is a ``SampleError``; None: Pillow's limit.
         jpeg_on_device: JPEG entries are checked (format, size) but not decoded: ``EncodedImage``, for the device.
     """
-    if max_image_pixels is not None:
-        _allow_pillow(max_image_pixels)
-    decoded = {}
+    readers = _modality_readers(fields, modalities, max_image_pixels, jpeg_on_device)
+    decoded: dict[str, Any] = {}
     for name, value in sample.items():
         if name.startswith("__"):
             decoded[name] = value
-        elif not fields or any(_reads(field, name) for field in fields):
-            decoded[name] = _decode_checked(sample, name, value, max_image_pixels, jpeg_on_device)
+            continue
+        ext = _extension(name)
+        modality = next((m for m in readers if ext in m.extensions), None)
+        if modality is not None:
+            decoded[name] = _checked(sample, name, lambda: modality.decode(ext, value))
+        elif not fields or any(_names(field, name) for field in fields):
+            decoded[name] = _checked(sample, name, lambda: _decode_entry(ext, value, max_image_pixels, jpeg_on_device))
     return decoded
 
 
-def _decode_checked(sample: dict, name: str, value: bytes, max_pixels: int | None, jpeg_on_device: bool = False) -> Any:
+def _modality_readers(fields, modalities, max_image_pixels, jpeg_on_device) -> list:
+    """The modality objects that fields name (all of them when no field is given: the built-in ones by default)."""
+    given = dict(modalities or {})
+    names = [f for f in fields if is_modality(f)] if fields else []
+    readers = []
+    for name in names:
+        if name not in given:
+            options = {"max_pixels": max_image_pixels, "on_device": jpeg_on_device} if name == "image" else {}
+            given[name] = get_modality(name)(**options)
+        readers.append(given[name])
+    return readers
+
+
+def _checked(sample: dict, name: str, decode) -> Any:
     ext = _extension(name)
     if ext in UNSAFE_EXTENSIONS:
         raise UnsafeSampleError(f"{sample_location(sample)}: refusing entry '{name}': .{ext} files can run code when loaded")
     try:
-        return _decode_entry(ext, value, max_pixels, jpeg_on_device)
+        return decode()
     except Exception as err:
         raise SampleError(f"{sample_location(sample)}: cannot decode entry '{name}': {err}") from err
+
+
+def sample_input(sample: dict, modality: str, task: str) -> Any:
+    """The value of the sample's entry of ``modality`` (an image, a waveform, ...): its first entry with one of the
+    modality's extensions, as decoded for a field that names the modality."""
+    extensions = get_modality(modality).extensions
+    for name, value in sample.items():
+        if not name.startswith("__") and _extension(name) in extensions:
+            return value
+    raise SampleError(f"{sample_location(sample)}: task '{task}' needs an entry of modality '{modality}' (one of "
+                      f".{', .'.join(sorted(extensions))}); the sample has {_entries(sample)}")
 
 
 def sample_image(sample: dict, task: str) -> Image.Image | EncodedImage:

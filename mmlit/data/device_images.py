@@ -12,11 +12,24 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mmlit.data.decode import EncodedImage
-
-__all__ = ["EncodedImages", "decode_batch_images"]
+__all__ = ["EncodedImage", "EncodedImages", "decode_batch_images", "move_batch"]
 
 _log = logging.getLogger(__name__)
+
+
+class EncodedImage:
+    """A JPEG entry whose header was checked in the worker and whose pixels are decoded on the training device
+    (``data.decode_images: device``); ``size`` is (width, height), ``target`` the square side a task crops it to
+    after resizing its shorter side to ``target / crop_pct`` with ``interpolation`` (``bilinear`` or ``bicubic``)."""
+
+    __slots__ = ("data", "size", "target", "crop_pct", "interpolation")
+
+    def __init__(self, data: bytes, size: tuple[int, int], target: int | None = None, crop_pct: float = 1.0,
+                 interpolation: str = "bilinear"):
+        self.data, self.size, self.target, self.crop_pct, self.interpolation = data, size, target, crop_pct, interpolation
+
+    def convert(self, mode: str) -> EncodedImage:  # (decode_jpeg's RGB mode converts on the device)
+        return self
 
 
 class EncodedImages:
@@ -84,3 +97,20 @@ def decode_batch_images(batch: dict, device: torch.device) -> dict:
                     done[id(value)] = (value, value.decode(device))
                 task_batch[key] = done[id(value)][1]
     return batch
+
+
+def move_batch(batch, device: torch.device):
+    """Lightning's move of a batch to ``device``, but a tensor that several task batches hold (the images of tasks
+    that read one source) is moved once and stays one tensor, which the backbone's shared pass encodes once; JPEGs
+    left for the device are decoded there."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in moved:
+            moved[id(tensor)] = (tensor, move_data_to_device(tensor, device))  # (the tensor is kept: its id is not reused)
+        return moved[id(tensor)][1]
+
+    return decode_batch_images(apply_to_collection(batch, torch.Tensor, move), device)

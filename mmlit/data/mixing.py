@@ -10,19 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmlit.seeds import uniform as _uniform
+
 __all__ = ["AllTasks", "FixedWeights", "Proportional", "RoundRobin", "TaskSampler", "Temperature"]
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _uniform(seed: int, steps: np.ndarray) -> np.ndarray:
-    """One uniform number in [0, 1) per step: the splitmix64 hash of (seed, step)."""
-    with np.errstate(over="ignore"):
-        x = steps.astype(np.uint64) * _GOLDEN + np.uint64(seed % 2**64) * np.uint64(0xD1B54A32D192ED03)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
 class TaskSampler:

@@ -4,37 +4,26 @@ A source counts the samples of a shard and reads the samples ``[start, stop)`` o
 as raw samples ``{"__key__", "__url__", "__index__", entry: bytes}``, and counts the bytes it read. Everything
 else (the epoch plan, shuffling, resume, decoding, the fault budget) works on any source, so a new storage format
 (a parquet table of images, MosaicML's MDS) is one file with a registered ``Source`` subclass, chosen in the recipe
-by ``data.shard_format``.
+by ``data.shard_format`` (``register_source``; entry-point group ``mmlit.sources``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Iterator
+from typing import ClassVar, Iterator
 
 from mmlit.data.shards import ShardError, iter_samples, shard_size
+from mmlit.registry import get_source as _get_source
+from mmlit.registry import list_sources, register_source
 
 __all__ = ["Source", "TarSource", "get_source", "list_sources", "register_source"]
 
-_SOURCES: dict[str, type[Source]] = {}
-
-
-def register_source(name: str) -> Callable[[type[Source]], type[Source]]:
-    def register(cls: type[Source]) -> type[Source]:
-        cls.format = name
-        _SOURCES[name] = cls
-        return cls
-
-    return register
-
-
-def list_sources() -> list[str]:
-    return sorted(_SOURCES)
-
 
 def get_source(name: str, key: str = "data.shard_format") -> type[Source]:
-    if name not in _SOURCES:
-        raise ValueError(f"{key}: no shard format {name!r}; the formats are {', '.join(list_sources())}")
-    return _SOURCES[name]
+    """The registered source class ``name`` (``mmlit.registry``); an unknown name is an error naming ``key``."""
+    try:
+        return _get_source(name)
+    except KeyError as err:
+        raise ValueError(f"{key}: {err.args[0]}") from None
 
 
 class Source:

@@ -18,7 +18,6 @@ missing).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import random
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -26,6 +25,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
+
+from mmlit.seeds import seed_of
 
 __all__ = ["ImageTransform", "training_sample", "build_pipelines", "sample_context"]
 
@@ -114,17 +115,13 @@ def predicting() -> bool:
     return _MODES[-1][1]
 
 
-def _seed(parts: tuple) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
-
-
 @contextlib.contextmanager
 def sample_context(seed: tuple, *, train: bool, predict: bool = False) -> Iterator[None]:
     """Prepare one sample with the standard generators (``random``, NumPy's, torch's CPU generator) seeded from
     ``seed`` (e.g. (seed, epoch, shard, key)), ``training_sample()`` telling ``train`` and ``predicting()``
     ``predict``. The generators are left seeded: in the training process, wrap the samples in
     ``random_state_kept()``."""
-    value = _seed(seed)
+    value = seed_of(*seed)
     random.seed(value)
     np.random.seed(value % 2**32)
     torch.default_generator.manual_seed(value)  # (not torch.manual_seed: that would reseed the CUDA generators too)
