@@ -1,20 +1,16 @@
-"""Transfer learning: start a backbone from saved weights, export it alone, and decay learning rates by depth.
+"""Transfer learning: start a backbone from saved weights, and export it alone.
 
 - ``load_backbone_weights``: from an mmlit checkpoint (``.ckpt``: the ``backbone.*`` entries of its
   ``state_dict``) or from a backbone file (``.safetensors``, or a ``weights_only`` torch file of
-  ``{"image_encoder.…": tensor}``, as ``export_backbone`` writes). The parts in the file
-  (``image_encoder``, ``text_encoder``, ``fusion``) load strictly; parts missing from it start fresh,
-  so a contrastive dual encoder can start a VQA model that adds a fusion. Task heads never load: a
-  fine-tuning run brings its own.
+  ``{"encoders.image.…": tensor}``, as ``export_backbone`` writes). The parts in the file (each encoder,
+  ``encoders.{modality}``, and the ``fusion``) load strictly; parts missing from it start fresh, so a contrastive
+  dual encoder can start a VQA model that adds a fusion. Task heads never load: a fine-tuning run brings its own.
+  Files of backbones keyed ``image_encoder`` / ``text_encoder`` load as ``encoders.image`` / ``encoders.text``.
 - ``export_backbone``: a checkpoint's backbone as one ``.safetensors`` file, for use outside mmlit.
-- ``layer_decay_groups``: parameter groups whose learning rate shrinks by ``decay`` per layer below
-  the top of each encoder (BEiT, Bao et al. 2022; ELECTRA, Clark et al. 2020). Layers of a timm model
-  come from timm's own ``group_matcher``; fusion and heads train at the full rate.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -22,9 +18,31 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["export_backbone", "layer_decay_groups", "load_backbone_weights", "read_backbone_state"]
+__all__ = ["export_backbone", "load_backbone_weights", "read_backbone_state", "renamed_state"]
 
-_PARTS = ("image_encoder", "text_encoder", "fusion")
+_RENAMED = {"image_encoder.": "encoders.image.", "text_encoder.": "encoders.text."}  # backbones of the older shape
+
+
+def _renamed(name: str) -> str:
+    for old, new in _RENAMED.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def renamed_state(state: dict, prefix: str = "") -> dict:
+    """``state`` with the keys of backbones of the older shape (``{prefix}image_encoder.*``) renamed
+    (``{prefix}encoders.image.*``): checkpoints saved before encoders were keyed by modality load as they are."""
+    return {prefix + _renamed(k[len(prefix):]) if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def _part(name: str) -> tuple[str, str]:
+    """``encoders.image.proj.weight`` -> (``encoders.image``, ``proj.weight``); ``fusion.x`` -> (``fusion``, ``x``)."""
+    head, _, rest = name.partition(".")
+    if head == "encoders":
+        modality, _, rest = rest.partition(".")
+        return f"encoders.{modality}", rest
+    return head, rest
 
 
 def read_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -33,7 +51,7 @@ def read_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no weights file '{path}'")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return {_renamed(k): v for k, v in load_file(str(path)).items()}
     state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
     if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint of a MultiTaskModule
         state = {k[len("backbone."):]: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
@@ -41,20 +59,22 @@ def read_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"'{path}' is a checkpoint without backbone.* weights (not an mmlit checkpoint?)")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"'{path}' holds no state dict of tensors")
-    return state
+    return {_renamed(k): v for k, v in state.items()}
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path, key: str = "model.pretrained") -> list[str]:
     """Load every backbone part found in ``path`` (strictly); return the names of the parts loaded."""
     state = read_backbone_state(path)
     by_part: dict[str, dict[str, torch.Tensor]] = {}
+    parts = {f"encoders.{m}": e for m, e in backbone.encoders.items()}
+    parts["fusion"] = backbone.fusion
     for name, tensor in state.items():
-        part, _, rest = name.partition(".")
-        if part not in _PARTS:
-            raise ValueError(f"{key}: '{path}' has '{name}', which is not in any backbone part {_PARTS}")
+        part, rest = _part(name)
+        if not (part == "fusion" or part.startswith("encoders.")):
+            raise ValueError(f"{key}: '{path}' has '{name}', which is in no backbone part (encoders.*, fusion)")
         by_part.setdefault(part, {})[rest] = tensor
     for part, part_state in by_part.items():
-        module = getattr(backbone, part)
+        module = parts.get(part)
         if module is None:
             raise ValueError(f"{key}: '{path}' has {part} weights, but the recipe's backbone has no {part}")
         own = module.state_dict()
@@ -69,7 +89,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, key: str = "mod
                                  wrong and f"other shapes {wrong[:5]}"]))
                              + " (the recipe must build the same part as the run that saved it)")
         module.load_state_dict(part_state)
-    fresh = [p for p in _PARTS if getattr(backbone, p) is not None and p not in by_part]
+    fresh = [p for p, module in parts.items() if module is not None and p not in by_part]
     rank_zero_info(f"backbone from {path}: loaded {sorted(by_part)}; from scratch: {fresh or 'nothing'}")
     return sorted(by_part)
 
@@ -85,48 +105,3 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt", "source": str(checkpoint)})
     tmp.replace(out)  # an interrupted export leaves no half-written file under the real name
     return out
-
-
-def _timm_layers(model: nn.Module) -> tuple[dict[str, int], int]:
-    """Layer index of every parameter of a timm model from its ``group_matcher`` (0 = stem)."""
-    from timm.models import group_parameters
-
-    groups = group_parameters(model, model.group_matcher(coarse=False))
-    layer_of = {name: i for i, (_, names) in enumerate(groups.items()) for name in names}
-    return layer_of, len(groups) - 1
-
-
-def _text_layer(name: str) -> int | None:
-    """Layer index in an mmlit text encoder: embeddings 0, block ``k`` k + 1; None for the top."""
-    match = re.search(r"layers\.layers\.(\d+)\.|_l(\d+)(?:_reverse)?$", name)
-    if match:
-        return int(match.group(1) or match.group(2)) + 1
-    return 0 if re.match(r"(embed|pos|cls)\b", name) else None
-
-
-def layer_decay_groups(backbone: nn.Module, rest: list[tuple[str, nn.Parameter]], decay: float) -> list[dict]:
-    """Parameter groups with ``lr_scale = decay ** (top - layer)`` per encoder; ``rest`` (fusion, heads) at 1."""
-    scales: dict[int, float] = {}
-    groups: dict[float, list[nn.Parameter]] = {}
-
-    def add(param: nn.Parameter, scale: float) -> None:
-        scales[id(param)] = scale
-        groups.setdefault(scale, []).append(param)
-
-    for part in ("image_encoder", "text_encoder"):
-        encoder = getattr(backbone, part)
-        if encoder is None:
-            continue
-        if part == "image_encoder":
-            inner, depth = _timm_layers(encoder.model)
-            layer_of = {f"model.{k}": v for k, v in inner.items()}
-        else:
-            layer_of = {n: layer for n, _ in encoder.named_parameters() if (layer := _text_layer(n)) is not None}
-            depth = max(layer_of.values(), default=0)
-        top = depth + 1  # the encoder's own output layers (projection, final norm)
-        for name, param in encoder.named_parameters():
-            add(param, decay ** (top - layer_of.get(name, top)))
-    for _, param in rest:
-        if id(param) not in scales:
-            add(param, 1.0)
-    return [{"params": params, "lr_scale": scale} for scale, params in sorted(groups.items())]

@@ -51,9 +51,11 @@ def tiny_backbone(dim: int = 32, causal: bool = False) -> dict:
     return {
         "class_path": "mmlit.models.Backbone",
         "init_args": {
-            "image_encoder": {"class_path": "mmlit.models.TimmImageEncoder",
-                              "init_args": {"model_name": "test_byobnet", "dim": dim, "image_size": 75, "feature_index": 2}},
-            "text_encoder": {"class_path": f"mmlit.models.{text}", "init_args": text_args},
+            "encoders": {
+                "image": {"class_path": "mmlit.models.TimmImageEncoder",
+                          "init_args": {"model_name": "test_byobnet", "dim": dim, "image_size": 75, "feature_index": 2}},
+                "text": {"class_path": f"mmlit.models.{text}", "init_args": text_args},
+            },
             "fusion": {"class_path": "mmlit.models.CrossAttentionFusion", "init_args": {"dim": dim, "depth": 1, "heads": 2}},
         },
     }

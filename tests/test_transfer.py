@@ -1,4 +1,5 @@
-"""Transfer learning: backbone weights from checkpoints and files, export, layer-wise learning-rate decay, freezing."""
+"""Transfer learning: backbone weights from checkpoints and files, export, the optimizer's parameter groups (layer-wise
+learning-rate decay, no weight decay on 1-D parameters), freezing."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from safetensors.torch import load_file
 
 from mmlit.callbacks import Freeze
 from mmlit.models import Backbone, CrossAttentionFusion, TimmImageEncoder, TransformerTextEncoder
-from mmlit.transfer import export_backbone, layer_decay_groups, load_backbone_weights
+from mmlit.optim import parameter_groups
+from mmlit.transfer import export_backbone, load_backbone_weights
 
 from .objectives._train import build_module, loader, step_batches, trainer
 
@@ -20,7 +22,7 @@ def _backbone(seed: int, fusion: bool = True, vit: bool = False) -> Backbone:
     image = (TimmImageEncoder("vit_tiny_patch16_224", dim=D, model_kwargs={
         "img_size": 75, "patch_size": 15, "embed_dim": 32, "depth": 3, "num_heads": 2}) if vit
         else TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3))
-    return Backbone(image, TransformerTextEncoder(256, D, depth=2, heads=2, max_length=40),
+    return Backbone({"image": image, "text": TransformerTextEncoder(256, D, depth=2, heads=2, max_length=40)},
                     CrossAttentionFusion(D, depth=1, heads=2) if fusion else None)
 
 
@@ -34,9 +36,9 @@ def test_dual_encoder_checkpoint_starts_a_fused_backbone(tmp_path):
     source, target = _backbone(0, fusion=False), _backbone(1)
     _checkpoint(source, tmp_path / "last.ckpt")
     fusion_before = {k: v.clone() for k, v in target.fusion.state_dict().items()}
-    assert load_backbone_weights(target, tmp_path / "last.ckpt") == ["image_encoder", "text_encoder"]
-    for part in ("image_encoder", "text_encoder"):
-        mine, theirs = getattr(target, part).state_dict(), getattr(source, part).state_dict()
+    assert load_backbone_weights(target, tmp_path / "last.ckpt") == ["encoders.image", "encoders.text"]
+    for part in ("image", "text"):
+        mine, theirs = target.encoders[part].state_dict(), source.encoders[part].state_dict()
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
     assert all(torch.equal(target.fusion.state_dict()[k], v) for k, v in fusion_before.items()), "fusion starts fresh"
 
@@ -48,19 +50,30 @@ def test_export_writes_the_backbone_alone_and_it_loads_back(tmp_path):
     exported = load_file(str(out))
     assert set(exported) == set(source.state_dict()), "every backbone entry and no head"
     target = _backbone(1)
-    assert load_backbone_weights(target, out) == ["fusion", "image_encoder", "text_encoder"]
+    assert load_backbone_weights(target, out) == ["encoders.image", "encoders.text", "fusion"]
     assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
     with pytest.raises(ValueError, match="safetensors"):
         export_backbone(tmp_path / "last.ckpt", tmp_path / "backbone.pt")
 
 
+def test_a_file_of_the_older_key_shape_loads(tmp_path):
+    """Backbones saved when encoders were ``image_encoder`` / ``text_encoder`` load as ``encoders.image`` / ``.text``."""
+    source, target = _backbone(0), _backbone(1)
+    old = {k.replace("encoders.image.", "image_encoder.").replace("encoders.text.", "text_encoder."): v
+           for k, v in source.state_dict().items()}
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in old.items()}}, tmp_path / "old.ckpt")
+    assert load_backbone_weights(target, tmp_path / "old.ckpt") == ["encoders.image", "encoders.text", "fusion"]
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
 def test_a_part_of_another_shape_is_a_clear_error(tmp_path):
     _checkpoint(_backbone(0), tmp_path / "last.ckpt")
     torch.manual_seed(0)
-    other = Backbone(TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3),
-                     TransformerTextEncoder(256, D, depth=1, heads=2, max_length=40), CrossAttentionFusion(D, 1, 2))
-    with pytest.raises(ValueError, match=r"model.pretrained: .* does not fit model.backbone.init_args.text_encoder: "
-                                         r"unexpected \['text_encoder.layers.layers.1"):
+    other = Backbone({"image": TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3),
+                      "text": TransformerTextEncoder(256, D, depth=1, heads=2, max_length=40)},
+                     CrossAttentionFusion(D, 1, 2))
+    with pytest.raises(ValueError, match=r"model.pretrained: .* does not fit model.backbone.init_args.encoders.text: "
+                                         r"unexpected \['encoders.text.layers.layers.1"):
         load_backbone_weights(other, tmp_path / "last.ckpt")
     no_fusion = _backbone(0, fusion=False)
     with pytest.raises(ValueError, match="has fusion weights, but the recipe's backbone has no fusion"):
@@ -71,21 +84,35 @@ def test_a_part_of_another_shape_is_a_clear_error(tmp_path):
 
 def test_layer_decay_scales_each_encoder_by_depth():
     backbone = _backbone(0, vit=True)
-    head = torch.nn.Linear(D, 3)
-    named = [*(("backbone." + n, p) for n, p in backbone.named_parameters()), *head.named_parameters()]
-    groups = layer_decay_groups(backbone, named, decay=0.5)
+    model = torch.nn.ModuleDict({"backbone": backbone, "head": torch.nn.Linear(D, 3)})
+    head = model["head"]
+    groups = parameter_groups(model, backbone.encoders.values(), layer_decay=0.5)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
-    assert len(scale) == len(named), "every parameter in exactly one group"
-    vit = backbone.image_encoder.model
+    assert len(scale) == len(list(model.parameters())), "every parameter in exactly one group"
+    vit = backbone.encoders["image"].model
     # timm's group_matcher: stem 0, blocks 1..3; the encoder's own projection on top (4): scale 0.5 ** (4 - layer)
     assert scale[id(vit.patch_embed.proj.weight)] == 0.5 ** 4
     assert [scale[id(vit.blocks[i].attn.qkv.weight)] for i in range(3)] == [0.5 ** 3, 0.5 ** 2, 0.5]
-    assert scale[id(backbone.image_encoder.proj.weight)] == 1.0
-    text = backbone.text_encoder
+    assert scale[id(backbone.encoders["image"].proj.weight)] == 1.0
+    text = backbone.encoders["text"]
     assert scale[id(text.embed.weight)] == 0.5 ** 3 and scale[id(text.pos)] == 0.5 ** 3
     assert [scale[id(text.layers.layers[i].linear1.weight)] for i in range(2)] == [0.5 ** 2, 0.5]
     assert scale[id(text.layers.norm.weight)] == 1.0
     assert all(scale[id(p)] == 1.0 for p in [*backbone.fusion.parameters(), *head.parameters()])
+    # timm's rule: no weight decay on biases, norms and other 1-D parameters, at every depth; the optimizer's own on
+    # the others
+    decay = {id(p): g.get("weight_decay") for g in groups for p in g["params"]}
+    assert decay[id(head.bias)] == decay[id(text.layers.norm.weight)] == decay[id(vit.blocks[0].norm1.bias)] == 0.0
+    assert decay[id(head.weight)] is None and decay[id(vit.blocks[0].attn.qkv.weight)] is None
+
+
+def test_one_dimensional_parameters_take_no_weight_decay_without_layer_decay():
+    module = build_module("uncertainty")
+    module.optimizer_factory = lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+    optimizer = module.configure_optimizers()
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay[id(module.objective.log_variance)] == 0.0  # the uncertainty method's log-variances
+    assert all(decay[id(p)] == (0.0 if p.ndim <= 1 else 0.1) for p in module.parameters())
 
 
 def test_layer_decay_survives_the_scheduler():
@@ -114,11 +141,11 @@ def test_freeze_holds_matching_parameters_until_the_step(soc, tmp_path):
             if trainer.global_step == 2:
                 seen.update({k: v.clone() for k, v in pl_module.state_dict().items()})
 
-    trainer(tmp_path, 4, callbacks=[Snapshot(["backbone.image_encoder.*"], until_step=2)]).fit(module, loader(batches * 2))
-    image = [k for k in start if k.startswith("backbone.image_encoder.") and start[k].is_floating_point()]
+    trainer(tmp_path, 4, callbacks=[Snapshot(["backbone.encoders.image.*"], until_step=2)]).fit(module, loader(batches * 2))
+    image = [k for k in start if k.startswith("backbone.encoders.image.") and start[k].is_floating_point()]
     assert image and all(torch.equal(seen[k], start[k]) for k in image), "frozen for steps 0 and 1"
-    assert not torch.equal(seen["backbone.text_encoder.embed.weight"], start["backbone.text_encoder.embed.weight"])
+    assert not torch.equal(seen["backbone.encoders.text.embed.weight"], start["backbone.encoders.text.embed.weight"])
     after = module.state_dict()
     assert any(not torch.equal(after[k], start[k]) for k in image), "trains from step 2"
-    with pytest.raises(ValueError, match=r"Freeze.patterns: 'backbone.imag_encoder.\*' matches no parameter"):
-        trainer(tmp_path, 1, callbacks=[Freeze(["backbone.imag_encoder.*"])]).fit(build_module("static"), loader(batches))
+    with pytest.raises(ValueError, match=r"Freeze.patterns: 'backbone.encoders.imag.\*' matches no parameter"):
+        trainer(tmp_path, 1, callbacks=[Freeze(["backbone.encoders.imag.*"])]).fit(build_module("static"), loader(batches))

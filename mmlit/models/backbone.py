@@ -1,75 +1,118 @@
-"""The shared backbone: an image encoder, a text encoder and a fusion module of one width.
+"""The shared backbone: one encoder per modality and an optional fusion, of one width.
 
-The text encoder and the fusion are optional: a CLIP-style dual encoder has no fusion, an image
-captioner or a classifier of images alone needs no text encoder, and a part that no task uses would
-otherwise hold parameters without gradients (which plain DDP rejects).
+``encoders`` is keyed by modality (``{image: ..., text: ..., audio: ...}``); each is an ``Encoder``: ``dim``, and
+``forward(x)`` -> ``Encoded(tokens (B, N, D), pooled (B, D), mask (B, N) or None)``. A fusion (``Fusion``,
+``mmlit/models/fusion.py``) combines named modalities. The fusion is optional (a CLIP-style dual encoder has none),
+and so is any encoder no task reads: a part that no task uses would hold parameters without gradients, which plain
+DDP rejects.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
 
-from mmlit.models.image import TimmImageEncoder
+__all__ = ["Backbone", "Encoded", "Features"]
 
-__all__ = ["Backbone", "Features"]
+
+class Encoded(NamedTuple):
+    """What an encoder (or a fusion) returns: tokens (B, N, D), pooled (B, D) and mask (B, N), True on real tokens
+    (None: every token is real). A fusion of pooled features only returns no tokens."""
+
+    tokens: torch.Tensor | None
+    pooled: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 @dataclass
 class Features:
-    """What the backbone returns; a field is None when its input was not given.
+    """What the backbone returns: each modality it encoded, and the fused features when it fused them."""
 
-    Shapes: ``image_tokens`` (B, N, D), ``image_pooled`` (B, D), ``text_tokens`` (B, T, D),
-    ``text_pooled`` (B, D), ``text_mask`` (B, T), ``fused_tokens`` (B, T, D), ``fused_pooled`` (B, D).
-    Fusions of pooled features only (late fusion, the relation network) return no ``fused_tokens``.
-    """
+    encoded: dict[str, Encoded] = field(default_factory=dict)
+    fused: Encoded | None = None
 
-    image_tokens: torch.Tensor | None = None
-    image_pooled: torch.Tensor | None = None
-    text_tokens: torch.Tensor | None = None
-    text_pooled: torch.Tensor | None = None
-    text_mask: torch.Tensor | None = None
-    fused_tokens: torch.Tensor | None = None
-    fused_pooled: torch.Tensor | None = None
+    def __getitem__(self, modality: str) -> Encoded:
+        return self.encoded[modality]
 
 
 class Backbone(nn.Module):
-    """Encode an image, a text, or both (and fuse them).
+    """Encode named modalities (and fuse them).
 
     Args:
-        image_encoder: e.g. ``TimmImageEncoder``.
-        text_encoder: e.g. ``TransformerTextEncoder``, ``LSTMTextEncoder``, ``CausalTextDecoder``; none
-            for recipes whose tasks read no text.
-        fusion: e.g. ``CrossAttentionFusion``, ``EarlyFusion``, ``LateFusion``, ``HybridFusion``,
-            ``RelationNetworkFusion``; none for recipes whose tasks need no fused features.
-        vocab_size: the vocabulary of task decoders (captioning) when there is no text encoder; with
-            one, its ``vocab_size`` is used.
+        encoders: an encoder per modality, e.g. ``{image: TimmImageEncoder, text: TransformerTextEncoder}``; null
+            builds the modality's default encoder (``mmlit modalities`` names it) at the backbone's width.
+        fusion: a registered fusion (``mmlit fusions``), e.g. ``CrossAttentionFusion``, ``EarlyFusion``,
+            ``LateFusion``, ``HybridFusion``, ``RelationNetworkFusion``; none for recipes whose tasks need no fused
+            features.
+        dim: the width of every part (default: the encoders' and the fusion's, which must agree); needed when every
+            encoder is a modality's default one.
+        vocab_size: the vocabulary of task decoders (captioning) when there is no text encoder; with one, its
+            ``vocab_size`` is used.
         max_length: the longest text of task decoders when there is no text encoder.
+        image_encoder, text_encoder: recipes of an older shape; an error says where they go now.
     """
 
-    def __init__(self, image_encoder: TimmImageEncoder, text_encoder: nn.Module | None = None,
-                 fusion: nn.Module | None = None, vocab_size: int = 2000, max_length: int = 64):
+    def __init__(self, encoders: dict[str, nn.Module | None], fusion: nn.Module | None = None, dim: int | None = None,
+                 vocab_size: int = 2000, max_length: int = 64, image_encoder: Any = None, text_encoder: Any = None):
         super().__init__()
-        parts = {"image_encoder": image_encoder, "text_encoder": text_encoder, "fusion": fusion}
-        widths = {k: v.dim for k, v in parts.items() if v is not None}
+        for old, modality in (("image_encoder", "image"), ("text_encoder", "text")):
+            if locals()[old] is not None:
+                raise ValueError(f"model.backbone.init_args.{old}: encoders are keyed by modality now; write it as "
+                                 f"model.backbone.init_args.encoders.{modality}")
+        if not encoders:
+            raise ValueError("model.backbone.init_args.encoders: give at least one encoder ({image: ..., text: ...})")
+        widths = {f"encoders.{name}": e.dim for name, e in encoders.items() if e is not None}
+        if fusion is not None:
+            widths["fusion"] = fusion.dim
+        if dim is not None:
+            widths["dim"] = dim
         if len(set(widths.values())) != 1:
-            raise ValueError("model.backbone: image_encoder, text_encoder and fusion must have one dim, got "
-                             + ", ".join(f"{k}.init_args.dim={v}" for k, v in widths.items()))
-        if fusion is not None and text_encoder is None:
-            raise ValueError("model.backbone.init_args.fusion: a fusion needs a text_encoder")
-        self.image_encoder, self.text_encoder, self.fusion = image_encoder, text_encoder, fusion
-        self.dim = image_encoder.dim
-        self.vocab_size = text_encoder.vocab_size if text_encoder is not None else vocab_size
-        self.max_length = text_encoder.max_length if text_encoder is not None else max_length
-        self._passes: dict | None = None  # image tensor id -> (tensor, encoder output), inside shared_pass()
+            raise ValueError("model.backbone: the encoders and the fusion must have one dim, got "
+                             + (", ".join(f"{k}.init_args.dim={v}" for k, v in widths.items()) or "none (set dim)"))
+        self.dim = next(iter(widths.values()))
+        self.encoders = nn.ModuleDict({name: e if e is not None else _default_encoder(name, self.dim)
+                                       for name, e in encoders.items()})
+        self.fusion = fusion
+        if fusion is not None:
+            missing = sorted(set(getattr(fusion, "modalities", ())) - set(self.encoders))
+            if missing:
+                raise ValueError(f"model.backbone.init_args.fusion: it fuses {', '.join(missing)}, but "
+                                 f"model.backbone.init_args.encoders has no {', '.join(missing)} (it has "
+                                 f"{', '.join(self.encoders)})")
+        text = self.encoders["text"] if "text" in self.encoders else None
+        self.vocab_size = getattr(text, "vocab_size", vocab_size)
+        self.max_length = getattr(text, "max_length", max_length)
+        self._passes: dict | None = None  # (modality, tensor id) -> (tensor, encoder output), inside shared_pass()
+
+    def spec(self, modality: str) -> Any:
+        """The encoder of ``modality``, or for ``text`` without one (a captioning decoder's targets) the backbone's
+        ``vocab_size`` and ``max_length``: what the modality's data pipeline reads; None otherwise."""
+        if modality in self.encoders:
+            return self.encoders[modality]
+        if modality == "text":
+            return SimpleNamespace(vocab_size=self.vocab_size, max_length=self.max_length)
+        return None
+
+    def require(self, modality: str, task: str) -> nn.Module:
+        """The encoder of ``modality`` (or ``fusion``), or a clear error that task ``task`` needs it."""
+        if modality == "fusion":
+            if self.fusion is None:
+                raise ValueError(f"model.tasks.{task}: the task needs model.backbone.init_args.fusion, and the recipe "
+                                 f"has none")
+            return self.fusion
+        if modality not in self.encoders:
+            raise ValueError(f"model.tasks.{task}: the task reads {modality}, but model.backbone.init_args.encoders has "
+                             f"no '{modality}' (it has {', '.join(self.encoders)})")
+        return self.encoders[modality]
 
     @contextlib.contextmanager
     def shared_pass(self) -> Iterator[None]:
-        """Within it, an image batch given again (the same tensor: tasks that read one source in a step get one, see
+        """Within it, an input given again (the same tensor: tasks that read one source in a step get one, see
         ``SourceStream``) is encoded once, and each task's head reads that pass. Its graph is shared: a loss-based
         objective back-propagates through it once, a gradient-based one once per task (with ``retain_graph``)."""
         self._passes = {}
@@ -78,44 +121,43 @@ class Backbone(nn.Module):
         finally:
             self._passes = None
 
-    def _encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, modality: str, x: torch.Tensor) -> Encoded:
+        """``x`` through the encoder of ``modality`` (once per tensor inside ``shared_pass``)."""
+        if modality not in self.encoders:
+            raise ValueError(f"model.backbone: an input of modality '{modality}' was given, but "
+                             f"model.backbone.init_args.encoders has no '{modality}' (it has {', '.join(self.encoders)})")
+        encoder = self.encoders[modality]
         passes = self._passes
         if passes is None:
-            return self.image_encoder(image)
-        done = passes.get(id(image))
-        if done is None or done[0] is not image:  # (the tensor is kept, so its id is not reused within the step)
-            done = passes[id(image)] = (image, self.image_encoder(image))
+            return Encoded(*encoder(x))
+        done = passes.get((modality, id(x)))
+        if done is None or done[0] is not x:  # (the tensor is kept, so its id is not reused within the step)
+            done = passes[(modality, id(x))] = (x, Encoded(*encoder(x)))
         return done[1]
 
-    def require(self, part: str, task: str) -> nn.Module:
-        """The part ``text_encoder`` or ``fusion``, or a clear error that task ``task`` needs it."""
-        module = getattr(self, part)
-        if module is None:
-            raise ValueError(f"model.tasks.{task}: the task needs model.backbone.init_args.{part}, and the recipe has none")
-        return module
+    def forward(self, fuse: bool = True, index: dict[str, torch.Tensor] | None = None, **inputs: torch.Tensor) -> Features:
+        """Each input by its modality (``image=`` (B, 3, H, W), ``text=`` ids (Q, T), ...); with two or more and
+        ``fuse``, the fusion's features too.
 
-    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None, fuse: bool = True,
-                image_index: torch.Tensor | None = None) -> Features:
-        """``image`` (B, 3, H, W) and/or ``text`` ids (Q, T); both and ``fuse`` -> fused features too.
-
-        ``image_index`` (Q,) pairs text ``i`` with image ``image_index[i]``, so an image asked several
-        questions is encoded once; without it, text ``i`` goes with image ``i`` (Q == B).
+        ``index`` pairs the rows: ``index["image"]`` (Q,) says which image each of the Q texts goes with, so an image
+        asked several questions is encoded once; a modality without an index has one row per output row.
         """
-        out = Features()
-        if image is not None:
-            out.image_tokens, out.image_pooled = self._encode_image(image)
-        if text is not None:
-            if self.text_encoder is None:
-                raise ValueError("model.backbone: a task passed text, but the backbone has no text_encoder")
-            out.text_tokens, out.text_pooled, out.text_mask = self.text_encoder(text)
-        if fuse and image is not None and text is not None:
+        out = Features({name: self.encode(name, x) for name, x in inputs.items() if x is not None})
+        if fuse and len(out.encoded) > 1:
             if self.fusion is None:
                 raise ValueError("model.backbone: a task asked for fused features, but the backbone has no fusion")
-            tokens, pooled, pairs = out.image_tokens, out.image_pooled, {}
-            if getattr(self.fusion, "indexes_images", False):  # it reads each image once for all its texts
-                pairs = {"image_index": image_index}
-            elif image_index is not None:
-                tokens, pooled = tokens[image_index], pooled[image_index]
-            out.fused_tokens, out.fused_pooled = self.fusion(tokens, pooled, out.text_tokens, out.text_pooled,
-                                                             out.text_mask, **pairs)
+            out.fused = self.fusion(out.encoded, index or {})
         return out
+
+
+def _default_encoder(modality: str, dim: int) -> nn.Module:
+    """The modality's default encoder (its ``default_encoder`` class path) at width ``dim``."""
+    import importlib
+
+    from mmlit.registry import get_modality
+
+    path = get_modality(modality).default_encoder
+    if path is None:
+        raise ValueError(f"model.backbone.init_args.encoders.{modality}: the modality has no default encoder; give one")
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)(dim=dim)

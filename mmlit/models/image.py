@@ -1,4 +1,4 @@
-"""Image encoders: any timm model by name, read out as a grid of tokens.
+"""Image encoders: any timm model by name, read out as a grid of tokens (an ``Encoder`` of the image modality).
 
 The encoder reads one intermediate feature map of the timm model (timm's
 ``forward_intermediates``; by default the last) after ``prune_intermediate_layers`` has removed
@@ -16,6 +16,8 @@ from typing import Literal
 import timm
 import torch
 from torch import nn
+
+from mmlit.models.backbone import Encoded
 
 __all__ = ["TimmImageEncoder"]
 
@@ -47,9 +49,9 @@ class TimmImageEncoder(nn.Module):
         kwargs = dict(model_kwargs or {})
         if pretrained is not None:
             if not Path(pretrained).is_file():
-                raise FileNotFoundError(f"model.backbone.init_args.image_encoder.init_args.pretrained: no file '{pretrained}'")
+                raise FileNotFoundError(f"model.backbone.init_args.encoders.image.init_args.pretrained: no file '{pretrained}'")
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
-        key = "model.backbone.init_args.image_encoder.init_args"
+        key = "model.backbone.init_args.encoders.image.init_args"
         if not timm.is_model(model_name):
             raise ValueError(f"{key}.model_name: timm has no model {model_name!r}")
         self.model = timm.create_model(model_name, num_classes=0, **kwargs)
@@ -89,6 +91,15 @@ class TimmImageEncoder(nn.Module):
         if pooling == "flatten":
             self.pool = nn.Sequential(nn.Flatten(1), nn.Linear(height * width * dim, dim), nn.LayerNorm(dim))
 
+    def group_matcher(self, coarse: bool = False):
+        """Layer ordinals for ``timm.optim.param_groups_layer_decay``: the timm model's own ``group_matcher`` for its
+        parameters (``model.*``); the projection, norm and mixing above them are the top layer."""
+        from timm.models import group_parameters
+
+        inner = group_parameters(self.model, self.model.group_matcher(coarse=coarse), reverse=True)
+        layer = {f"model.{name}": i for name, i in inner.items()}
+        return lambda name: layer.get(name, float("inf"))
+
     def data_config(self) -> dict:
         """The timm model's preprocessing (``interpolation``, ``crop_pct``, ``mean``, ``std``) from its pretrained
         config: what task image pipelines default to."""
@@ -103,18 +114,18 @@ class TimmImageEncoder(nn.Module):
             image = image.contiguous(memory_format=torch.channels_last)
         return self.model.forward_intermediates(image, indices=self.indices, intermediates_only=True)[-1]
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> Encoded:
         """``image`` (B, 3, H, W), uint8 pixels or normalised floats -> tokens (B, N, D) and pooled (B, D)."""
         fmap = self._feature_map(image)  # (B, C, h, w)
         tokens = self.norm(self.proj(fmap.flatten(2).transpose(1, 2))) + self.pos  # (B, N, D)
         tokens = tokens + self.mix(tokens)
-        return tokens, self.pool(tokens) if self.pooling == "flatten" else tokens.mean(dim=1)
+        return Encoded(tokens, self.pool(tokens) if self.pooling == "flatten" else tokens.mean(dim=1))
 
 
 def _sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
     """(1, H*W, dim) sine-cosine embedding of (row, column); half the channels each."""
     if dim % 4:
-        raise ValueError(f"image_encoder.dim must be a multiple of 4 for 2-D positions, got {dim}")
+        raise ValueError(f"encoders.image.init_args.dim must be a multiple of 4 for 2-D positions, got {dim}")
     freqs = 1.0 / (10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4)))
     rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
                                 indexing="ij")

@@ -1,12 +1,13 @@
 """Fusion of pooled features, and hybrids of several fusions.
 
-``LateFusion`` combines the pooled image vector and the pooled text vector only:
+``LateFusion`` combines the pooled vectors of its modalities only:
 
 - ``concat``: a linear map of ``[image; text]`` (the LSTM + CNN classifiers of early VQA, Antol et
   al. 2015; Santoro et al. 2017's CNN+MLP baseline);
-- ``sum``: a learned convex combination of the two (softmax weights);
-- ``gated``: the Gated Multimodal Unit (Arevalo et al. 2017): ``z * tanh(W_i i) + (1 - z) * tanh(W_t t)``
-  with ``z = sigmoid(W_z [i; t])`` per feature.
+- ``sum``: a learned convex combination (softmax weights);
+- ``gated``: the Gated Multimodal Unit (Arevalo et al. 2017): ``sum_m z_m * tanh(W_m x_m)`` with gates ``z``
+  (softmax over the modalities, per feature) computed from all of them; with two modalities, the paper's
+  ``z * tanh(W_i i) + (1 - z) * tanh(W_t t)``.
 
 ``HybridFusion`` runs several fusion modules on the same features and sums their pooled outputs, so
 that the modalities meet at several depths: inside token-level layers (early or cross-attention
@@ -21,43 +22,53 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mmlit.models.backbone import Encoded
+from mmlit.models.fusion import Fusion, rows
+from mmlit.registry import register_fusion
+
 __all__ = ["HybridFusion", "LateFusion"]
 
 
-class LateFusion(nn.Module):
-    """Combine pooled image and text features; returns no fused tokens.
+@register_fusion("late")
+class LateFusion(Fusion):
+    """Combine pooled features; returns no fused tokens.
 
     Args:
         dim: feature width (the same as the encoders').
         mode: ``concat``, ``sum`` (weighted) or ``gated``.
+        modalities: the modalities combined.
     """
 
-    def __init__(self, dim: int = 128, mode: Literal["concat", "sum", "gated"] = "concat"):
+    def __init__(self, dim: int = 128, mode: Literal["concat", "sum", "gated"] = "concat",
+                 modalities: tuple[str, ...] = ("image", "text")):
         super().__init__()
-        self.dim, self.mode = dim, mode
+        n = len(modalities)
+        if n < 2:
+            raise ValueError(f"fusion.init_args.modalities: late fusion combines two or more, got {list(modalities)}")
+        self.dim, self.mode, self.modalities = dim, mode, tuple(modalities)
         if mode == "concat":
-            self.proj = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU())
+            self.proj = nn.Sequential(nn.Linear(n * dim, dim), nn.GELU())
         elif mode == "sum":
-            self.logits = nn.Parameter(torch.zeros(2))
+            self.logits = nn.Parameter(torch.zeros(n))
         elif mode == "gated":
-            self.image_proj, self.text_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
-            self.gate = nn.Linear(2 * dim, dim)
+            self.projs = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n))
+            self.gate = nn.Linear(n * dim, n * dim)
         else:
             raise ValueError(f"fusion.mode must be concat, sum or gated, got {mode!r}")
 
-    def forward(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor, text_tokens: torch.Tensor,
-                text_pooled: torch.Tensor, text_mask: torch.Tensor) -> tuple[None, torch.Tensor]:
-        """-> (None, pooled (B, D)) from image_pooled (B, D) and text_pooled (B, D)."""
+    def forward(self, encoded: dict[str, Encoded], index: dict[str, torch.Tensor]) -> Encoded:
+        """-> pooled (Q, D) from each modality's pooled (Q, D); no tokens."""
+        pooled = [rows(encoded[m], index.get(m)).pooled for m in self.modalities]
         if self.mode == "concat":
-            return None, self.proj(torch.cat([image_pooled, text_pooled], dim=-1))
+            return Encoded(None, self.proj(torch.cat(pooled, dim=-1)))
         if self.mode == "sum":
-            weights = self.logits.softmax(0)
-            return None, weights[0] * image_pooled + weights[1] * text_pooled
-        z = torch.sigmoid(self.gate(torch.cat([image_pooled, text_pooled], dim=-1)))
-        return None, z * torch.tanh(self.image_proj(image_pooled)) + (1 - z) * torch.tanh(self.text_proj(text_pooled))
+            return Encoded(None, sum(w * p for w, p in zip(self.logits.softmax(0), pooled)))
+        gates = self.gate(torch.cat(pooled, dim=-1)).unflatten(-1, (len(pooled), -1)).softmax(-2)  # (Q, n, D)
+        return Encoded(None, sum(gates[:, i] * torch.tanh(proj(p)) for i, (proj, p) in enumerate(zip(self.projs, pooled))))
 
 
-class HybridFusion(nn.Module):
+@register_fusion("hybrid")
+class HybridFusion(Fusion):
     """Several fusion modules side by side: their pooled outputs are summed; the fused tokens are the
     first module's that returns any.
 
@@ -73,13 +84,14 @@ class HybridFusion(nn.Module):
         if len(widths) != 1:
             raise ValueError(f"fusion.init_args.fusions: every module needs the same dim, got {sorted(widths)}")
         self.dim = widths.pop()
+        self.modalities = tuple(dict.fromkeys(m for f in fusions for m in f.modalities))
         self.fusions = nn.ModuleList(fusions)
 
-    def forward(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor, text_tokens: torch.Tensor,
-                text_pooled: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        tokens, pooled = None, 0
+    def forward(self, encoded: dict[str, Encoded], index: dict[str, torch.Tensor]) -> Encoded:
+        tokens, mask, pooled = None, None, 0
         for fusion in self.fusions:
-            fused, part = fusion(image_tokens, image_pooled, text_tokens, text_pooled, text_mask)
-            tokens = fused if tokens is None else tokens
-            pooled = pooled + part
-        return tokens, pooled
+            part = fusion(encoded, index)
+            if tokens is None and part.tokens is not None:
+                tokens, mask = part.tokens, part.mask
+            pooled = pooled + part.pooled
+        return Encoded(tokens, pooled, mask)

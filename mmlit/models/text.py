@@ -1,7 +1,7 @@
 """Text encoders over token ids from an mmlit tokenizer (``PAD`` = 0).
 
-Every encoder maps ids (B, T) to tokens (B, T', D), a pooled vector (B, D) and a mask (B, T') that
-is True on real tokens, and exposes ``dim``, ``vocab_size`` and ``max_length``.
+Every encoder (an ``Encoder`` of the text modality) maps ids (B, T) to ``Encoded``: tokens (B, T', D), a pooled vector
+(B, D) and a mask (B, T') that is True on real tokens, and exposes ``dim``, ``vocab_size`` and ``max_length``.
 
 - ``TransformerTextEncoder``: a bidirectional transformer; ``pooling="cls"`` prepends a learned
   [CLS] token and pools its output (BERT, Devlin et al. 2019).
@@ -19,14 +19,22 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from mmlit.models.backbone import Encoded
 from mmlit.text import PAD
 
 __all__ = ["CausalTextDecoder", "LSTMTextEncoder", "TransformerTextEncoder", "masked_mean"]
 
 
+def _layers(coarse: bool = False) -> dict:
+    """Layer ordinals for ``timm.optim.param_groups_layer_decay``: embeddings first, then each transformer or LSTM
+    layer; the final norm is the top layer."""
+    return {"stem": r"^(?:embed|pos|cls)\b", "blocks": [(r"^layers\.layers\.(\d+)\.", None),
+                                                      (r"^lstm\.\w+_l(\d+)(?:_reverse)?$", None)]}
+
+
 def _check_length(ids: torch.Tensor, max_length: int) -> None:
     if ids.shape[1] > max_length:
-        raise ValueError(f"text of {ids.shape[1]} tokens is longer than text_encoder.max_length={max_length}")
+        raise ValueError(f"text of {ids.shape[1]} tokens is longer than encoders.text.init_args.max_length={max_length}")
 
 
 class TransformerTextEncoder(nn.Module):
@@ -56,7 +64,9 @@ class TransformerTextEncoder(nn.Module):
         self.layers = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
         self.checkpointing = checkpointing
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    group_matcher = staticmethod(_layers)
+
+    def forward(self, ids: torch.Tensor) -> Encoded:
         """``ids`` (B, T) -> tokens (B, T', D), pooled (B, D), mask (B, T') with True on real tokens;
         T' = T + 1 with a [CLS] token."""
         _check_length(ids, self.max_length)
@@ -72,7 +82,7 @@ class TransformerTextEncoder(nn.Module):
             tokens = self.layers.norm(x)
         else:
             tokens = self.layers(x, src_key_padding_mask=~mask)
-        return tokens, tokens[:, 0] if self.cls is not None else masked_mean(tokens, mask), mask
+        return Encoded(tokens, tokens[:, 0] if self.cls is not None else masked_mean(tokens, mask), mask)
 
 
 class LSTMTextEncoder(nn.Module):
@@ -91,13 +101,15 @@ class LSTMTextEncoder(nn.Module):
                  max_length: int = 64, dropout: float = 0.0):
         super().__init__()
         if bidirectional and dim % 2:
-            raise ValueError(f"text_encoder.dim must be even for a bidirectional LSTM, got {dim}")
+            raise ValueError(f"encoders.text.init_args.dim must be even for a bidirectional LSTM, got {dim}")
         self.dim, self.vocab_size, self.max_length = dim, vocab_size, max_length
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=PAD)
         self.lstm = nn.LSTM(dim, dim // 2 if bidirectional else dim, layers, batch_first=True,
                             bidirectional=bidirectional, dropout=dropout if layers > 1 else 0.0)
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    group_matcher = staticmethod(_layers)
+
+    def forward(self, ids: torch.Tensor) -> Encoded:
         """``ids`` (B, T) -> tokens (B, T, D), pooled (B, D), mask (B, T)."""
         _check_length(ids, self.max_length)
         mask = ids != PAD
@@ -107,7 +119,7 @@ class LSTMTextEncoder(nn.Module):
         tokens, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
         directions = 2 if self.lstm.bidirectional else 1
         pooled = hidden[-directions:].transpose(0, 1).flatten(1)  # (B, D): the last layer's final states
-        return tokens, pooled, mask
+        return Encoded(tokens, pooled, mask)
 
 
 class CausalTextDecoder(nn.Module):
@@ -135,8 +147,9 @@ class CausalTextDecoder(nn.Module):
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
 
-    def forward(self, ids: torch.Tensor, prefix: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    group_matcher = staticmethod(_layers)
+
+    def forward(self, ids: torch.Tensor, prefix: torch.Tensor | None = None) -> Encoded:
         """``ids`` (B, T), ``prefix`` (B, P, D) -> text tokens (B, T, D), pooled (B, D): the state of the
         last real token (the one that has read the whole text), mask (B, T)."""
         _check_length(ids, self.max_length)
@@ -148,7 +161,7 @@ class CausalTextDecoder(nn.Module):
             x = torch.cat([prefix, x], dim=1)
         tokens = self.layers(x, mask=self._attention_mask(mask, n_prefix, x.dtype))[:, n_prefix:]
         last = torch.where(mask, torch.arange(ids.shape[1], device=ids.device), -1).amax(1).clamp_min(0)
-        return tokens, tokens[torch.arange(len(ids), device=ids.device), last], mask
+        return Encoded(tokens, tokens[torch.arange(len(ids), device=ids.device), last], mask)
 
     def _attention_mask(self, mask: torch.Tensor, n_prefix: int, dtype: torch.dtype) -> torch.Tensor:
         """(B * heads, L, L) additive mask: prefix keys always, real text keys at or before the query,

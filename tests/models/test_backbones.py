@@ -1,8 +1,9 @@
-"""Every backbone option trains: each image encoder, text encoder and fusion, tiny, on a fixed Sort-of-CLEVR
-batch of the VQA task (the task that reads all three parts), and the parts keep their contracts."""
+"""Every backbone option trains: each image encoder, text encoder and registered fusion, tiny, on a fixed
+Sort-of-CLEVR batch of the VQA task (the task that reads all three parts), and the parts keep their contracts."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -11,8 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from mmlit.data import TaskStream, scan_shards
-from mmlit.models import (Backbone, CausalTextDecoder, CrossAttentionFusion, EarlyFusion, HybridFusion, LateFusion,
-                          LSTMTextEncoder, RelationNetworkFusion, TimmImageEncoder, TransformerTextEncoder)
+from mmlit.models import (Backbone, CausalTextDecoder, CrossAttentionFusion, EarlyFusion, Encoded, HybridFusion,
+                          LateFusion, LSTMTextEncoder, RelationNetworkFusion, TimmImageEncoder, TransformerTextEncoder)
+from mmlit.registry import get_fusion, list_fusions
 from mmlit.data.transforms import ImageTransform
 from mmlit.tasks import VQA, Contrastive, Shards
 from mmlit.text import load_tokenizer
@@ -31,15 +33,21 @@ TEXT = {
     "lstm": lambda: LSTMTextEncoder(256, D, max_length=40),
     "causal": lambda: CausalTextDecoder(256, D, depth=1, heads=2, max_length=40),
 }
-FUSION = {
-    "cross": lambda: CrossAttentionFusion(D, depth=1, heads=2),
-    "early": lambda: EarlyFusion(D, depth=1, heads=2),
-    "late_concat": lambda: LateFusion(D, "concat"),
-    "late_sum": lambda: LateFusion(D, "sum"),
-    "late_gated": lambda: LateFusion(D, "gated"),
-    "hybrid": lambda: HybridFusion([EarlyFusion(D, depth=1, heads=2), LateFusion(D, "gated")]),
-    "relation_network": lambda: RelationNetworkFusion(D, hidden=64),
-}
+TINY = {"dim": D, "depth": 1, "heads": 2, "hidden": 64}  # what a fusion's constructor takes of these
+
+
+def tiny_fusion(name: str, **kwargs):
+    """The registered fusion ``name`` at width D with small settings; one built of other fusions (``HybridFusion``)
+    gets an early and a gated late fusion."""
+    cls = get_fusion(name)
+    accepted = inspect.signature(cls).parameters
+    if "fusions" in accepted:
+        kwargs.setdefault("fusions", [EarlyFusion(D, depth=1, heads=2), LateFusion(D, "gated")])
+    return cls(**{k: v for k, v in TINY.items() if k in accepted}, **kwargs)
+
+
+def _backbone(image: str = "cnn", text: str = "transformer", fusion=None) -> Backbone:
+    return Backbone({"image": IMAGE[image](), "text": TEXT[text]()}, fusion)
 
 
 def _vqa_batch(backbone: Backbone, soc: dict) -> tuple[VQA, dict]:
@@ -68,22 +76,28 @@ def _trains_down(backbone: Backbone, soc: dict, steps: int = 15) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("fusion", list(FUSION))
+@pytest.mark.parametrize("fusion", list_fusions())
 def test_fusion_trains(fusion, soc):
     torch.manual_seed(0)
-    _trains_down(Backbone(IMAGE["cnn"](), TEXT["transformer"](), FUSION[fusion]()), soc)
+    _trains_down(_backbone(fusion=tiny_fusion(fusion)), soc)
+
+
+@pytest.mark.parametrize("mode", ["sum", "gated"])
+def test_late_fusion_trains_in_each_mode(mode, soc):
+    torch.manual_seed(0)
+    _trains_down(_backbone(fusion=LateFusion(D, mode)), soc)
 
 
 @pytest.mark.parametrize("text", list(TEXT))
 def test_text_encoder_trains(text, soc):
     torch.manual_seed(0)
-    _trains_down(Backbone(IMAGE["cnn"](), TEXT[text](), FUSION["cross"]()), soc)
+    _trains_down(_backbone(text=text, fusion=CrossAttentionFusion(D, depth=1, heads=2)), soc)
 
 
 @pytest.mark.parametrize("image", list(IMAGE))
 def test_image_encoder_trains(image, soc):
     torch.manual_seed(0)
-    _trains_down(Backbone(IMAGE[image](), TEXT["transformer"](), FUSION["late_concat"]()), soc)
+    _trains_down(_backbone(image=image, fusion=LateFusion(D, "concat")), soc)
 
 
 def _ids(rows: int = 3, length: int = 7, real: tuple[int, ...] = (7, 4, 1)) -> torch.Tensor:
@@ -153,20 +167,21 @@ def test_relation_network_is_the_sum_of_g_over_every_pair():
     pairs = torch.cat([objects[:, :, None].expand(-1, -1, 5, -1), objects[:, None].expand(-1, 5, -1, -1),
                        question[:, None, None].expand(-1, 5, 5, -1)], dim=-1)  # (B, N, N, 3D)
     expected = rn.f(rn.g(torch.relu(first(pairs))).sum(dim=(1, 2)))
-    _, pooled = rn(objects, objects.mean(1), None, question, None)
+    _, pooled, _ = rn({"image": Encoded(objects, objects.mean(1)), "text": Encoded(None, question)}, {})
     assert torch.allclose(pooled, expected, atol=1e-5)
 
 
 def test_late_fusion_modes():
     torch.manual_seed(0)
-    image, text = torch.randn(4, D), torch.randn(4, D)
+    encoded = {"image": Encoded(None, torch.randn(4, D)), "text": Encoded(None, torch.randn(4, D)),
+               "audio": Encoded(None, torch.randn(4, D))}
     weighted = LateFusion(D, "sum")
     with torch.no_grad():
         weighted.logits.copy_(torch.tensor([0.0, 100.0]))
-    assert torch.allclose(weighted(None, image, None, text, None)[1], text, atol=1e-5), "softmax weights pick text"
-    gated = LateFusion(D, "gated")
-    _, out = gated(None, image, None, text, None)
-    assert out.shape == (4, D) and out.abs().max() <= 1.0, "a convex mix of two tanh features"
+    assert torch.allclose(weighted(encoded, {}).pooled, encoded["text"].pooled, atol=1e-5), "softmax weights pick text"
+    for modalities in (("image", "text"), ("image", "text", "audio")):
+        out = LateFusion(D, "gated", modalities)(encoded, {}).pooled
+        assert out.shape == (4, D) and out.abs().max() <= 1.0, "a convex mix of tanh features"
     with pytest.raises(ValueError, match="mode"):
         LateFusion(D, "product")
 
@@ -175,20 +190,27 @@ def test_hybrid_sums_its_fusions():
     torch.manual_seed(0)
     early, late = EarlyFusion(D, depth=1, heads=2), LateFusion(D, "concat")
     hybrid = HybridFusion([early, late])
-    args = (torch.randn(2, 9, D), torch.randn(2, D), torch.randn(2, 5, D), torch.randn(2, D), torch.ones(2, 5, dtype=torch.bool))
-    tokens, pooled = hybrid(*args)
-    assert torch.allclose(pooled, early(*args)[1] + late(*args)[1], atol=1e-6)
-    assert torch.equal(tokens, early(*args)[0])
+    args = ({"image": Encoded(torch.randn(2, 9, D), torch.randn(2, D)),
+             "text": Encoded(torch.randn(2, 5, D), torch.randn(2, D), torch.ones(2, 5, dtype=torch.bool))}, {})
+    tokens, pooled, _ = hybrid(*args)
+    assert torch.allclose(pooled, early(*args).pooled + late(*args).pooled, atol=1e-6)
+    assert torch.equal(tokens, early(*args).tokens)
 
 
-def test_backbone_without_fusion_or_text_encoder_says_which_task_needs_it():
-    backbone = Backbone(IMAGE["cnn"](), TEXT["transformer"]())  # a dual encoder
+def test_backbone_without_fusion_or_an_encoder_says_which_task_needs_it():
     task = soc_task("vqa", Shards(train="unused"))
     task.name = "vqa"
     with pytest.raises(ValueError, match=r"model.tasks.vqa: the task needs model.backbone.init_args.fusion"):
-        task.build(backbone)
+        task.build(_backbone())  # a dual encoder
+    with pytest.raises(ValueError, match=r"model.tasks.vqa: the task reads text, but model.backbone.init_args.encoders "
+                                         r"has no 'text' \(it has image\)"):
+        task.build(Backbone({"image": IMAGE["cnn"]()}))
     with pytest.raises(ValueError, match="one dim"):
-        Backbone(IMAGE["cnn"](), LSTMTextEncoder(256, 2 * D))
+        Backbone({"image": IMAGE["cnn"](), "text": LSTMTextEncoder(256, 2 * D)})
+    with pytest.raises(ValueError, match=r"fuses audio, but model.backbone.init_args.encoders has no audio"):
+        Backbone({"image": IMAGE["cnn"](), "text": TEXT["transformer"]()}, LateFusion(D, modalities=("audio", "text")))
+    with pytest.raises(ValueError, match=r"init_args.image_encoder: .* model.backbone.init_args.encoders.image"):
+        Backbone({"text": TEXT["transformer"]()}, image_encoder=IMAGE["cnn"]())
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -225,8 +247,10 @@ def test_a_vit_dual_encoder_learns_with_flatten_pooling(soc):
     Flatten pooling keeps each patch in its place and learns at 2e-3."""
     torch.manual_seed(0)
     batch_size = 16
-    backbone = Backbone(TimmImageEncoder("vit_tiny_patch16_224", dim=D, image_size=75, pooling="flatten", model_kwargs={
-        "img_size": 75, "patch_size": 15, "embed_dim": 32, "depth": 2, "num_heads": 2}), TEXT["transformer"]())
+    backbone = Backbone({"image": TimmImageEncoder("vit_tiny_patch16_224", dim=D, image_size=75, pooling="flatten",
+                                                   model_kwargs={"img_size": 75, "patch_size": 15, "embed_dim": 32,
+                                                                 "depth": 2, "num_heads": 2}),
+                         "text": TEXT["transformer"]()})
     task = Contrastive(Shards(train=soc["train"]), batch_size=batch_size, caption_field="json.caption", embed_dim=D,
                        transform=ImageTransform(augment=False, crop_pct=1.0, interpolation="bilinear"))
     task.build(backbone)
@@ -251,9 +275,10 @@ def test_cross_attention_reads_each_image_once_and_equals_the_decoder_per_text()
     image_index = torch.tensor([2, 0, 2, 1, 2, 0, 2])  # image 2 has four texts, image 1 one
     mask = torch.ones(7, 5, dtype=torch.bool)
     mask[1, 3:] = mask[4, 1:] = False
-    tokens, pooled = fusion(images, images.mean(1), texts, texts.mean(1), mask, image_index=image_index)
+    text = Encoded(texts, texts.mean(1), mask)
+    tokens, pooled, _ = fusion({"image": Encoded(images, images.mean(1)), "text": text}, {"image": image_index})
     reference = fusion.layers(texts, images[image_index], tgt_key_padding_mask=~mask)
     torch.testing.assert_close(tokens, reference, rtol=1e-5, atol=1e-5)
-    one_each, _ = fusion(images[image_index], images.mean(1)[image_index], texts, texts.mean(1), mask)
+    one_each, _, _ = fusion({"image": Encoded(images[image_index], images.mean(1)[image_index]), "text": text}, {})
     torch.testing.assert_close(one_each, reference, rtol=1e-5, atol=1e-5)
     assert pooled.shape == (7, D)

@@ -30,7 +30,7 @@ def _model_and_step(soc):
 
 def _losses_and_gradients(model, batches, shared: bool):
     calls = []
-    hook = model.backbone.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    hook = model.backbone.encoders["image"].register_forward_hook(lambda *_: calls.append(1))
     model.zero_grad()
     if shared:
         with model.backbone.shared_pass():
