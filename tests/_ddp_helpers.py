@@ -15,6 +15,7 @@ import torch
 
 from mmlit.checkpoints import AtomicCheckpointIO
 from mmlit.tasks import ImageClassification, Shards
+from mmlit.tasks.image_classification import ImageClassificationData
 
 
 class DumpWeights(pl.Callback):
@@ -110,12 +111,12 @@ def read_steps(dirpath: Path, rank: int) -> list[dict]:
     return [last[step] for step in sorted(last)]
 
 
-class FailingTask(ImageClassification):
-    """Image classification that fails on rank ``fail_rank``: in the data module's setup, before its broadcast of
-    the shard index (``setup``), or in a DataLoader worker's ``prepare`` (``worker``)."""
+class _FailingData(ImageClassificationData):
+    """Image classification's data side, failing on rank ``fail_rank`` in the data module's setup (when it asks for
+    the evaluation sources, before its broadcast of the shard index) or in a DataLoader worker's ``prepare``."""
 
-    def __init__(self, shards: Shards, fail_rank: int, fail_in: str = "worker", marker: str | None = None, **kwargs):
-        super().__init__(shards, **kwargs)
+    def __init__(self, data: ImageClassificationData, fail_rank: int, fail_in: str, marker: str | None):
+        super().__init__(data.shards, data.batch_size, data.label_field, data.classes, data.transforms["image"])
         self.fail_rank, self.fail_in, self.marker = fail_rank, fail_in, marker
 
     def _fail(self, where: str):
@@ -135,6 +136,15 @@ class FailingTask(ImageClassification):
         if self.fail_in == "worker" and rank == self.fail_rank:
             self._fail("a DataLoader worker")
         yield from super().prepare(sample, tokenizer)
+
+
+class FailingTask(ImageClassification):
+    """Image classification that fails on rank ``fail_rank``: in the data module's setup, before its broadcast of
+    the shard index (``setup``), or in a DataLoader worker's ``prepare`` (``worker``)."""
+
+    def __init__(self, shards: Shards, fail_rank: int, fail_in: str = "worker", marker: str | None = None, **kwargs):
+        super().__init__(shards, **kwargs)
+        self.data = _FailingData(self.data, fail_rank, fail_in, marker)
 
 
 class NaNOnce(ImageClassification):

@@ -38,7 +38,7 @@ from PIL import Image
 
 from mmlit.data import TaskStream, decode_sample, iter_samples, scan_shards
 from mmlit.data.workers import task_loader
-from mmlit.tasks.base import Shards, Task
+from mmlit.data import Shards, TaskData
 
 CROP = 224
 
@@ -61,14 +61,12 @@ def _crop(image: Image.Image, rng: random.Random) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-class _CropTask(Task):
-    """The benchmark's task: the image, randomly cropped (no head; only ``prepare`` and ``collate`` run)."""
-
-    task_name = "bench_crop"
+class _CropTask(TaskData):
+    """The benchmark's task's data side: the image, randomly cropped."""
 
     def __init__(self, shards: Shards, batch_size: int = 64):
         super().__init__(shards, batch_size)
-        self._rng = random.Random(0)
+        self.name, self._rng = "bench_crop", random.Random(0)
 
     def prepare(self, sample, tokenizer):
         yield {"image": _crop(sample["jpg"], self._rng), "label": sample["cls"]}

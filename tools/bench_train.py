@@ -7,7 +7,7 @@ and optimizer.
 
 The tasks are ``contrastive`` + ``captioning`` on one source (recipes/coca.yaml's pair: same shards, same batch
 size), the objective static weights of 1 (the plain loop sums the two losses), the optimizer ``torch.optim.AdamW``.
-Samples are examples of all tasks (two tasks of batch 32 make 64 per step), as ``train/perf/samples_per_s`` counts
+Samples are examples of all tasks (two tasks of batch 32 make 64 per step), as ``train/samples_per_sec`` counts
 them. Every case times from the end of its last warm-up step to the end of its last measured step (CUDA synchronised
 at both ends), so loader start-up, compilation and Lightning's set-up are outside the window.
 
@@ -173,7 +173,7 @@ class PlainStream(IterableDataset):
     def __init__(self, urls: list[str], tasks: dict, tokenizer: str, batch_size: int, buffer: int, seed: int = 0):
         self.urls, self.tasks, self.tokenizer, self.batch_size, self.buffer, self.seed = \
             urls, tasks, tokenizer, batch_size, buffer, seed
-        self.fields = tuple({f for task in tasks.values() for f in task.fields})
+        self.fields = tuple({f for task in tasks.values() for f in task.data.fields})
 
     def _samples(self, rng: random.Random):
         info = get_worker_info()
@@ -195,7 +195,7 @@ class PlainStream(IterableDataset):
                 continue
             chosen.append(buffer.pop(rng.randrange(len(buffer))))
             if len(chosen) == self.batch_size:
-                yield _share_equal({name: task.collate([e for s in chosen for e in task.prepare(s, tokenizer)])
+                yield _share_equal({name: task.data.collate([e for s in chosen for e in task.data.prepare(s, tokenizer)])
                                     for name, task in self.tasks.items()})
                 chosen = []
 
@@ -203,13 +203,13 @@ class PlainStream(IterableDataset):
 # ---------------------------------------------------------------------------------------------------------- model
 
 def backbone_spec(preset: Preset) -> dict:
-    return {"class_path": "mmlit.models.Backbone", "init_args": {
-        "image_encoder": {"class_path": "mmlit.models.TimmImageEncoder", "init_args": {
+    return {"class_path": "mmlit.models.Backbone", "init_args": {"encoders": {
+        "image": {"class_path": "mmlit.models.TimmImageEncoder", "init_args": {
             "model_name": preset.model_name, "dim": preset.dim, "image_size": preset.image_size,
             "model_kwargs": preset.model_kwargs}},
-        "text_encoder": {"class_path": "mmlit.models.TransformerTextEncoder", "init_args": {
+        "text": {"class_path": "mmlit.models.TransformerTextEncoder", "init_args": {
             "vocab_size": preset.vocab_size, "dim": preset.dim, "depth": preset.text_depth, "heads": preset.heads,
-            "max_length": preset.max_length}}}}
+            "max_length": preset.max_length}}}}}
 
 
 def task_specs(preset: Preset, shards: str) -> dict:
@@ -228,6 +228,8 @@ def _build(spec):
         if "transform" in args:
             args["transform"] = ImageTransform(**args["transform"])
         return getattr(importlib.import_module(module), name)(**args)
+    if isinstance(spec, dict) and all(isinstance(v, dict) and "class_path" in v for v in spec.values()) and spec:
+        return {k: _build(v) for k, v in spec.items()}  # (the backbone's encoders by modality)
     return spec
 
 
@@ -243,7 +245,7 @@ def build_model(preset: Preset, shards: str) -> tuple[nn.Module, dict]:
 
 
 def _compile(backbone, tasks: dict) -> None:
-    parts = [p for p in (backbone.image_encoder, backbone.text_encoder, backbone.fusion) if p is not None]
+    parts = [*backbone.encoders.values(), *filter(None, [backbone.fusion])]
     heads = [c for t in tasks.values() for c in t.children() if any(True for _ in c.parameters())]
     compile_modules(parts, heads, Compile())
 

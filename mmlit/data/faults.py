@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from mmlit.data.shards import ShardError
+from mmlit.distributed import reduce_over_ranks
 
 __all__ = ["DataBudgetError", "DataMonitor", "FaultLog"]
 
@@ -110,15 +111,11 @@ def _local_counts(datamodule, names: list[str], counts: tuple[str, ...] = _COUNT
 
 
 def _sum_over_ranks(local: torch.Tensor, device: torch.device) -> list[list[int]]:
-    """``local`` summed over all ranks: one all_reduce of a few numbers per step, small beside a training step.
-
-    torch.distributed directly: the strategy's ``reduce`` adds a barrier (a second collective) before it."""
+    """``local`` summed over all ranks: one all_reduce of a few numbers per step, small beside a training step."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_world_size() == 1:
         return local.tolist()
-    total = local.to(device)  # NCCL reduces device tensors only
-    torch.distributed.all_reduce(total)
-    return total.tolist()
+    return reduce_over_ranks(local.to(device)).tolist()  # (NCCL reduces device tensors only)
 
 
 def _gather(trainer: pl.Trainer, pl_module: pl.LightningModule, local: torch.Tensor) -> torch.Tensor:

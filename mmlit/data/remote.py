@@ -16,6 +16,8 @@ import time
 from typing import IO, Any, Callable, Protocol
 from urllib.parse import urlparse
 
+from mmlit.compat.aiohttp import arrived_before_failure
+
 # Remote reads (module settings, read at each open: tests shorten them). A read that fails with a transient
 # error (a dropped or reset connection, a timeout, HTTP 5xx or 429) reopens the shard at the byte it had reached,
 # after BACKOFF_S, 2 * BACKOFF_S, 4 * BACKOFF_S ... (7.5 s in all for 4 retries); RETRIES failures in a row
@@ -85,23 +87,6 @@ class Source(Protocol):
     def read(self, n: int) -> bytes: ...
 
     def close(self) -> None: ...
-
-
-def arrived_before_failure(content: Any, n: int) -> bytes:
-    """Up to ``n`` bytes that an aiohttp ``StreamReader`` (a response's ``content``) received before its connection
-    failed, which its reads no longer return.
-
-    Once aiohttp records a failure (a dropped connection, a read timeout), every public read raises at once and the
-    bytes it had buffered are dropped (aiohttp 3.14; asyncio's own streams do the same, cpython issue 75044). Whether a
-    reader made progress before a drop then depended on whether its read came before the event loop saw the end of
-    the connection: under drops every 200 kB a shard could be read from byte 0 four times and fail. This takes them
-    from the buffer through the private ``StreamReader._read_nowait``, mmlit's one private access of aiohttp; if it
-    moves, nothing is kept (retries resume after the last byte returned, as before) and tests/data/test_remote.py
-    fails."""
-    read = getattr(content, "_read_nowait", None)
-    if read is None or content.exception() is None:
-        return b""
-    return read(n)
 
 
 class _HTTPStream:

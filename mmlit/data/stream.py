@@ -1,8 +1,8 @@
 """Streams over a source's shards, and the mixture that turns them into training steps.
 
 A ``SourceStream`` is the ``IterableDataset`` of one source (shards with known sample counts) and the tasks that
-read it: each sample is read and decoded once (only the entries the tasks declare in ``fields``), and every task
-prepares its own examples from it. A ``TaskStream`` is the stream of one task. Its readers are the
+read it (their data sides, ``TaskData``, which pickle to the workers as they are): each sample is read and decoded
+once (only the entries the tasks declare in ``fields``), and every task prepares its own examples from it. A ``TaskStream`` is the stream of one task. Its readers are the
 ``ranks x workers`` slots, and what each reads is planned from the index's sample counts alone:
 
 * **epoch mode**: an epoch is one pass over every sample. The shard order is shuffled per epoch
@@ -29,21 +29,19 @@ with its batch.
 from __future__ import annotations
 
 import collections
-import copy
 import itertools
 import math
-import random
-from typing import TYPE_CHECKING, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 
 import torch
-from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmlit.data.decode import SampleError, UnsafeSampleError, decode_sample, sample_location
 from mmlit.data.device_images import EncodedImages
-from mmlit.data.index import ShardIndex, StaleIndexError
-from mmlit.data.shards import ShardError
+from mmlit.data.index import ShardIndex
+from mmlit.data.reading import Reading
 from mmlit.data.sources import Source, TarSource
+from mmlit.data.task_data import TaskData, data_side
 from mmlit.data.transforms import random_state_kept, sample_context
 
 if TYPE_CHECKING:
@@ -51,21 +49,8 @@ if TYPE_CHECKING:
 
     from mmlit.data.faults import FaultLog
     from mmlit.data.mixing import TaskSampler
-    from mmlit.tasks.base import Task
 
 __all__ = ["Mixture", "Sequential", "SourceStream", "TaskStream"]
-
-_Piece = tuple[int, int, int]  # (shard, first sample, end sample) of the shard that a reader reads in one go
-
-
-def _rng(*parts) -> random.Random:
-    """A generator seeded by a tuple (string seeds are hashed with SHA-512: no collisions between tuples)."""
-    return random.Random(":".join(map(str, ("mmlit", *parts))))
-
-
-def _slice(total: int, readers: int, reader: int) -> tuple[int, int]:
-    return total * reader // readers, total * (reader + 1) // readers
-
 
 def _batch_sizes(n: int, batches: int, batch_size: int) -> list[int]:
     """``n`` samples in exactly ``batches`` batches: full ones first, then at least one sample in each
@@ -76,38 +61,6 @@ def _batch_sizes(n: int, batches: int, batch_size: int) -> list[int]:
         sizes.append(size)
         left -= size
     return sizes
-
-
-def _windows(pieces: list[_Piece], size: int) -> list[list[_Piece]]:
-    """Consecutive pieces in groups of at least ``size`` samples (the last may be smaller)."""
-    windows: list[list[_Piece]] = [[]]
-    filled = 0
-    for piece in pieces:
-        if filled >= size:
-            windows.append([])
-            filled = 0
-        windows[-1].append(piece)
-        filled += piece[2] - piece[1]
-    return windows
-
-
-def _has_state(module: nn.Module) -> bool:
-    return any(True for _ in itertools.chain(module.parameters(), module.buffers()))
-
-
-def _without_state(task: Task) -> Task:
-    """A copy of ``task`` without its parameters, buffers, tensors, hooks and the submodules that hold state (its head
-    and metrics: ``prepare`` and ``collate`` need none of them, and the head may live on a GPU). Submodules without
-    state (an image transform) and ``training`` stay."""
-    copied = copy.copy(task)
-    empty = nn.Module().__dict__
-    del empty["training"]
-    copied.__dict__.update(empty)  # no parameters, buffers or hooks
-    copied.__dict__["_modules"] = {name: module for name, module in task._modules.items()
-                                   if module is not None and not _has_state(module)}
-    for name in [k for k, v in copied.__dict__.items() if isinstance(v, torch.Tensor)]:
-        del copied.__dict__[name]  # plain tensors too (a cache of class embeddings on the GPU)
-    return copied
 
 
 def _share_equal(batches: dict[str, dict]) -> dict[str, dict]:
@@ -141,8 +94,8 @@ class SourceStream(IterableDataset):
     what was read and skipped.
 
     Args:
-        tasks: the tasks that prepare and collate examples from each sample (one read and decode for all), by name
-            (a sequence: by their ``name``).
+        tasks: the tasks' data sides that prepare and collate examples from each sample (one read and decode for
+            all), by name (a sequence: by their ``name``).
         index: the shards and their sample counts.
         batch_size: samples per batch (per rank), the same for every task of the source.
         train: training streams shuffle and never end; evaluation streams read every sample once.
@@ -152,27 +105,31 @@ class SourceStream(IterableDataset):
         max_image_pixels: images with more pixels are skipped (see ``decode_sample``).
         decode_images: ``worker``: images are decoded here; ``device``: JPEGs are checked here and decoded on the
             training device (``mmlit/data/device_images.py``).
+        modalities: the modality objects that decode the entries a task's field names by modality (with the
+            recipe's limits); default: each modality's own defaults.
         start_batch: the number of batches the rank's loader delivered before (a resumed run).
         predict: the stream feeds ``mmlit predict``: tasks take samples without labels (``predicting()``).
     """
 
-    def __init__(self, tasks: Mapping[str, Task] | Sequence[Task], index: ShardIndex, tokenizer: Tokenizer, *, batch_size: int, train: bool,
-                 samples_per_epoch: int | None = None, seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0,
-                 world_size: int = 1, source: Source | None = None, max_image_pixels: int | None = None,
-                 decode_images: Literal["worker", "device"] = "worker", start_batch: int = 0, predict: bool = False):
+    def __init__(self, tasks: Mapping[str, TaskData] | Sequence[TaskData], index: ShardIndex, tokenizer: Tokenizer, *,
+                 batch_size: int, train: bool, samples_per_epoch: int | None = None, seed: int = 0,
+                 shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1, source: Source | None = None,
+                 max_image_pixels: int | None = None, decode_images: Literal["worker", "device"] = "worker",
+                 start_batch: int = 0, predict: bool = False, modalities: Mapping[str, Any] | None = None):
         super().__init__()
-        named = tasks if isinstance(tasks, Mapping) else {task.name: task for task in tasks}
+        named = {name: data_side(t) for name, t in tasks.items()} if isinstance(tasks, Mapping) else \
+            {data_side(t).name: data_side(t) for t in tasks}
         self.names, self.tasks, self.index, self.tokenizer = list(named), list(named.values()), index, tokenizer
         self.batch_size, self.train, self.samples_per_epoch = batch_size, train, samples_per_epoch
         self.seed, self.shuffle_buffer, self.source = seed, shuffle_buffer, source or TarSource()
         self.rank, self.world_size, self.start_batch, self.predict = rank, world_size, start_batch, predict
-        self.max_image_pixels, self.decode_images = max_image_pixels, decode_images
+        self.max_image_pixels, self.decode_images, self.modalities = max_image_pixels, decode_images, modalities
         fields = [task.fields for task in self.tasks]
         self.fields = None if not all(fields) else tuple(dict.fromkeys(f for fs in fields for f in fs))
 
-    def __getstate__(self) -> dict:
-        """What a worker started by ``forkserver`` or ``spawn`` receives: the tasks without their state."""
-        return {**self.__dict__, "tasks": [_without_state(task) for task in self.tasks]}
+    @property
+    def reading(self) -> Reading:
+        return Reading(self.index, self.source, self.seed, self.train, self.shuffle_buffer, self.samples_per_epoch)
 
     @property
     def epoch_samples(self) -> int:
@@ -183,86 +140,8 @@ class SourceStream(IterableDataset):
         readers = self.world_size * max(workers, 1)
         return math.ceil(math.ceil(self.epoch_samples / readers) / self.batch_size)
 
-    # What one reader reads in one epoch: pieces of shards, in order (from the counts alone).
-    def _pieces(self, epoch: int, reader: int, readers: int) -> list[_Piece]:
-        if self.samples_per_epoch is not None and self.train:
-            lo, hi = _slice(self.samples_per_epoch, readers, reader)
-            rng, need, pieces = _rng(self.seed, "resample", epoch, reader), hi - lo, []
-            while need > 0:
-                i = rng.randrange(len(self.index.urls))
-                take = min(need, self.index.counts[i])
-                pieces.append((i, 0, take))
-                need -= take
-            return pieces
-        order = list(range(len(self.index.urls)))
-        if self.train:
-            _rng(self.seed, "order", epoch).shuffle(order)
-        lo, hi = _slice(self.index.total, readers, reader)
-        position, pieces = 0, []
-        for i in order:
-            count = self.index.counts[i]
-            start, stop = max(lo - position, 0), min(hi - position, count)
-            position += count
-            if start < stop:
-                pieces.append((i, start, stop))
-            if position >= hi:
-                break
-        return pieces
-
-    def _read(self, piece: _Piece) -> Iterator[dict]:
-        """The raw samples of a piece, or placeholders for those lost to an unreadable shard."""
-        i, start, stop = piece
-        url, read = self.index.urls[i], 0
-        try:
-            self._check_size(i)
-            for sample in self.source.read(url, start, stop):
-                read += 1
-                sample["__shard__"] = i  # (with the key, it seeds the sample's augmentation: keys may repeat per shard)
-                yield sample
-        except (ShardError, OSError) as err:  # (OSError: the store did not answer the size request)
-            reason = err.reason if isinstance(err, ShardError) else f"{type(err).__name__}: {err}"
-            for index in range(start + read, stop):
-                yield {"__fault__": reason, "__url__": url, "__index__": index}
-            return
-        if read < stop - start:
-            where = f"the index '{self.index.origin}'" if self.index.origin else "the scan at setup"
-            raise StaleIndexError(f"{url}: holds {start + read} sample(s), {where} counted {self.index.counts[i]}: the "
-                                  f"shard changed since it was counted; make the index again (`mmlit data index`)")
-
-    def _check_size(self, i: int) -> None:
-        expected = self.index.sizes[i] if self.index.sizes else -1
-        if expected < 0:
-            return
-        url = self.index.urls[i]
-        try:
-            size = self.source.size(url)
-        except FileNotFoundError:
-            raise StaleIndexError(f"{url}: listed in the index '{self.index.origin}' but missing; make the index again "
-                                  f"(`mmlit data index`) or restore the shard") from None
-        if size != expected:
-            raise StaleIndexError(f"{url}: {size} bytes, the index '{self.index.origin}' says {expected}: the shard changed "
-                                  f"since the index was made; make it again (`mmlit data index`)")
-
-    def _ordered(self, pieces: list[_Piece], epoch: int, reader: int, begin: int) -> Iterator[dict]:
-        """The reader's raw samples in epoch order, from position ``begin`` on (reading only from the window of
-        ``begin``)."""
-        shuffle = self.train and self.shuffle_buffer > 1
-        position = 0
-        for w, window in enumerate(_windows(pieces, self.shuffle_buffer if shuffle else 1)):
-            size = sum(stop - start for _, start, stop in window)
-            position, first = position + size, position
-            if position <= begin:
-                continue
-            if not shuffle:  # in shard order: start at the sample itself
-                for i, start, stop in window:
-                    yield from self._read((i, start + max(begin - first, 0), stop))
-                continue
-            raw = [sample for piece in window for sample in self._read(piece)]
-            _rng(self.seed, "window", epoch, reader, w).shuffle(raw)
-            yield from raw[max(begin - first, 0):]
-
     def _decode(self, sample: dict, fields: tuple[str, ...] | None) -> dict:
-        return decode_sample(sample, fields, max_image_pixels=self.max_image_pixels,
+        return decode_sample(sample, fields, modalities=self.modalities, max_image_pixels=self.max_image_pixels,
                              jpeg_on_device=self.decode_images == "device")
 
     def _prepare(self, raw: list[dict], epoch: int) -> tuple[dict[str, list], dict[str, dict]]:
@@ -312,9 +191,9 @@ class SourceStream(IterableDataset):
                              if examples[name]})
 
     def _reader_epoch(self, epoch: int, reader: int, readers: int, batches: int, skip: int) -> Iterator[tuple]:
-        pieces = self._pieces(epoch, reader, readers)
+        pieces = self.reading.pieces(epoch, reader, readers)
         sizes = _batch_sizes(sum(stop - start for _, start, stop in pieces), batches, self.batch_size)
-        source = self._ordered(pieces, epoch, reader, sum(sizes[:skip]))
+        source = self.reading.ordered(pieces, epoch, reader, sum(sizes[:skip]))
         chunks = (list(itertools.islice(source, size)) for size in sizes[skip:])
         ahead: collections.deque = collections.deque()  # chunks read ahead to find a stand-in batch
         last: dict = {}  # each task's last usable batch of this epoch: the stand-in for a batch with no usable sample
@@ -325,7 +204,7 @@ class SourceStream(IterableDataset):
             last.update(self._collated(examples))
             missing = [name for name in examples if name not in last]
             if missing and before >= 0:  # what the uninterrupted stream had as its stand-in (so it is bit-identical)
-                again = itertools.islice(self._ordered(pieces, epoch, reader, sum(sizes[:before])), sizes[before])
+                again = itertools.islice(self.reading.ordered(pieces, epoch, reader, sum(sizes[:before])), sizes[before])
                 last = {**self._collated(self._prepare(list(again), epoch)[0]), **last}
                 missing, before = [name for name in missing if name not in last], -1
             for chunk in chunks if missing else ():  # no usable batch yet in this epoch: the next usable one stands in
@@ -343,7 +222,7 @@ class SourceStream(IterableDataset):
             yield {name: last[name] for name in reports}, reports
 
     def _evaluation(self, reader: int, readers: int) -> Iterator[tuple]:
-        source = self._ordered(self._pieces(0, reader, readers), 0, reader, 0)
+        source = self.reading.ordered(self.reading.pieces(0, reader, readers), 0, reader, 0)
         while raw := list(itertools.islice(source, self.batch_size)):
             examples, reports = self._prepare(raw, 0)
             # A batch with no usable sample is None: evaluation skips it, the report still counts what was lost.
@@ -369,11 +248,11 @@ class SourceStream(IterableDataset):
 class TaskStream(SourceStream):
     """The stream of one task, as ``(task_name, batch, report)``."""
 
-    def __init__(self, task: Task, index: ShardIndex, tokenizer: Tokenizer, **kwargs):
+    def __init__(self, task: TaskData, index: ShardIndex, tokenizer: Tokenizer, **kwargs):
         super().__init__([task], index, tokenizer, **kwargs)
 
     @property
-    def task(self) -> Task:
+    def task(self) -> TaskData:
         return self.tasks[0]
 
     def __iter__(self) -> Iterator[tuple]:

@@ -1,7 +1,8 @@
-"""Tasks: one file each, registered by name (``mmlit tasks`` lists them)."""
+"""Tasks: one file each, a head and its data side, registered by name (``mmlit tasks`` lists them)."""
 
+from mmlit.data.task_data import Shards, TaskData
 from mmlit.data.transforms import ImageTransform
-from mmlit.tasks.base import Shards, Task, collate_examples
+from mmlit.tasks.base import Task
 from mmlit.tasks.captioning import Captioning
 from mmlit.tasks.contrastive import Contrastive, ZeroShot
 from mmlit.tasks.image_classification import ImageClassification
@@ -11,4 +12,4 @@ from mmlit.tasks.text_classification import TextClassification
 from mmlit.tasks.vqa import VQA
 
 __all__ = ["VQA", "Captioning", "Contrastive", "ImageClassification", "ImageTransform", "MultiLabelClassification",
-           "PrefixLM", "Shards", "Task", "TextClassification", "ZeroShot", "collate_examples"]
+           "PrefixLM", "Shards", "Task", "TaskData", "TextClassification", "ZeroShot"]

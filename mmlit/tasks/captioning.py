@@ -21,41 +21,44 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 
-from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
-from mmlit.data.transforms import ImageTransform, predicting, text_safe, training_sample
+from mmlit.data import Shards, TaskData
+from mmlit.data.collate import collate_examples, pad_references
+from mmlit.data.fields import captions_of
+from mmlit.data.transforms import ImageTransform, text_safe, training_sample
 from mmlit.metrics.caption import caption_metrics, tokens_of, update_caption_metrics
 from mmlit.models.generation import generate
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, collate_examples
+from mmlit.tasks.base import Task
 from mmlit.text import BOS, PAD
 
-__all__ = ["Captioning", "captions_of", "pad_references"]
+__all__ = ["Captioning", "CaptioningData"]
 
 
-def captions_of(sample: dict, field: str, task: str) -> list[str]:
-    """The non-empty caption(s) at ``field``: a text, or a list of texts; none for a sample without any that is
-    prepared for ``mmlit predict`` (new images)."""
-    try:
-        value = sample_field(sample, field, task)
-    except SampleError:
-        if predicting():
-            return []
-        raise
-    captions = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    captions = [c for c in captions if isinstance(c, str) and c.strip()]
-    if not captions and not predicting():
-        raise SampleError(f"{sample_location(sample)}: task '{task}' found no caption at '{field}'")
-    return captions
+class CaptioningData(TaskData):
+    """Images and their captions as BOS ... EOS token ids (the arguments are ``Captioning``'s)."""
 
+    reads = ("image", "text")
 
-def pad_references(references: list[list[list[int]]]) -> torch.Tensor:
-    """Each image's reference token lists -> (B, R, T), PAD-filled (an all-PAD row: no reference)."""
-    rows, length = max(map(len, references)), max(len(r) for refs in references for r in refs)
-    out = torch.full((len(references), rows, length), PAD, dtype=torch.long)
-    for b, refs in enumerate(references):
-        for r, ref in enumerate(refs):
-            out[b, r, :len(ref)] = torch.tensor(ref)
-    return out
+    def __init__(self, shards: Shards, batch_size: int, caption_field: str, transform: ImageTransform):
+        super().__init__(shards, batch_size, {"image": transform})
+        self.caption_field, self.fields = caption_field, ("image", caption_field)
+
+    def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
+        captions = captions_of(sample, self.caption_field, self.name) or [""]  # ("": none, predicting)
+        ids = [self.token_ids(tokenizer, c, bos_eos=True) for c in captions]
+        example = {"image": self.image(sample)}
+        if training_sample():
+            yield {**example, "caption": random.choice(ids)}  # (seeded by the sample: see mmlit/data/transforms.py)
+        else:  # the first caption for the loss, every one as a reference
+            yield {**example, "caption": ids[0], "references": [c[1:] for c in ids]}
+
+    def collate(self, examples: list[dict]) -> dict[str, Any]:
+        """image (B, 3, H, W), caption (B, T) BOS ... EOS PAD ..., and on evaluation references (B, R, T') without
+        BOS."""
+        batch = collate_examples([{k: v for k, v in e.items() if k != "references"} for e in examples])
+        if "references" in examples[0]:
+            batch["references"] = pad_references([e["references"] for e in examples])
+        return batch
 
 
 @register_task("captioning")
@@ -71,18 +74,16 @@ class Captioning(Task):
             colours).
     """
 
-    fields = ("image", "txt")
+    modalities = ("image",)
 
     def __init__(self, shards: Shards, batch_size: int = 32, caption_field: str = "txt", depth: int = 2, heads: int = 4,
                  dropout: float = 0.0, beam_size: int = 1, length_penalty: float = 0.0,
                  transform: ImageTransform | None = None):
-        super().__init__(shards, batch_size)
+        super().__init__(CaptioningData(shards, batch_size, caption_field, transform or text_safe()))
         if beam_size < 1:
             raise ValueError(f"model.tasks.{self.name}.init_args.beam_size must be at least 1, got {beam_size}")
-        self.caption_field, self.depth, self.heads, self.dropout = caption_field, depth, heads, dropout
+        self.depth, self.heads, self.dropout = depth, heads, dropout
         self.beam_size, self.length_penalty = beam_size, length_penalty
-        self.fields = ("image", caption_field)
-        self.transform = transform or text_safe()
 
     def build(self, backbone) -> None:
         super().build(backbone)
@@ -97,27 +98,10 @@ class Captioning(Task):
         # Linear's N*D inputs' weights by about the learning rate per step, all in one direction, so this one
         # vector, the same at every position, grows by ~N*D*lr a step and drowns the tokens: the decoder then
         # predicts the captions' unigram distribution (loss 2.4 on 8 fixed captions after 150 steps, 0.12 with the
-        # norm), which is why exact match was 0 in every run before.
-        grid = backbone.image_encoder.grid
+        # norm) and exact match stays 0.
+        grid = backbone.encoders["image"].grid
         self.image_in = nn.Sequential(nn.Flatten(1), nn.Linear(grid[0] * grid[1] * dim, dim), nn.LayerNorm(dim))
         self.out = nn.Linear(dim, backbone.vocab_size)
-
-    def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        captions = captions_of(sample, self.caption_field, self.name) or [""]  # ("": none, predicting)
-        ids = [self.token_ids(tokenizer, c, bos_eos=True) for c in captions]
-        example = {"image": self.image_tensor(sample_image(sample, self.name))}
-        if training_sample():
-            yield {**example, "caption": random.choice(ids)}  # (seeded by the sample: see mmlit/data/transforms.py)
-        else:  # the first caption for the loss, every one as a reference
-            yield {**example, "caption": ids[0], "references": [c[1:] for c in ids]}
-
-    def collate(self, examples: list[dict]) -> dict[str, Any]:
-        """image (B, 3, H, W), caption (B, T) BOS ... EOS PAD ..., and on evaluation references (B, R, T') without
-        BOS."""
-        batch = collate_examples([{k: v for k, v in e.items() if k != "references"} for e in examples])
-        if "references" in examples[0]:
-            batch["references"] = pad_references([e["references"] for e in examples])
-        return batch
 
     def logits(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """memory (B, N, D), ids (B, T) -> next-token logits (B, T, V)."""
@@ -127,7 +111,7 @@ class Captioning(Task):
         return self.out(self.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True))
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
-        memory = backbone(image=batch["image"]).image_tokens  # (B, N, D)
+        memory = backbone(image=batch["image"])["image"].tokens  # (B, N, D)
         caption = batch["caption"]  # (B, T): BOS ... EOS PAD ...
         logits = self.logits(memory, caption[:, :-1])
         out = {"loss": F.cross_entropy(logits.flatten(0, 1), caption[:, 1:].flatten(), ignore_index=PAD)}

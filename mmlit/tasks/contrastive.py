@@ -5,7 +5,8 @@ embeddings are projected to a shared space, L2-normalised, and trained with a sy
 temperature. Evaluation reports retrieval recall@1/5/10 in both directions over the whole split, gathered across
 ranks, with every caption of an image (the COCO 5k protocol; ``mmlit/metrics/retrieval.py``). With ``zero_shot``, the
 model also classifies the images of classification shards by the class whose prompts (``a photo of a {}.``, averaged
-over the templates, as CLIP does) its image embedding is closest to: ``zero_shot_top1`` and ``zero_shot_top5``.
+over the templates, as CLIP does) its image embedding is closest to: ``zero_shot_top1`` and ``zero_shot_top5``. Those
+shards are an evaluation source of the task's data side: their batches come to this head under the task's name.
 
 Data contract: an image entry and its caption(s) at ``caption_field``: a text (``txt``) or a list of texts
 (``json.captions``). A training sample takes one caption, drawn anew each epoch (seeded).
@@ -23,16 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
-from mmlit.data.decode import sample_field, sample_image
+from mmlit.data import Shards, TaskData
+from mmlit.data.collate import collate_examples, flatten_items, stack_tensors
+from mmlit.data.decode import sample_field
+from mmlit.data.fields import captions_of, class_index, names_from
 from mmlit.data.transforms import ImageTransform, text_safe, training_sample
 from mmlit.metrics.retrieval import RetrievalRecall
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, collate_examples, flatten_items, names_from, stack_tensors
-from mmlit.tasks.captioning import captions_of
-from mmlit.tasks.image_classification import class_index
+from mmlit.tasks.base import Task
 from mmlit.text import UNK
 
-__all__ = ["Contrastive", "ZeroShot"]
+__all__ = ["Contrastive", "ContrastiveData", "ZeroShot", "ZeroShotData"]
 
 
 @dataclass
@@ -54,23 +56,53 @@ class ZeroShot:
     batch_size: int = 64
 
 
-class _ZeroShotSource(Task):
-    """Reads the zero-shot shards for a contrastive task: images and their labels, prepared as its evaluation images."""
+class ZeroShotData(TaskData):
+    """The zero-shot shards of a contrastive task (an evaluation source): images, prepared as the task's evaluation
+    images, and their labels."""
 
-    def __init__(self, owner: Contrastive, settings: ZeroShot, classes: list[str]):
-        super().__init__(settings.shards, settings.batch_size)
-        self.name, self.classes, self.label_field = owner.name, classes, settings.label_field
-        self.shards_key = f"model.tasks.{owner.name}.init_args.zero_shot.shards"  # (named in the data module's errors)
+    reads = ("image",)
+
+    def __init__(self, owner: ContrastiveData, settings: ZeroShot, classes: list[str]):
+        super().__init__(settings.shards, settings.batch_size, owner.transforms)
+        self.name, self.inputs, self.classes, self.label_field = owner.name, owner.inputs, classes, settings.label_field
         self.fields = ("image", settings.label_field)
         self._index = {c: i for i, c in enumerate(classes)}
-        # prepared as the contrastive task's evaluation images
-        self.transform, self._pipelines, self._device_resize = owner.transform, owner._pipelines, owner._device_resize
-        self.image_size = owner.image_size
+
+    @property
+    def key(self) -> str:
+        return f"model.tasks.{self.name}.init_args.zero_shot.shards"
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
         label = class_index(sample_field(sample, self.label_field, self.name), self.classes, self._index, sample,
                             f"model.tasks.{self.name}.init_args.zero_shot.classes")
-        yield {"image": self.image_tensor(sample_image(sample, self.name)), "zero_shot_label": label}
+        yield {"image": self.image(sample), "zero_shot_label": label}
+
+
+class ContrastiveData(TaskData):
+    """Images and their captions (the arguments are ``Contrastive``'s)."""
+
+    reads = ("image", "text")
+
+    def __init__(self, shards: Shards, batch_size: int, caption_field: str, transform: ImageTransform,
+                 zero_shot: ZeroShot | None, classes: list[str]):
+        super().__init__(shards, batch_size, {"image": transform})
+        self.caption_field, self.fields, self.zero_shot, self.classes = caption_field, ("image", caption_field), \
+            zero_shot, classes
+
+    def evaluation_sources(self) -> list[TaskData]:
+        return [ZeroShotData(self, self.zero_shot, self.classes)] if self.zero_shot is not None else []
+
+    def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
+        captions = [self.token_ids(tokenizer, c) for c in captions_of(sample, self.caption_field, self.name)]
+        chosen = [random.choice(captions)] if training_sample() else captions or [[UNK]]  # (UNK: none, predicting)
+        yield {"image": self.image(sample), "captioned": bool(captions), "captions": [{"caption": c} for c in chosen]}
+
+    def collate(self, examples: list[dict]) -> dict[str, Any]:
+        """image (B, 3, H, W), captioned (B,); captions flattened over images: caption (C, T), image_index (C,),
+        key (C) (C = B in training: one caption each)."""
+        return {"image": stack_tensors([e["image"] for e in examples]),
+                "captioned": torch.tensor([e["captioned"] for e in examples]),
+                **collate_examples(flatten_items(examples, "captions"))}
 
 
 @register_task("contrastive")
@@ -86,18 +118,15 @@ class Contrastive(Task):
             text: tasks on one source with one pipeline share each image's pass).
     """
 
-    fields = ("image", "txt")
-    needs = ("text_encoder",)
+    modalities = ("image", "text")
 
     def __init__(self, shards: Shards, batch_size: int = 32, caption_field: str = "txt", embed_dim: int = 128,
                  init_temperature: float = 0.07, zero_shot: ZeroShot | None = None, transform: ImageTransform | None = None):
-        super().__init__(shards, batch_size)
-        self.caption_field, self.embed_dim, self.zero_shot = caption_field, embed_dim, zero_shot
-        self.fields = ("image", caption_field)
-        self.transform = transform or text_safe()
+        name = getattr(self, "task_name", "contrastive")
+        classes = names_from(zero_shot.classes, f"model.tasks.{name}.init_args.zero_shot.classes") if zero_shot else []
+        super().__init__(ContrastiveData(shards, batch_size, caption_field, transform or text_safe(), zero_shot, classes))
+        self.embed_dim, self.zero_shot, self.classes = embed_dim, zero_shot, classes
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.classes = names_from(zero_shot.classes, f"model.tasks.{self.name}.init_args.zero_shot.classes") \
-            if zero_shot is not None else []
         self._class_embeddings: torch.Tensor | None = None  # (K, E), made once per evaluation
         self._prompt_ids: torch.Tensor | None = None  # (K * templates, T), made by setup()
 
@@ -108,29 +137,13 @@ class Contrastive(Task):
 
     def setup(self, tokenizer) -> None:
         if self.zero_shot is not None:  # every class's prompts, (K * templates, T) token ids
-            prompts = [self.token_ids(tokenizer, t.format(c)) for c in self.classes for t in self.zero_shot.templates]
+            prompts = [self.data.token_ids(tokenizer, t.format(c)) for c in self.classes for t in self.zero_shot.templates]
             # (a plain tensor, not a buffer: DDP would broadcast a buffer before every training step)
             self._prompt_ids = collate_examples([{"ids": p} for p in prompts])["ids"]
 
     def train(self, mode: bool = True) -> Contrastive:
         self._class_embeddings = None  # the weights change between evaluations (or a checkpoint is loaded)
         return super().train(mode)
-
-    def evaluation_sources(self) -> list[Task]:
-        return [_ZeroShotSource(self, self.zero_shot, self.classes)] if self.zero_shot is not None else []
-
-    def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        captions = [self.token_ids(tokenizer, c) for c in captions_of(sample, self.caption_field, self.name)]
-        chosen = [random.choice(captions)] if training_sample() else captions or [[UNK]]  # (UNK: none, predicting)
-        yield {"image": self.image_tensor(sample_image(sample, self.name)), "captioned": bool(captions),
-               "captions": [{"caption": c} for c in chosen]}
-
-    def collate(self, examples: list[dict]) -> dict[str, Any]:
-        """image (B, 3, H, W), captioned (B,); captions flattened over images: caption (C, T), image_index (C,),
-        key (C) (C = B in training: one caption each)."""
-        return {"image": stack_tensors([e["image"] for e in examples]),
-                "captioned": torch.tensor([e["captioned"] for e in examples]),
-                **collate_examples(flatten_items(examples, "captions"))}
 
     def _scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP caps the scale at 100
@@ -139,8 +152,8 @@ class Contrastive(Task):
         if "zero_shot_label" in batch:
             return self._zero_shot(backbone, batch)
         features = backbone(image=batch["image"], text=batch["caption"], fuse=False)
-        image = F.normalize(self.image_proj(features.image_pooled), dim=-1)  # (B, E)
-        text = F.normalize(self.text_proj(features.text_pooled), dim=-1)  # (C, E)
+        image = F.normalize(self.image_proj(features["image"].pooled), dim=-1)  # (B, E)
+        text = F.normalize(self.text_proj(features["text"].pooled), dim=-1)  # (C, E)
         first = torch.ones_like(batch["image_index"], dtype=torch.bool)
         first[1:] = batch["image_index"][1:] != batch["image_index"][:-1]  # each image's first caption
         logits = self._scale() * image @ text[first].T  # (B, B)
@@ -152,11 +165,11 @@ class Contrastive(Task):
     def _zero_shot(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         if self._class_embeddings is None:  # in blocks: 1,000 classes x 80 templates are 80,000 prompts
             prompts = self._prompt_ids.to(batch["image"].device)
-            text = torch.cat([F.normalize(self.text_proj(backbone(text=ids).text_pooled), dim=-1)
+            text = torch.cat([F.normalize(self.text_proj(backbone(text=ids)["text"].pooled), dim=-1)
                               for ids in prompts.split(1024)])
             per_class = text.view(len(self.classes), -1, text.shape[-1]).mean(1)  # mean over the templates
             self._class_embeddings = F.normalize(per_class, dim=-1)  # (K, E)
-        image = F.normalize(self.image_proj(backbone(image=batch["image"]).image_pooled), dim=-1)
+        image = F.normalize(self.image_proj(backbone(image=batch["image"])["image"].pooled), dim=-1)
         return {"zero_shot_logits": image @ self._class_embeddings.T}  # (B, K)
 
     def metrics(self) -> MetricCollection:

@@ -16,23 +16,30 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from mmlit.data.decode import SampleError, sample_image, sample_location
+from mmlit.data import Shards, TaskData
+from mmlit.data.fields import class_index, names_from
 from mmlit.data.transforms import ImageTransform
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, names_from
+from mmlit.tasks.base import Task
 
-__all__ = ["ImageClassification", "class_index"]
+__all__ = ["ImageClassification", "ImageClassificationData"]
 
 
-def class_index(value, classes: list[str], index: dict[str, int], sample: dict, key: str) -> int:
-    """A label (an index, or a class name) as a class index; outside the classes is a ``SampleError``."""
-    if isinstance(value, str) and value in index:
-        return index[value]
-    if isinstance(value, (int, str)) and not isinstance(value, bool) and str(value).lstrip("-").isdigit():
-        number = int(value)
-        if 0 <= number < len(classes):
-            return number
-    raise SampleError(f"{sample_location(sample)}: label {value!r} is not one of the {len(classes)} classes ({key})")
+class ImageClassificationData(TaskData):
+    """Images and their class indices (the arguments are ``ImageClassification``'s)."""
+
+    reads = ("image",)
+
+    def __init__(self, shards: Shards, batch_size: int, label_field: str, classes: list[str], transform: ImageTransform):
+        super().__init__(shards, batch_size, {"image": transform})
+        self.label_field, self.classes, self.fields = label_field, classes, ("image", label_field)
+        self._index = {name: i for i, name in enumerate(classes)}
+
+    def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
+        value = self.label(sample, self.label_field, None)
+        label = -100 if value is None else class_index(value, self.classes, self._index, sample,
+                                                       f"model.tasks.{self.name}.init_args.classes")
+        yield {"image": self.image(sample), "label": label}  # (-100: unlabelled)
 
 
 @register_task("image_classification")
@@ -46,33 +53,25 @@ class ImageClassification(Task):
         transform: the image pipeline (RandomResizedCrop, flip, colour jitter by default).
     """
 
-    fields = ("image", "cls")
+    modalities = ("image",)
 
     def __init__(self, shards: Shards, batch_size: int = 32, label_field: str = "cls", classes: str | list[str] | None = None,
                  num_classes: int | None = None, transform: ImageTransform | None = None):
-        super().__init__(shards, batch_size)
-        key = f"model.tasks.{self.name}.init_args"
+        key = f"model.tasks.{getattr(self, 'task_name', 'image_classification')}.init_args"
         if (classes is None) == (num_classes is None):
             raise ValueError(f"{key}: give classes (names, or a classes.json) or num_classes, one of them")
-        self.classes = names_from(classes, f"{key}.classes") if classes is not None else [str(i) for i in range(num_classes)]
-        if len(self.classes) < 2:
-            raise ValueError(f"{key}: a classifier needs at least 2 classes, got {len(self.classes)}")
-        self.label_field, self.fields = label_field, ("image", label_field)
-        self.transform = transform or ImageTransform()
-        self._index = {name: i for i, name in enumerate(self.classes)}
+        names = names_from(classes, f"{key}.classes") if classes is not None else [str(i) for i in range(num_classes)]
+        if len(names) < 2:
+            raise ValueError(f"{key}: a classifier needs at least 2 classes, got {len(names)}")
+        super().__init__(ImageClassificationData(shards, batch_size, label_field, names, transform or ImageTransform()))
+        self.classes = names
 
     def build(self, backbone) -> None:
         super().build(backbone)
         self.head = nn.Sequential(nn.LayerNorm(backbone.dim), nn.Linear(backbone.dim, len(self.classes)))
 
-    def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        value = self.label(sample, self.label_field, None)
-        label = -100 if value is None else class_index(value, self.classes, self._index, sample,
-                                                       f"model.tasks.{self.name}.init_args.classes")
-        yield {"image": self.image_tensor(sample_image(sample, self.name)), "label": label}  # (-100: unlabelled)
-
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
-        logits = self.head(backbone(image=batch["image"]).image_pooled)  # (B, K)
+        logits = self.head(backbone(image=batch["image"])["image"].pooled)  # (B, K)
         return {"loss": F.cross_entropy(logits, batch["label"]), "logits": logits}
 
     def metrics(self) -> MetricCollection:

@@ -17,13 +17,35 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
 
-from mmlit.data.decode import SampleError, sample_image, sample_location
+from mmlit.data import Shards, TaskData
+from mmlit.data.decode import SampleError, sample_location
+from mmlit.data.fields import class_index, names_from
 from mmlit.data.transforms import ImageTransform
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, names_from
-from mmlit.tasks.image_classification import class_index
+from mmlit.tasks.base import Task
 
-__all__ = ["MultiLabelClassification"]
+__all__ = ["MultiLabelClassification", "MultiLabelData"]
+
+
+class MultiLabelData(TaskData):
+    """Images and a 0/1 target per class (the arguments are ``MultiLabelClassification``'s)."""
+
+    reads = ("image",)
+
+    def __init__(self, shards: Shards, batch_size: int, labels_field: str, classes: list[str], transform: ImageTransform):
+        super().__init__(shards, batch_size, {"image": transform})
+        self.labels_field, self.classes, self.fields = labels_field, classes, ("image", labels_field)
+        self._index = {name: i for i, name in enumerate(classes)}
+
+    def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
+        labels = self.label(sample, self.labels_field, [])
+        if not isinstance(labels, list):
+            raise SampleError(f"{sample_location(sample)}: '{self.labels_field}' must be a list of labels, got "
+                              f"{type(labels).__name__}")
+        target = torch.zeros(len(self.classes))
+        for label in labels:
+            target[class_index(label, self.classes, self._index, sample, f"model.tasks.{self.name}.init_args.classes")] = 1
+        yield {"image": self.image(sample), "target": target}
 
 
 @register_task("multilabel_classification")
@@ -37,35 +59,23 @@ class MultiLabelClassification(Task):
         transform: the image pipeline.
     """
 
-    fields = ("image", "json.labels")
+    modalities = ("image",)
 
     def __init__(self, shards: Shards, classes: str | list[str], batch_size: int = 32, labels_field: str = "json.labels",
                  threshold: float = 0.5, transform: ImageTransform | None = None):
-        super().__init__(shards, batch_size)
-        key = f"model.tasks.{self.name}.init_args"
-        self.classes = names_from(classes, f"{key}.classes")
+        key = f"model.tasks.{getattr(self, 'task_name', 'multilabel_classification')}.init_args"
+        names = names_from(classes, f"{key}.classes")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"{key}.threshold must be in (0, 1), got {threshold}")
-        self.labels_field, self.threshold, self.fields = labels_field, threshold, ("image", labels_field)
-        self.transform = transform or ImageTransform()
-        self._index = {name: i for i, name in enumerate(self.classes)}
+        super().__init__(MultiLabelData(shards, batch_size, labels_field, names, transform or ImageTransform()))
+        self.classes, self.threshold = names, threshold
 
     def build(self, backbone) -> None:
         super().build(backbone)
         self.head = nn.Sequential(nn.LayerNorm(backbone.dim), nn.Linear(backbone.dim, len(self.classes)))
 
-    def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        labels = self.label(sample, self.labels_field, [])
-        if not isinstance(labels, list):
-            raise SampleError(f"{sample_location(sample)}: '{self.labels_field}' must be a list of labels, got "
-                              f"{type(labels).__name__}")
-        target = torch.zeros(len(self.classes))
-        for label in labels:
-            target[class_index(label, self.classes, self._index, sample, f"model.tasks.{self.name}.init_args.classes")] = 1
-        yield {"image": self.image_tensor(sample_image(sample, self.name)), "target": target}
-
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
-        logits = self.head(backbone(image=batch["image"]).image_pooled)  # (B, K)
+        logits = self.head(backbone(image=batch["image"])["image"].pooled)  # (B, K)
         return {"loss": F.binary_cross_entropy_with_logits(logits, batch["target"]), "logits": logits}
 
     def metrics(self) -> MetricCollection:

@@ -24,66 +24,43 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
-from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
+from mmlit.data import Shards, TaskData
+from mmlit.data.collate import collate_examples, flatten_items, pad, pad_references, stack_tensors
+from mmlit.data.decode import SampleError, sample_field, sample_location
+from mmlit.data.fields import captions_of
 from mmlit.data.transforms import ImageTransform, predicting, text_safe, training_sample
 from mmlit.metrics.caption import caption_metrics, sequence_match, tokens_of, update_caption_metrics
 from mmlit.metrics.vqa import update_subsets
 from mmlit.models.generation import generate
 from mmlit.models.text import CausalTextDecoder
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, collate_examples, flatten_items, stack_tensors
-from mmlit.tasks.captioning import captions_of, pad_references
+from mmlit.tasks.base import Task
 from mmlit.text import BOS, EOS, PAD
 
-__all__ = ["PrefixLM"]
+__all__ = ["PrefixLM", "PrefixLMData"]
 
 
-@register_task("prefix_lm")
-class PrefixLM(Task):
-    """Answer questions or caption images by generation (image prefix + causal text decoder).
+class PrefixLMData(TaskData):
+    """Images with prompt [BOS] target sequences (the arguments are ``PrefixLM``'s)."""
 
-    Args:
-        target: ``answer`` the image's questions, or write its ``caption``.
-        caption_field: the entry holding the caption (``target: caption``).
-        questions_field: the entry holding the questions (``target: answer``).
-        relational: report accuracy on relational and non-relational questions (Sort-of-CLEVR).
-        beam_size: hypotheses kept by beam search on evaluation (1: greedy).
-        length_penalty: beam search ranks hypotheses by log-probability / length ** length_penalty.
-        transform: the image pipeline (crops without flips or colour changes by default).
-    """
+    reads = ("image", "text")
 
-    fields = ("image", "json.questions")
-    needs = ("text_encoder",)
-
-    def __init__(self, shards: Shards, batch_size: int = 8, target: Literal["answer", "caption"] = "answer",
-                 caption_field: str = "txt", questions_field: str = "json.questions", relational: bool = False,
-                 beam_size: int = 1, length_penalty: float = 0.0, transform: ImageTransform | None = None):
-        super().__init__(shards, batch_size)
-        if beam_size < 1:
-            raise ValueError(f"model.tasks.{self.name}.init_args.beam_size must be at least 1, got {beam_size}")
+    def __init__(self, shards: Shards, batch_size: int, target: str, caption_field: str, questions_field: str,
+                 transform: ImageTransform):
+        super().__init__(shards, batch_size, {"image": transform})
         self.target, self.caption_field, self.questions_field = target, caption_field, questions_field
-        self.relational, self.beam_size, self.length_penalty = relational, beam_size, length_penalty
         self.fields = ("image", questions_field if target == "answer" else caption_field)
-        self.transform = transform or text_safe()
-
-    def build(self, backbone) -> None:
-        super().build(backbone)
-        if not isinstance(backbone.text_encoder, CausalTextDecoder):
-            raise ValueError(f"model.tasks.{self.name}: prefix_lm needs model.backbone.init_args.text_encoder to be "
-                             f"mmlit.models.CausalTextDecoder, got {type(backbone.text_encoder).__name__}")
-        dim = backbone.dim
-        self.prefix = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))  # the mapping network
-        self.out = nn.Linear(dim, backbone.vocab_size)
 
     def _sequence(self, prompt: list[int], target: list[int]) -> dict:
         """prompt [BOS] target -> inputs, labels (next tokens on the target only), and the prompt for generation."""
-        target = target[: self.max_length - 1 - min(len(prompt), self.max_length // 2)]  # a long answer keeps a question
-        prompt = prompt[: self.max_length - 1 - len(target)]
+        length = self.pipeline("text").max_length
+        target = target[: length - 1 - min(len(prompt), length // 2)]  # a long answer keeps a question
+        prompt = prompt[: length - 1 - len(target)]
         return {"input": [*prompt, BOS, *target], "labels": [PAD] * len(prompt) + [*target, EOS],
                 "prompt": [*prompt, BOS]}
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        image = self.image_tensor(sample_image(sample, self.name))
+        image = self.image(sample)
         if self.target == "caption":
             captions = [self.token_ids(tokenizer, c) for c in captions_of(sample, self.caption_field, self.name) or [""]]
             if training_sample():
@@ -112,20 +89,53 @@ class PrefixLM(Task):
         flat = flatten_items(examples, "sequences")
         prompts = [row.pop("prompt") for row in flat]
         batch = collate_examples(flat)
-        batch["prompt"] = torch.full((len(prompts), max(map(len, prompts))), PAD, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            batch["prompt"][row, batch["prompt"].shape[1] - len(prompt):] = torch.tensor(prompt)
+        batch["prompt"] = pad(prompts, left=True)
         if "references" in examples[0]:
             batch["references"] = pad_references([e["references"] for e in examples])
         return {"image": stack_tensors([e["image"] for e in examples]), **batch}  # images first: batch_size_of counts them
 
+
+@register_task("prefix_lm")
+class PrefixLM(Task):
+    """Answer questions or caption images by generation (image prefix + causal text decoder).
+
+    Args:
+        target: ``answer`` the image's questions, or write its ``caption``.
+        caption_field: the entry holding the caption (``target: caption``).
+        questions_field: the entry holding the questions (``target: answer``).
+        relational: report accuracy on relational and non-relational questions (Sort-of-CLEVR).
+        beam_size: hypotheses kept by beam search on evaluation (1: greedy).
+        length_penalty: beam search ranks hypotheses by log-probability / length ** length_penalty.
+        transform: the image pipeline (crops without flips or colour changes by default).
+    """
+
+    modalities = ("image", "text")
+
+    def __init__(self, shards: Shards, batch_size: int = 8, target: Literal["answer", "caption"] = "answer",
+                 caption_field: str = "txt", questions_field: str = "json.questions", relational: bool = False,
+                 beam_size: int = 1, length_penalty: float = 0.0, transform: ImageTransform | None = None):
+        super().__init__(PrefixLMData(shards, batch_size, target, caption_field, questions_field,
+                                      transform or text_safe()))
+        if beam_size < 1:
+            raise ValueError(f"model.tasks.{self.name}.init_args.beam_size must be at least 1, got {beam_size}")
+        self.target, self.relational, self.beam_size, self.length_penalty = target, relational, beam_size, length_penalty
+
+    def build(self, backbone) -> None:
+        super().build(backbone)
+        if not isinstance(backbone.encoders["text"], CausalTextDecoder):
+            raise ValueError(f"model.tasks.{self.name}: prefix_lm needs model.backbone.init_args.encoders.text to be "
+                             f"mmlit.models.CausalTextDecoder, got {type(backbone.encoders['text']).__name__}")
+        dim = backbone.dim
+        self.prefix = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))  # the mapping network
+        self.out = nn.Linear(dim, backbone.vocab_size)
+
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
-        prefix = self.prefix(backbone(image=batch["image"]).image_tokens)[batch["image_index"]]  # (Q, N, D)
-        tokens, _, _ = backbone.text_encoder(batch["input"], prefix=prefix)  # (Q, T, D)
+        prefix = self.prefix(backbone(image=batch["image"])["image"].tokens)[batch["image_index"]]  # (Q, N, D)
+        tokens, _, _ = backbone.encoders["text"](batch["input"], prefix=prefix)  # (Q, T, D)
         logits = self.out(tokens)
         out = {"loss": F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=PAD)}
         if not self.training:
-            decoder, prompt = backbone.text_encoder, batch["prompt"]
+            decoder, prompt = backbone.encoders["text"], batch["prompt"]
             room = decoder.max_length - prompt.shape[1] + 1  # the last step reads max_length tokens
             steps = room if "references" in batch else min(batch["labels"].shape[1], room)
             out["generated"], out["score"] = generate(

@@ -16,32 +16,26 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from mmlit.data import Shards, TaskData
 from mmlit.data.decode import SampleError, sample_field, sample_location
+from mmlit.data.fields import names_from
 from mmlit.data.transforms import predicting
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, names_from
+from mmlit.tasks.base import Task
 
-__all__ = ["TextClassification"]
+__all__ = ["TextClassification", "TextClassificationData"]
 
 
-@register_task("text_classification")
-class TextClassification(Task):
-    """Predict a class from a text alone."""
+class TextClassificationData(TaskData):
+    """Texts and their class indices (the arguments are ``TextClassification``'s)."""
 
-    fields = ("json.questions",)
-    needs = ("text_encoder",)
+    reads = ("text",)
 
-    def __init__(self, shards: Shards, classes: str | list[str], batch_size: int = 32, items_field: str = "json",
-                 text_key: str = "text", label_key: str = "class"):
+    def __init__(self, shards: Shards, batch_size: int, classes: list[str], items_field: str, text_key: str,
+                 label_key: str):
         super().__init__(shards, batch_size)
-        self.items_field, self.text_key, self.label_key = items_field, text_key, label_key
-        self.classes = names_from(classes, f"model.tasks.{self.name}.init_args.classes")
-        self.fields = (items_field,)
-        self._class_index = {c: i for i, c in enumerate(self.classes)}
-
-    def build(self, backbone) -> None:
-        super().build(backbone)
-        self.head = nn.Sequential(nn.LayerNorm(backbone.dim), nn.Linear(backbone.dim, len(self.classes)))
+        self.items_field, self.text_key, self.label_key, self.fields = items_field, text_key, label_key, (items_field,)
+        self._class_index = {c: i for i, c in enumerate(classes)}
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
         items = sample_field(sample, self.items_field, self.name)
@@ -56,8 +50,25 @@ class TextClassification(Task):
             yield {"text": self.token_ids(tokenizer, item[self.text_key]), "label": self._class_index.get(label, -100),
                    "item": number}
 
+
+@register_task("text_classification")
+class TextClassification(Task):
+    """Predict a class from a text alone."""
+
+    modalities = ("text",)
+
+    def __init__(self, shards: Shards, classes: str | list[str], batch_size: int = 32, items_field: str = "json",
+                 text_key: str = "text", label_key: str = "class"):
+        names = names_from(classes, f"model.tasks.{getattr(self, 'task_name', 'text_classification')}.init_args.classes")
+        super().__init__(TextClassificationData(shards, batch_size, names, items_field, text_key, label_key))
+        self.classes = names
+
+    def build(self, backbone) -> None:
+        super().build(backbone)
+        self.head = nn.Sequential(nn.LayerNorm(backbone.dim), nn.Linear(backbone.dim, len(self.classes)))
+
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
-        logits = self.head(backbone(text=batch["text"]).text_pooled)  # (B, K)
+        logits = self.head(backbone(text=batch["text"])["text"].pooled)  # (B, K)
         return {"loss": F.cross_entropy(logits, batch["label"]), "logits": logits}
 
     def metrics(self) -> MetricCollection:

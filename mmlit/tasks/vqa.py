@@ -29,13 +29,16 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
-from mmlit.data.decode import SampleError, sample_field, sample_image, sample_location
+from mmlit.data import Shards, TaskData
+from mmlit.data.collate import collate_examples, flatten_items, pad, stack_tensors
+from mmlit.data.decode import SampleError, sample_field, sample_location
+from mmlit.data.fields import names_from
 from mmlit.data.transforms import ImageTransform, text_safe, training_sample
 from mmlit.metrics.vqa import normalize_answer, soft_accuracy, soft_scores, update_subsets
 from mmlit.registry import register_task
-from mmlit.tasks.base import Shards, Task, collate_examples, flatten_items, names_from, stack_tensors
+from mmlit.tasks.base import Task
 
-__all__ = ["VQA"]
+__all__ = ["VQA", "VQAData"]
 
 _NO_ANSWER = -2  # padding of a question's human answers (-1: an answer outside the vocabulary)
 
@@ -48,6 +51,71 @@ def _written(answer: str) -> str:
 def _type_key(answer_type: str) -> str:
     """The metric name of an answer type's accuracy: ``yes/no`` -> ``acc_yes_no``."""
     return "acc_" + re.sub(r"\W+", "_", answer_type).strip("_")
+
+
+class VQAData(TaskData):
+    """Images with their questions, answer ids and soft targets (the arguments are ``VQA``'s)."""
+
+    reads = ("image", "text")
+
+    def __init__(self, shards: Shards, answers: list[str], batch_size: int, questions_field: str,
+                 answer_types: list[str], normalize: bool, transform: ImageTransform):
+        super().__init__(shards, batch_size, {"image": transform})
+        self.normalize, self.questions_field, self.fields = normalize, questions_field, ("image", questions_field)
+        self.answers = [normalize_answer(a) if normalize else a for a in answers]
+        self._answer_index = {a: i for i, a in enumerate(self.answers)}
+        # how the official evaluation finds a prediction among the human answers: as written (stripped) when they
+        # agree, normalised when they do not
+        self._written_index = {_written(a): i for i, a in reversed(list(enumerate(self.answers)))}
+        self._normalized_index = {normalize_answer(a): i for i, a in reversed(list(enumerate(self.answers)))}
+        self._type_index = {t: i for i, t in enumerate(answer_types)}
+
+    def _scored_ids(self, written: list[str]) -> list[int]:
+        """The vocabulary entry that each human answer matches in the official evaluation (-1: none), so that
+        ``soft_accuracy`` on ids gives its score."""
+        if not self.normalize:
+            return [self._answer_index.get(a, -1) for a in written]
+        stripped = [_written(a) for a in written]
+        if len(set(stripped)) <= 1:
+            return [self._written_index.get(a, -1) for a in stripped]
+        return [self._normalized_index.get(normalize_answer(a), -1) for a in stripped]
+
+    def _question(self, q: Any, sample: dict, number: int, tokenizer) -> dict:
+        if not isinstance(q, dict) or not isinstance(q.get("question"), str):
+            raise SampleError(f"{sample_location(sample)}: question {number} of '{self.questions_field}' needs a "
+                              f"\"question\" text")
+        written = q.get("answers") if isinstance(q.get("answers"), list) else [q["answer"]] if "answer" in q else []
+        written = [str(a) for a in written]
+        human = [normalize_answer(a) if self.normalize else a for a in written]
+        target = [(self._answer_index[a], score) for a, score in soft_scores(human).items() if a in self._answer_index]
+        return {"question": self.token_ids(tokenizer, q["question"]),
+                "answers": self._scored_ids(written) or [_NO_ANSWER],
+                "target_index": [i for i, _ in target] or [-1], "target_score": [s for _, s in target] or [0.0],
+                "question_id": q["question_id"] if isinstance(q.get("question_id"), int) else number,
+                "answer_type": self._type_index.get(q.get("answer_type"), -1),
+                "relational": bool(q.get("relational", False))}
+
+    def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
+        questions = sample_field(sample, self.questions_field, self.name)
+        questions = [questions] if isinstance(questions, dict) else questions
+        if not isinstance(questions, list):
+            raise SampleError(f"{sample_location(sample)}: '{self.questions_field}' must be a question or a list of them")
+        items = [self._question(q, sample, i, tokenizer) for i, q in enumerate(questions)]
+        if training_sample() and not any(i["target_score"][0] > 0 for i in items):
+            return  # nothing to learn from this image: no answer in the vocabulary
+        if items:
+            yield {"image": self.image(sample), "questions": items}
+
+    def collate(self, examples: list[dict]) -> dict[str, Any]:
+        """Images (B, 3, H, W); questions flattened over images: question (Q, T), answers (Q, K) human answer ids,
+        target_index / target_score (Q, J) the soft target, question_id, answer_type, relational, image_index (Q,),
+        key (Q)."""
+        flat = flatten_items(examples, "questions")
+        padded = {"answers": (_NO_ANSWER, torch.long), "target_index": (-1, torch.long), "target_score": (0.0, torch.float)}
+        batch = collate_examples([{k: v for k, v in q.items() if k not in padded} for q in flat])
+        for name, (value, dtype) in padded.items():
+            batch[name] = pad([q[name] for q in flat], value, dtype)
+        return {"image": stack_tensors([e["image"] for e in examples]), **batch}
 
 
 @register_task("vqa")
@@ -68,86 +136,25 @@ class VQA(Task):
             left, right and colours).
     """
 
-    fields = ("image", "json.questions")
-    needs = ("text_encoder", "fusion")
+    modalities = ("image", "text")
+    fuses = True
 
     def __init__(self, shards: Shards, answers: str | list[str], batch_size: int = 8,
                  questions_field: str = "json.questions", answer_types: list[str] | None = None, relational: bool = False,
                  normalize: bool = True, hidden: int = 256, transform: ImageTransform | None = None):
-        super().__init__(shards, batch_size)
-        key = f"model.tasks.{self.name}.init_args"
-        self.normalize = normalize
-        self.answers = [self._clean(a) for a in names_from(answers, f"{key}.answers")]
-        self.questions_field, self.fields = questions_field, ("image", questions_field)
+        vocabulary = names_from(answers, f"model.tasks.{getattr(self, 'task_name', 'vqa')}.init_args.answers")
+        super().__init__(VQAData(shards, vocabulary, batch_size, questions_field, list(answer_types or []), normalize,
+                                 transform or text_safe()))
         self.answer_types, self.relational, self.hidden = list(answer_types or []), relational, hidden
-        self.transform = transform or text_safe()
-        self._answer_index = {a: i for i, a in enumerate(self.answers)}
-        # how the official evaluation finds a prediction among the human answers: as written (stripped) when they
-        # agree, normalised when they do not
-        self._written_index = {_written(a): i for i, a in reversed(list(enumerate(self.answers)))}
-        self._normalized_index = {normalize_answer(a): i for i, a in reversed(list(enumerate(self.answers)))}
-        self._type_index = {t: i for i, t in enumerate(self.answer_types)}
-
-    def _clean(self, answer: str) -> str:
-        return normalize_answer(answer) if self.normalize else answer
-
-    def _scored_ids(self, written: list[str]) -> list[int]:
-        """The vocabulary entry that each human answer matches in the official evaluation (-1: none), so that
-        ``soft_accuracy`` on ids gives its score."""
-        if not self.normalize:
-            return [self._answer_index.get(a, -1) for a in written]
-        stripped = [_written(a) for a in written]
-        if len(set(stripped)) <= 1:
-            return [self._written_index.get(a, -1) for a in stripped]
-        return [self._normalized_index.get(normalize_answer(a), -1) for a in stripped]
 
     def build(self, backbone) -> None:
         super().build(backbone)
-        self.head = nn.Sequential(nn.Linear(backbone.dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, len(self.answers)))
-
-    def _question(self, q: Any, sample: dict, number: int, tokenizer) -> dict:
-        if not isinstance(q, dict) or not isinstance(q.get("question"), str):
-            raise SampleError(f"{sample_location(sample)}: question {number} of '{self.questions_field}' needs a "
-                              f"\"question\" text")
-        written = q.get("answers") if isinstance(q.get("answers"), list) else [q["answer"]] if "answer" in q else []
-        written = [str(a) for a in written]
-        human = [self._clean(a) for a in written]
-        target = [(self._answer_index[a], score) for a, score in soft_scores(human).items() if a in self._answer_index]
-        return {"question": self.token_ids(tokenizer, q["question"]),
-                "answers": self._scored_ids(written) or [_NO_ANSWER],
-                "target_index": [i for i, _ in target] or [-1], "target_score": [s for _, s in target] or [0.0],
-                "question_id": q["question_id"] if isinstance(q.get("question_id"), int) else number,
-                "answer_type": self._type_index.get(q.get("answer_type"), -1),
-                "relational": bool(q.get("relational", False))}
-
-    def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        questions = sample_field(sample, self.questions_field, self.name)
-        questions = [questions] if isinstance(questions, dict) else questions
-        if not isinstance(questions, list):
-            raise SampleError(f"{sample_location(sample)}: '{self.questions_field}' must be a question or a list of them")
-        items = [self._question(q, sample, i, tokenizer) for i, q in enumerate(questions)]
-        if training_sample() and not any(i["target_score"][0] > 0 for i in items):
-            return  # nothing to learn from this image: no answer in the vocabulary
-        if items:
-            yield {"image": self.image_tensor(sample_image(sample, self.name)), "questions": items}
-
-    def collate(self, examples: list[dict]) -> dict[str, Any]:
-        """Images (B, 3, H, W); questions flattened over images: question (Q, T), answers (Q, K) human answer ids,
-        target_index / target_score (Q, J) the soft target, question_id, answer_type, relational, image_index (Q,),
-        key (Q)."""
-        flat = flatten_items(examples, "questions")
-        padded = {"answers": (_NO_ANSWER, torch.long), "target_index": (-1, torch.long), "target_score": (0.0, torch.float)}
-        batch = collate_examples([{k: v for k, v in q.items() if k not in padded} for q in flat])
-        for name, (pad, dtype) in padded.items():  # (lists of numbers: collate_examples pads token ids with PAD)
-            rows = [q[name] for q in flat]
-            batch[name] = torch.full((len(rows), max(map(len, rows))), pad, dtype=dtype)
-            for r, row in enumerate(rows):
-                batch[name][r, :len(row)] = torch.tensor(row, dtype=dtype)
-        return {"image": stack_tensors([e["image"] for e in examples]), **batch}
+        self.head = nn.Sequential(nn.Linear(backbone.dim, self.hidden), nn.GELU(),
+                                  nn.Linear(self.hidden, len(self.data.answers)))
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
-        features = backbone(image=batch["image"], text=batch["question"], image_index=batch["image_index"])
-        logits = self.head(features.fused_pooled)  # (Q, A)
+        features = backbone(image=batch["image"], text=batch["question"], index={"image": batch["image_index"]})
+        logits = self.head(features.fused.pooled)  # (Q, A)
         index = batch["target_index"]  # (Q, J): each question's answers in the vocabulary and their scores
         target = logits.new_zeros(logits.shape, dtype=torch.float32).scatter_add_(
             1, index.clamp(min=0), batch["target_score"].float() * (index >= 0))
@@ -172,5 +179,5 @@ class VQA(Task):
 
     def predict(self, outputs: dict, batch: dict, tokenizer) -> list[dict]:
         score, answer = outputs["logits"].float().softmax(-1).max(-1)
-        return [{"key": k, "question_id": q, "prediction": self.answers[a], "score": round(p, 6)}
+        return [{"key": k, "question_id": q, "prediction": self.data.answers[a], "score": round(p, 6)}
                 for k, q, a, p in zip(batch["key"], batch["question_id"].tolist(), answer.tolist(), score.tolist())]

@@ -12,6 +12,7 @@ from mmlit.cli import main
 from mmlit.data import SourceStream, TaskStream, scan_shards
 from mmlit.data.device_images import EncodedImages, decode_batch_images
 from mmlit.data.sort_of_clevr import write_dataset
+from mmlit.modalities import ImagePipeline
 from mmlit.tasks.base import Shards
 
 from ..conftest import soc_task, tiny_recipe, write_recipe
@@ -25,7 +26,7 @@ def jpeg_shards(tmp_path_factory):
 
 def _first_batch(index, mode: str, size: int, name: str = "image_classification") -> dict:
     task = soc_task(name, Shards(), batch_size=8)
-    task.image_size = size
+    task.data.bind({"image": ImagePipeline(size, None)})  # (images at the encoder's size, without a model)
     _, batch, _ = next(iter(TaskStream(task, index, None, batch_size=8, train=False, decode_images=mode)))
     return batch
 
@@ -44,7 +45,7 @@ def test_the_device_path_gives_the_worker_paths_pixels(jpeg_shards, size):
 def test_tasks_on_one_source_share_one_encoded_batch_which_is_decoded_once(jpeg_shards):
     tasks = {name: soc_task("image_classification", Shards(), batch_size=4) for name in ("a", "b")}
     for task in tasks.values():
-        task.image_size = 75
+        task.data.bind({"image": ImagePipeline(75, None)})
     stream = SourceStream(tasks, scan_shards(jpeg_shards["train"], "k"), None, batch_size=4, train=False,
                           decode_images="device")
     batches, _ = next(iter(stream))
@@ -99,8 +100,9 @@ def test_the_device_path_crops_the_centre_as_the_evaluation_pipeline_does(tmp_pa
         samples.append({"__key__": f"k{i}", "jpg": buffer.getvalue(), "cls": b"1"})
     index = scan_shards([str(write_tar(tmp_path / "photos.tar", samples))], "k")
     task = ImageClassification(Shards(), batch_size=3, num_classes=2, transform=ImageTransform(**transform))
-    task.build(Backbone(TimmImageEncoder("test_byobnet", dim=32, image_size=48, feature_index=2)))
-    assert task._device_resize == ((0.75, "bilinear") if transform else (0.95, "bicubic"))
+    task.build(Backbone({"image": TimmImageEncoder("test_byobnet", dim=32, image_size=48, feature_index=2)}))
+    pipeline = task.data.inputs["image"]
+    assert (pipeline.crop_pct, pipeline.interpolation) == ((0.75, "bilinear") if transform else (0.95, "bicubic"))
 
     def first(mode: str):
         return next(iter(TaskStream(task, index, None, batch_size=3, train=False, decode_images=mode)))[1]["image"]

@@ -14,14 +14,17 @@ from mmlit.data import (
     sample_field, scan_shards, write_index,
 )
 from mmlit.data.tools import main as data_main
-from mmlit.tasks.base import Shards, Task
+from mmlit.data import Shards, TaskData
 
 from ..conftest import soc_task, write_tar
 
 
-class KeyTask(Task):
-    task_name = "keys"
+class KeyTask(TaskData):
     fields = ("json",)
+
+    def __init__(self, shards, batch_size=32):
+        super().__init__(shards, batch_size)
+        self.name = "keys"
 
     def prepare(self, sample, tokenizer):
         yield {"key": sample["__key__"], "i": sample_field(sample, "json.i", self.name)}

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from mmlit.data import ShardError, iter_samples
+from mmlit.compat.aiohttp import arrived_before_failure
 from mmlit.data import remote
 from mmlit.data.shards import open_shard, shard_size
 
@@ -123,11 +124,11 @@ def test_bytes_that_arrived_before_a_failure_are_read_from_aiohttps_buffer():
     async def scenario():
         content = aiohttp.StreamReader(BaseProtocol(asyncio.get_running_loop()), 2 ** 16)
         content.feed_data(b"abcdef")
-        assert remote.arrived_before_failure(content, 4) == b""  # no failure: reads return the bytes themselves
+        assert arrived_before_failure(content, 4) == b""  # no failure: reads return the bytes themselves
         content.set_exception(aiohttp.ClientPayloadError("Response payload is not completed"))
         with pytest.raises(aiohttp.ClientPayloadError):
             await content.read(6)
-        return remote.arrived_before_failure(content, 4), remote.arrived_before_failure(content, 4)
+        return arrived_before_failure(content, 4), arrived_before_failure(content, 4)
 
     assert asyncio.run(scenario()) == (b"abcd", b"ef")
 

@@ -10,15 +10,18 @@ from PIL import Image
 
 from mmlit.data import SampleError, TaskStream, UnsafeSampleError, decode_sample, sample_field, scan_shards
 from mmlit.data.workers import task_loader
-from mmlit.tasks.base import Shards, Task, collate_examples
+from mmlit.data import Shards, TaskData
+from mmlit.data.collate import collate_examples
 
 from ..conftest import write_tar
 
 
-class KeyTask(Task):
+class KeyTask(TaskData):
     """Yields each sample's key (and reads its ``json.i``), so tests can count what was read."""
 
-    task_name = "keys"
+    def __init__(self, shards, batch_size=32):
+        super().__init__(shards, batch_size)
+        self.name = "keys"
 
     def prepare(self, sample, tokenizer):
         yield {"key": sample["__key__"], "i": sample_field(sample, "json.i", self.name)}

@@ -17,10 +17,11 @@ import psutil
 import pytest
 import torch
 
-from mmlit.data import MultiTaskDataModule, SampleError, TaskStream, scan_shards
+from mmlit.data import MultiTaskDataModule, SampleError, TaskData, TaskStream, scan_shards
+from mmlit.data.transforms import ImageTransform, training_sample
 from mmlit.data.workers import task_loader
 from mmlit.tasks.base import Shards
-from mmlit.tasks.image_classification import ImageClassification
+from mmlit.tasks.image_classification import ImageClassificationData
 from mmlit.text import load_tokenizer
 
 # Held by a thread of the test process while workers start; a worker that was forked from this process inherits it
@@ -28,12 +29,12 @@ from mmlit.text import load_tokenizer
 _LOCK = threading.Lock()
 
 
-class _Probe(ImageClassification):
-    """Image classification whose examples also say where they were made: the worker's parent process, a numpy
-    draw, and whether the lock was free."""
+class _Probe(ImageClassificationData):
+    """Image classification's data side, whose examples also say where they were made: the worker's parent process, a
+    numpy draw, and whether the lock was free."""
 
     def __init__(self, shards: Shards, batch_size: int = 4):
-        super().__init__(shards, batch_size, label_field="json.labels.n_circles", num_classes=7)
+        super().__init__(shards, batch_size, "json.labels.n_circles", [str(i) for i in range(7)], ImageTransform())
 
     def prepare(self, sample, tokenizer):
         free = _LOCK.acquire(timeout=2)
@@ -96,37 +97,43 @@ def test_workers_get_the_batches_forked_workers_got(soc):
         assert not torch.equal(served[0]["draw"], served[1]["draw"])  # batches 0 and 1 come from workers 0 and 1
 
 
-def test_a_stream_goes_to_its_workers_without_the_task_head(soc):
-    task = _Probe(Shards(train=soc["train"]), batch_size=4)
-    task.head = torch.nn.Linear(8, 7)
-    stream = _stream(soc, task=task)
+def test_a_stream_goes_to_its_workers_as_the_tasks_data_side(soc):
+    """A stream made from a task's head holds its data side only: what reaches the workers has no parameters."""
+    from mmlit.tasks import ImageClassification
+
+    head = ImageClassification(Shards(train=soc["train"]), 4, label_field="json.labels.n_circles", num_classes=7)
+    head.head = torch.nn.Linear(8, 7)
+    stream = _stream(soc, task=head)
     copy = pickle.loads(pickle.dumps(stream))
-    assert not list(copy.task.parameters()) and not hasattr(copy.task, "head")
-    assert list(stream.task.parameters()), "the model's task keeps its head"
+    assert stream.task is head.data and isinstance(copy.task, TaskData) and not isinstance(copy.task, torch.nn.Module)
     original, sent = _batches(task_loader(stream, workers=0), 3), _batches(task_loader(copy, workers=0), 3)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(original, sent))
 
 
 class _Flipped(_Probe):
-    """Flips its images only while training, as an augmentation would, through a submodule without state."""
+    """Flips its images for training samples only, as an augmentation would, through an object of its own."""
 
-    def build(self, backbone) -> None:
-        self.transform = torch.nn.Identity()  # no parameters or buffers: stands in for a torchvision transform
-        self.head = torch.nn.Linear(8, 7)
+    def __init__(self, shards: Shards, batch_size: int = 4):
+        super().__init__(shards, batch_size)
+        self.flip = _Flip()
 
     def prepare(self, sample, tokenizer):
         for example in super().prepare(sample, tokenizer):
-            image = self.transform(example["image"])
-            yield {**example, "image": image.flip(-1) if self.training else image, "training": self.training}
+            yield {**example, "image": self.flip(example["image"]), "training": training_sample()}
 
 
-def test_stateless_submodules_and_the_training_flag_reach_the_workers(soc):
+class _Flip:
+    def __call__(self, image):
+        return image.flip(-1) if training_sample() else image
+
+
+def test_the_data_sides_objects_reach_the_workers_and_the_stream_says_what_is_training(soc):
     task = _Flipped(Shards(train=soc["train"]), batch_size=4)
-    task.build(None)
-    task.eval()  # Lightning's validation: workers must not augment
     sent = pickle.loads(pickle.dumps(_stream(soc, task=task))).task
-    assert hasattr(sent, "transform") and not hasattr(sent, "head") and sent.training is False
-    batch = _batches(task_loader(_stream(soc, task=task), workers=2), 1)[0]
+    assert isinstance(sent.flip, _Flip)
+    stream = _stream(soc, task=task)
+    stream.train = False  # an evaluation stream: the workers must not augment
+    batch = _batches(task_loader(stream, workers=2), 1)[0]
     assert not batch["training"].any()
 
 

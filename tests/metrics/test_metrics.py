@@ -151,7 +151,7 @@ def _vqa_scores(questions: list[tuple[list[str], str]], vocabulary: list[str]) -
     tokenizer.pre_tokenizer = Whitespace()
     sample = {"__key__": "k", "png": Image.new("RGB", (8, 8)),
               "json": {"questions": [{"question": "what", "answers": h} for h, _ in questions]}}
-    batch = task.collate(list(task.prepare(sample, tokenizer)))
+    batch = task.data.collate(list(task.data.prepare(sample, tokenizer)))
     predicted = torch.tensor([vocabulary.index(p) for _, p in questions])
     metrics = task.metrics()
     task.update_metrics(metrics, {"logits": torch.nn.functional.one_hot(predicted, len(vocabulary)).float()}, batch)

@@ -29,8 +29,8 @@ SETTINGS = {"dwa": {"period": 1}}  # so that DWA's weights change within the few
 
 def build_module(method: str, seed: int = 0, tasks=TASKS, **objective) -> MultiTaskModule:
     pl.seed_everything(seed, verbose=False)
-    backbone = Backbone(TimmImageEncoder("test_convnext", dim=32, image_size=75, feature_index=2),
-                        TransformerTextEncoder(vocab_size=256, dim=32, depth=1, heads=2, max_length=40),
+    backbone = Backbone({"image": TimmImageEncoder("test_convnext", dim=32, image_size=75, feature_index=2),
+                         "text": TransformerTextEncoder(vocab_size=256, dim=32, depth=1, heads=2, max_length=40)},
                         CrossAttentionFusion(dim=32, depth=1, heads=2))
     heads = {name: soc_task(name, Shards(train="unused")) for name in tasks}
     return MultiTaskModule(backbone, heads, get_objective(method)(**{**SETTINGS.get(method, {}), **objective}),
@@ -46,7 +46,7 @@ def step_batches(train_urls: list[str], tokenizer: str, steps: int, part: str | 
     for step in range(steps):
         batch = {}
         for name in tasks:
-            task = module.tasks[name]
+            task = module.tasks[name].data
             chosen = samples[step * IMAGES:(step + 1) * IMAGES]
             examples = [e for s in chosen for e in task.prepare(s, tok)]
             if part != "whole":

@@ -15,7 +15,7 @@ from jsonargparse import ArgumentParser
 from mmlit.data import TaskStream, iter_samples, scan_shards
 from mmlit.models import Backbone
 from mmlit.registry import list_tasks
-from mmlit.tasks.base import Shards, Task
+from mmlit.tasks.base import Shards, Task, TaskData
 from mmlit.text import load_tokenizer
 
 from ..conftest import soc_task, tiny_backbone
@@ -83,9 +83,9 @@ def test_task_declares_the_fields_it_reads(name, soc):
 
     backbone, task, _ = _task_and_batch(name, soc)
     sample = decode_sample(next(iter_samples(soc["shards"]["val"][0])))
-    assert list(task.prepare(sample, load_tokenizer(soc["tokenizer"])))
-    assert task.fields
-    for field in task.fields:
+    assert list(task.data.prepare(sample, load_tokenizer(soc["tokenizer"])))
+    assert task.data.fields
+    for field in task.data.fields:
         head, *path = field.split(".")
         broken = dict(sample)
         if head == "image":
@@ -101,13 +101,13 @@ def test_task_declares_the_fields_it_reads(name, soc):
         else:
             del broken[head]
         with pytest.raises(SampleError, match=r"val-000000.tar: sample 'val0000000'"):
-            list(task.prepare(broken, load_tokenizer(soc["tokenizer"])))
+            list(task.data.prepare(broken, load_tokenizer(soc["tokenizer"])))
 
 
 def test_vqa_splits_relational_accuracy(soc):
     _, task, batch = _task_and_batch("vqa", soc)
     metrics = task.metrics()
-    logits = torch.nn.functional.one_hot(batch["answers"][:, 0], len(task.answers)).float()  # (one answer each)
+    logits = torch.nn.functional.one_hot(batch["answers"][:, 0], len(task.data.answers)).float()  # (one answer each)
     logits[batch["relational"]] = logits[batch["relational"]].roll(1, dims=-1)  # wrong on relational ones
     task.update_metrics(metrics, {"logits": logits}, batch)
     values = metrics.compute()
@@ -165,13 +165,14 @@ def test_captioner_learns_more_than_the_most_frequent_token_per_position(soc):
 
 @pytest.mark.parametrize("name", list_tasks())
 def test_task_stream_reaches_fork_server_workers_unchanged(name, soc):
-    """The stream is pickled to each DataLoader worker (``data.multiprocessing_context: forkserver``): the task
-    goes without its head and prepares the same batch, tokenizer included."""
+    """The stream is pickled to each DataLoader worker (``data.multiprocessing_context: forkserver``): it holds the
+    task's data side, a plain object without the head's parameters, which prepares the same batch, tokenizer
+    included."""
     _, task, batch = _task_and_batch(name, soc)
     stream = TaskStream(task, scan_shards(soc["shards"]["train"], "k"), load_tokenizer(soc["tokenizer"]),
                         batch_size=8, train=True, seed=0, shuffle_buffer=32)
     sent = pickle.loads(pickle.dumps(stream))
-    assert list(task.parameters()) and not list(sent.task.parameters())
+    assert list(task.parameters()) and isinstance(sent.task, TaskData) and not isinstance(sent.task, torch.nn.Module)
     _, again, _ = next(iter(sent))
     assert again.keys() == batch.keys()
     for key, value in batch.items():

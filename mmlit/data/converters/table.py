@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mmlit.data.converters.writer import Planned, Skipped, check_output, numbered, write_split
-from mmlit.tasks.base import names_from
+from mmlit.data.fields import names_from
 
 HELP = "a CSV, TSV, JSONL or parquet table of image paths, texts and labels"
 __all__ = ["HELP", "add_arguments", "plan_table", "read_table", "run"]
