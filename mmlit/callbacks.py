@@ -14,11 +14,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmlit.tasks.base import batch_size_of
+from mmlit.data.collate import batch_size_of
+from mmlit.distributed import reduce_over_ranks
 
 __all__ = ["Freeze", "PredictionWriter", "Preemption", "Progress", "Throughput"]
 
@@ -98,41 +99,39 @@ class PredictionWriter(BasePredictionWriter):
         print(f"predictions (rank {trainer.global_rank}: {counts or 'none'}) written to {self.path}", flush=True)
 
 
-class Throughput(pl.Callback):
-    """Logs ``train/perf/samples_per_s``: examples of all tasks on all ranks per second of wall time,
-    measured over the steps between two logging points (data loading included), and ``train/perf/minutes``: wall
-    minutes since this fit started (validation included), for curves against time.
+def _examples(batch: dict) -> int:
+    """A training step's examples: of every task in it."""
+    return sum(batch_size_of(task_batch) for task_batch in batch.values())
+
+
+class Throughput(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` counting a step's examples of every task: ``train/device/samples_per_sec``
+    (per rank; ``train/samples_per_sec`` for all ranks, under DDP) and ``train/device/batches_per_sec``, over a
+    sliding window of steps (data loading included); plus ``train/perf/minutes``, the wall minutes since the fit
+    started (validation included), for curves against time.
+
+    Args:
+        window_size: the steps the rates are averaged over (the first rates come after that many steps).
     """
 
-    def __init__(self) -> None:
-        self._start: float | None = None
-        self._samples = 0
+    def __init__(self, window_size: int = 10):
+        super().__init__(batch_size_fn=_examples, window_size=window_size)
         self._fit_start = time.perf_counter()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self._samples = None, 0  # the gap between epochs (validation) is not training time
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._start is None:  # the first step of an epoch includes worker start-up: not measured
-            self._start = now
-            return
-        self._samples += sum(batch_size_of(task_batch) for task_batch in batch.values())
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, *args) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
         every = trainer.log_every_n_steps  # 0: no logging on step boundaries
-        if every > 0 and trainer.global_step % every == 0 and now > self._start:
-            rate = self._samples * trainer.world_size / (now - self._start)
-            pl_module.log("train/perf/samples_per_s", rate, rank_zero_only=True)
-            pl_module.log("train/perf/minutes", (now - self._fit_start) / 60, rank_zero_only=True)
-            self._start, self._samples = now, 0
+        if every > 0 and trainer.global_step % every == 0:
+            pl_module.log("train/perf/minutes", (time.perf_counter() - self._fit_start) / 60, rank_zero_only=True)
 
 
 class Freeze(pl.Callback):
     """Keep the parameters whose names match ``patterns`` unchanged for the whole run, or until ``until_step``.
 
-    Add it to a recipe under ``trainer.callbacks`` (e.g. patterns ``[backbone.image_encoder.*]`` to train new
+    Add it to a recipe under ``trainer.callbacks`` (e.g. patterns ``[backbone.encoders.image.*]`` to train new
     heads on a pretrained image encoder first). A frozen parameter's gradient is dropped just before each
     optimizer step, after DDP has reduced it and after a gradient objective has combined it, so the optimizer
     skips it (no update, no weight decay, no momentum) and it is left out of gradient clipping. Its gradient
@@ -207,7 +206,7 @@ class Preemption(pl.Callback):
         signalled = self._signalled
         if trainer.world_size > 1:  # (one process alone needs no tensor, no collective and no device sync)
             flag = torch.tensor(float(signalled), device=pl_module.device)
-            signalled = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
+            signalled = bool(reduce_over_ranks(flag, "max").item())
         if not signalled:
             return
         folder = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)

@@ -19,22 +19,20 @@ import traceback
 
 import torch.distributed as dist
 
-__all__ = ["report_failure", "watch_peers"]
+from mmlit.compat.torch import default_store
+
+__all__ = ["reduce_over_ranks", "report_failure", "watch_peers"]
 
 _KEY = "mmlit/failed"
 _POLL_S = 1.0
 _state: dict = {"thread": None, "store": None, "rank": 0}
 
 
-def _store():
-    return dist.distributed_c10d._get_default_store()  # (no public accessor; stable since torch 1.8)
-
-
 def watch_peers() -> None:
     """Start watching for another rank's failure (once per process; nothing without a process group of 2+)."""
     if _state["thread"] is not None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
-    _state.update(store=_store(), rank=dist.get_rank())
+    _state.update(store=default_store(), rank=dist.get_rank())
     _state["thread"] = threading.Thread(target=_watch, name="mmlit-peer-watch", daemon=True)
     _state["thread"].start()
 
@@ -62,7 +60,7 @@ def report_failure(exception: BaseException) -> None:
     if store is None:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
-        store, _state["rank"] = _store(), dist.get_rank()
+        store, _state["rank"] = default_store(), dist.get_rank()
     _state["failing"] = True  # this rank's own error goes on: its watch must not cut it short
     summary = "".join(traceback.format_exception_only(type(exception), exception)).strip()
     try:  # set only if no rank has failed before (atomic: two ranks may fail at once); the first failure is returned
@@ -73,3 +71,15 @@ def report_failure(exception: BaseException) -> None:
     if int(failed) != _state["rank"]:  # this error may only follow from it (a peer closed its connection)
         print(f"mmlit: rank {failed} failed first; rank {_state['rank']}'s error below may follow from it. Rank "
               f"{failed}'s error:\n{message}", file=sys.stderr, flush=True)
+
+
+def reduce_over_ranks(tensor, op: str = "sum"):
+    """``tensor`` summed (``sum``), averaged (``mean``) or maximised (``max``) over the ranks of the default process
+    group, in place, and returned; as it is without one. Every rank must call it at the same point, with a tensor on
+    its own device (NCCL reduces device tensors only). mmlit's one rank reduction: a single all-reduce, without the
+    barrier that Lightning's ``strategy.reduce`` adds."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            tensor /= dist.get_world_size()
+    return tensor

@@ -126,7 +126,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         "metrics.png": (metrics, f"{name}: evaluation metrics", False),
         "objective.png": (objective, f"{name}: multi-task objective", True),
         "gradients.png": (gradients, f"{name}: task gradients", False),
-        "throughput.png": ({"examples per second": {k: v for k, v in series.items() if k.startswith("train/perf/")}},
+        "throughput.png": ({"examples per second": {k: v for k, v in series.items() if k.startswith("train/")
+                                                     and k.endswith("samples_per_sec")}},
                            f"{name}: throughput", False),
     }
     return [out / file for file, (panels, title, smooth) in figures.items()

@@ -23,8 +23,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
+
+from mmlit.distributed import reduce_over_ranks
+from mmlit.seeds import torch_generator
 
 __all__ = ["Objective", "PeriodLosses", "adam_step", "gram", "mean_over_ranks", "step_generator"]
 
@@ -124,12 +126,9 @@ def mean_over_ranks(tensor: Tensor) -> Tensor:
 
     Per-rank statistics must not live in module buffers between steps: DDP copies every buffer from rank 0 before
     each forward. Reduce the values first, as DWA and FAMO do, so that their buffers hold the same on every rank."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor
+    return reduce_over_ranks(tensor, "mean")
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A CPU generator that depends on (seed, step) only, so every rank draws the same numbers in a step."""
-    return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + step) % (1 << 63))
+    return torch_generator("objective", seed, step)

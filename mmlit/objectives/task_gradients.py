@@ -21,8 +21,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
-
+from mmlit.compat.torch import reduce_gradients_manually
 from mmlit.objectives.base import Objective, mean_over_ranks
 
 __all__ = ["TaskGradients", "flat_task_gradients", "gradient_statistics"]
@@ -96,9 +95,7 @@ class TaskGradients:
         """Before each training batch: DDP's reducer fires once per parameter per backward pass and cannot serve one
         pass per task, so it is turned off and ``gather`` reduces; DDP still broadcasts buffers (batch-norm
         statistics) from rank 0 before the forward."""
-        if isinstance(wrapper, DistributedDataParallel):
-            wrapper.require_backward_grad_sync = False
-            wrapper.require_forward_param_sync = True
+        reduce_gradients_manually(wrapper)
 
     def step(self, objective: Objective, others: list[nn.Parameter], loss_scale: float, step: int,
              statistics: Callable[[dict[str, Tensor]], None] | None = None) -> bool:

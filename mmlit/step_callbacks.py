@@ -1,0 +1,72 @@
+"""Callbacks that watch each training step of a ``MultiTaskModule`` (it adds them itself, ``configure_callbacks``):
+a non-finite loss stops every rank together, each task's gradient statistics are logged, and a parameter that plain
+DDP could not reduce is named at the first step."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from mmlit.distributed import reduce_over_ranks
+
+__all__ = ["GradientStatistics", "NonFiniteLoss", "UnusedParameters", "log_objective"]
+
+
+class NonFiniteLoss(pl.Callback):
+    """A non-finite loss on any rank stops the fit on every rank (a rank that raised alone would leave the others
+    waiting in their next collective), naming each task's loss; the last checkpoint is left as it is."""
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
+        if reduce_over_ranks(bad, "sum") > 0:
+            losses = pl_module.update.losses or {}
+            values = ", ".join(f"train/{n}/loss={v.item():.4g}" for n, v in losses.items())
+            raise FloatingPointError(f"non-finite loss at step {trainer.global_step} on at least one rank (here: "
+                                     f"{values}); the last checkpoint is untouched. Lower the learning rate or check "
+                                     f"the data of the task(s) with a non-finite loss.")
+
+
+class GradientStatistics(pl.Callback):
+    """At each logging step (``trainer.log_every_n_steps``), each task's gradient norm on the backbone
+    (``train/objective/grad_norm/{task}``) and the cosine between two tasks' gradients
+    (``train/objective/cosine/{a}:{b}``; negative: they conflict), averaged over ranks and unscaled. A gradient-based
+    objective has the task gradients already; a loss-based one pays one extra backward pass per task at those steps."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        every = trainer.log_every_n_steps
+        logging = every > 0 and (trainer.global_step + 1) % every == 0
+        pl_module.update.want_statistics = logging and batch_idx % trainer.accumulate_grad_batches == 0  # once a step
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        update = pl_module.update
+        if update.want_statistics and update.task_gradients is None:
+            log_objective(pl_module, update.loss_statistics(trainer))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        update = pl_module.update
+        if update.statistics is not None:
+            log_objective(pl_module, update.statistics)
+            update.statistics = None
+
+
+def log_objective(pl_module: pl.LightningModule, values: dict) -> None:
+    """Log ``values`` under ``train/objective/``."""
+    for key, value in values.items():
+        pl_module.log(f"train/objective/{key}", torch.as_tensor(value, dtype=torch.float32, device=pl_module.device))
+
+
+class UnusedParameters(pl.Callback):
+    """Plain DDP fails at the next forward, with a message that names no parameter, when one got no gradient: after
+    the first backward pass, such parameters are named with the settings that fix it."""
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        wrapper = trainer.strategy.model
+        if (trainer.global_step == 0 and pl_module.update.task_gradients is None
+                and isinstance(wrapper, DistributedDataParallel) and not wrapper.find_unused_parameters):
+            unused = [n for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is None]
+            if unused:
+                raise ValueError(f"trainer.strategy: {len(unused)} parameter(s) got no gradient in the first step "
+                                 f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}), which plain DDP "
+                                 f"cannot reduce; set trainer.strategy: ddp_find_unused_parameters_true, freeze them, "
+                                 f"or use a gradient-based objective (mmlit reduces those gradients itself)")
