@@ -1,5 +1,5 @@
-"""The ``mmlit`` command: ``fit|validate|test|predict --config recipe.yaml`` (LightningCLI), ``tasks``, ``objectives``,
-``data``, ``plot``, ``export-backbone``."""
+"""The ``mmlit`` command: ``fit|validate|test|predict --config recipe.yaml`` (LightningCLI); the registered ``tasks``,
+``objectives``, ``modalities``, ``fusions`` and ``sources``; ``data``, ``plot``, ``export-backbone``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -26,7 +27,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _tasks_of(model: MultiTaskModule) -> dict:
-    return dict(model.tasks)
+    """The data side of each task: all that the data module sees of the model."""
+    return {name: task.data for name, task in model.tasks.items()}
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -89,21 +95,18 @@ class MMLitCLI(LightningCLI):
         if self.subcommand == "predict" and config.get("return_predictions") is None:
             config.return_predictions = False  # PredictionWriter writes them batch by batch; none are kept in memory
 
-    def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
+    def instantiate_trainer(self, **kwargs) -> Trainer:
         """Lightning's, with mmlit's ``Progress`` (a bar on a terminal, a line per epoch elsewhere) where the recipe
         shows progress and names no progress bar of its own, ``AtomicCheckpointIO`` where it names no checkpoint
         writer, and ``WandbContinuity``."""
-        listed = config.get("callbacks") or []
-        listed = listed if isinstance(listed, list) else [listed]
-        callbacks = [*callbacks, WandbContinuity()]
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in
-                                                                       [*listed, *callbacks]):
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer", {})
+        callbacks = [*_as_list(config.get("callbacks")), WandbContinuity()]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(Progress())
-        plugins = config.get("plugins") or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
+        plugins = _as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super()._instantiate_trainer(config, callbacks)
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(**{"callbacks": callbacks, "plugins": plugins, **kwargs})
 
     def _resume(self) -> None:
         """``--ckpt_path last|auto`` -> a checkpoint that loads, or none (``auto`` without one); a fit resumed from
@@ -152,17 +155,24 @@ class MMLitCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
+_LISTS = {"tasks": "task", "objectives": "objective", "modalities": "modality", "fusions": "fusion",
+          "sources": "source"}
+
+
 def _list_command(kind: str, argv: list[str]) -> int:
-    """``mmlit tasks`` / ``mmlit objectives``: every registered name, its summary line and its class path."""
+    """``mmlit tasks|objectives|modalities|fusions|sources``: every registered name, its summary line and its class
+    path (for a modality, also the entries it decodes and its default encoder)."""
     from mmlit import registry
 
     argparse.ArgumentParser(prog=f"mmlit {kind}", description=f"List the registered {kind}.").parse_args(argv)
-    names, get = (registry.list_tasks, registry.get_task) if kind == "tasks" else (registry.list_objectives,
-                                                                                    registry.get_objective)
+    names, get = getattr(registry, f"list_{kind}"), getattr(registry, f"get_{_LISTS[kind]}")
     for name in names():
         cls = get(name)
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{name:<22} {summary}  ({cls.__module__}.{cls.__qualname__})")
+        extra = ""
+        if kind == "modalities":
+            extra = f" [.{', .'.join(sorted(cls.extensions))}; encoder {cls.default_encoder}]"
+        print(f"{name:<26} {summary}{extra}  ({cls.__module__}.{cls.__qualname__})")
     return 0
 
 
@@ -180,7 +190,7 @@ def _export_command(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("tasks", "objectives"):
+    if argv and argv[0] in _LISTS:
         return _list_command(argv[0], argv[1:])
     if argv and argv[0] == "export-backbone":
         return _export_command(argv[1:])

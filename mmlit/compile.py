@@ -17,6 +17,8 @@ from typing import Iterable, Literal
 
 from torch import nn
 
+from mmlit.compat.torch import allow_retained_compiled_backward
+
 __all__ = ["Compile", "compile_modules"]
 
 
@@ -70,12 +72,7 @@ def compile_modules(parts: Iterable[nn.Module], heads: Iterable[nn.Module], sett
     options = {"backend": settings.backend, "dynamic": settings.dynamic, "fullgraph": settings.fullgraph}
     if settings.backend == "inductor":
         options["mode"] = settings.mode
-    # A compiled backward donates its saved buffers by default, which forbids retain_graph; mmlit back-propagates one
-    # graph several times (one pass per task for gradient-based objectives, and the gradient statistics logged for
-    # every objective), and torch's error names this switch as the way out. It costs the donation's memory saving.
-    import torch._functorch.config
-
-    torch._functorch.config.donated_buffer = False
+    allow_retained_compiled_backward()
     compiled = []
     for part in parts:
         blocks = _blocks(part) if settings.regional else []

@@ -14,6 +14,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
+from mmlit.compat.lightning import wandb_continue, wandb_run
+
 __all__ = ["WandbContinuity", "WandbLogger", "wandb_run_of", "wandb_should_run_offline"]
 
 log = logging.getLogger(__name__)
@@ -88,21 +90,21 @@ class WandbLogger(_LightningWandbLogger):
     def finalize(self, status: str) -> None:
         """Close the W&B run (marked failed when training failed), so the next run in this process starts clean."""
         super().finalize(status)
-        if self._experiment is not None and status != "success":
-            self._experiment.finish(exit_code=1)
+        if wandb_run(self) is not None and status != "success":
+            wandb_run(self).finish(exit_code=1)
 
     def continue_run(self, run_id: str) -> None:
         """Log into the W&B run ``run_id`` (a resumed training run's own), online or offline; before the first log."""
-        if self._experiment is not None:
+        if wandb_run(self) is not None:
             raise RuntimeError("WandbLogger.continue_run: the W&B run has started already")
-        self._wandb_init.update(id=run_id, resume="allow")
-        self._id = run_id
+        wandb_continue(self, run_id)
 
     def run_folder(self) -> Path | None:
         """The local folder of this run (what ``wandb sync`` takes), once the run has started."""
-        if self._experiment is None or not getattr(self._experiment, "dir", None):
+        run = wandb_run(self)
+        if run is None or not getattr(run, "dir", None):
             return None
-        return Path(self._experiment.dir).parent
+        return Path(run.dir).parent
 
 
 class WandbContinuity(pl.Callback):

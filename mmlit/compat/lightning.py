@@ -1,0 +1,36 @@
+"""Lightning internals (checked against lightning 2.6.6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ddp_finds_unused_parameters", "grad_scaler", "steps_processed", "wandb_continue", "wandb_run"]
+
+
+def ddp_finds_unused_parameters(strategy: Any) -> bool:
+    """Whether a DDP strategy was made with ``find_unused_parameters`` (``ddp_find_unused_parameters_true``). Before
+    the model is wrapped, only the strategy's private ``_ddp_kwargs`` holds it."""
+    return bool(getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"))
+
+
+def grad_scaler(trainer: Any):
+    """The fp16 ``GradScaler`` of the trainer's precision plugin (``MixedPrecision.scaler``), when it is enabled."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def steps_processed(trainer: Any) -> int:
+    """Training batches the fit has processed (trained on), not those its loaders prefetched: the loop's private
+    progress counter (``fit_loop.epoch_loop.batch_progress``)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+
+def wandb_run(logger: Any):
+    """The W&B run of Lightning's ``WandbLogger`` if it has started (its ``experiment`` property would start one)."""
+    return logger._experiment
+
+
+def wandb_continue(logger: Any, run_id: str) -> None:
+    """Make a ``WandbLogger`` that has not started yet log into the W&B run ``run_id`` (``resume="allow"``)."""
+    logger._wandb_init.update(id=run_id, resume="allow")
+    logger._id = run_id

@@ -1,0 +1,87 @@
+"""The private internals mmlit reads or sets (``mmlit/compat/``), each on the installed library: a test fails here
+when an upgrade moves one. (aiohttp's is held by tests/data/test_remote.py, on a real StreamReader.)"""
+
+from __future__ import annotations
+
+import socket
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
+
+from mmlit.compat.lightning import ddp_finds_unused_parameters, grad_scaler, steps_processed, wandb_continue, wandb_run
+from mmlit.compat.torch import allow_retained_compiled_backward, default_store, reduce_gradients_manually
+from mmlit.loggers import WandbLogger
+
+
+def test_ddp_strategy_says_whether_it_finds_unused_parameters():
+    assert ddp_finds_unused_parameters(DDPStrategy(find_unused_parameters=True))
+    assert not ddp_finds_unused_parameters(DDPStrategy())
+
+
+def test_the_fp16_grad_scaler_of_the_precision_plugin():
+    scaler = torch.amp.GradScaler("cpu")
+    trainer = type("T", (), {"precision_plugin": MixedPrecision("16-mixed", "cpu", scaler=scaler)})()
+    assert grad_scaler(trainer) is scaler
+    trainer.precision_plugin = MixedPrecision("bf16-mixed", "cpu")
+    assert grad_scaler(trainer) is None
+
+
+class _Tiny(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_steps_a_fit_has_processed(tmp_path):
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(_Tiny(), torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2))
+    assert steps_processed(trainer) == 3
+
+
+def test_a_wandb_logger_continues_a_run_before_it_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True)
+    assert wandb_run(logger) is None  # not started: reading it must not start it
+    wandb_continue(logger, "mmlitcompat1")
+    assert logger.version == "mmlitcompat1"
+    assert logger.experiment.id == "mmlitcompat1" and wandb_run(logger) is logger.experiment
+    logger.experiment.finish()
+
+
+@pytest.fixture
+def process_group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_the_default_store_and_ddps_reducer_flag(process_group):
+    store = default_store()
+    store.set("mmlit/compat", "1")
+    assert store.get("mmlit/compat") == b"1"
+    wrapper = DistributedDataParallel(torch.nn.Linear(2, 1))
+    assert wrapper.require_backward_grad_sync is True  # what no_sync() toggles: the attribute is still there
+    reduce_gradients_manually(wrapper)
+    assert wrapper.require_backward_grad_sync is False and wrapper.require_forward_param_sync is True
+
+
+def test_compiled_backward_buffers_are_not_donated():
+    import torch._functorch.config
+
+    allow_retained_compiled_backward()
+    assert torch._functorch.config.donated_buffer is False
