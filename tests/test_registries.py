@@ -1,0 +1,55 @@
+"""One registry mechanism for every extension point: each registered modality and source keeps its contract (tasks,
+objectives and fusions are tested the same way in their own files), and a name is one class's."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from mmlit.cli import main
+from mmlit.data import Source
+from mmlit.modalities import Modality
+from mmlit.registry import get_modality, get_source, list_fusions, list_modalities, list_sources, register_fusion
+
+
+@pytest.mark.parametrize("name", list_modalities())
+def test_every_registered_modality_keeps_its_contract(name):
+    cls = get_modality(name)
+    assert issubclass(cls, Modality) and cls.modality_name == name and cls.extensions
+    module, _, attr = cls.default_encoder.rpartition(".")
+    encoder = getattr(importlib.import_module(module), attr)(dim=32)  # the encoder a backbone builds by default
+    assert encoder.dim == 32 and isinstance(encoder, torch.nn.Module)
+    modality = cls()
+    pipeline = modality.pipeline(encoder, None, f"model.tasks.t.init_args")
+    assert callable(pipeline) and callable(modality.collate)
+
+
+@pytest.mark.parametrize("name", list_sources())
+def test_every_registered_source_keeps_its_contract(name):
+    cls = get_source(name)
+    assert issubclass(cls, Source) and cls.format == name
+    for method in ("count", "read"):
+        assert getattr(cls, method) is not getattr(Source, method), f"{name} implements {method}"
+
+
+def test_a_name_is_one_classs():
+    @register_fusion("registry_test_once")
+    class First(torch.nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match="fusion name 'registry_test_once' is taken by .*First"):
+        @register_fusion("registry_test_once")
+        class Second(torch.nn.Module):
+            pass
+
+    assert "registry_test_once" in list_fusions()
+
+
+@pytest.mark.parametrize("kind,names", [("modalities", ["image", "text"]), ("sources", ["tar"]),
+                                        ("fusions", ["cross_attention", "early", "hybrid", "late", "relation_network"])])
+def test_mmlit_lists_what_is_registered(kind, names, capsys):
+    assert main([kind]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert set(names) <= set(listed)
