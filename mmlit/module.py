@@ -9,6 +9,7 @@ non-finite loss guard, the gradient statistics and DDP's unused-parameter check 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -29,6 +30,10 @@ from mmlit.tasks.base import Task
 from mmlit.transfer import load_backbone_weights, renamed_state
 
 __all__ = ["MultiTaskModule"]
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -77,7 +82,7 @@ class MultiTaskModule(pl.LightningModule):
             task.build(backbone)
         self.tasks = nn.ModuleDict(tasks)
         self.objective = build_objective(objective, list(tasks))
-        self.update = ObjectiveUpdate(self.objective, lambda: [p for p in self.backbone.parameters() if p.requires_grad])
+        self.update = ObjectiveUpdate(self.objective, partial(_trainable, backbone))  # (picklable: ddp_spawn)
         self.evaluation = TaskMetrics(tasks)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.tokenizer = None  # the data module's, once a stage is set up (decodes predictions)
@@ -132,8 +137,10 @@ class MultiTaskModule(pl.LightningModule):
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         if self.update.task_gradients is None:
-            return super().backward(loss, *args, **kwargs)
-        self.update.backward(self.trainer)
+            super().backward(loss, *args, **kwargs)
+            self.update.losses = None  # (their graphs are spent)
+        else:
+            self.update.backward(self.trainer)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         super().optimizer_zero_grad(epoch, batch_idx, optimizer)

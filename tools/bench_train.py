@@ -65,7 +65,8 @@ from mmlit.data.stream import _share_equal
 from mmlit.data.tools import iter_texts
 from mmlit.module import MultiTaskModule
 from mmlit.data.transforms import ImageTransform
-from mmlit.tasks.base import Shards, batch_size_of
+from mmlit.data.collate import batch_size_of
+from mmlit.tasks.base import Shards
 from mmlit.text import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
