@@ -45,13 +45,17 @@ class _Registry:
         """Import every module named in the entry-point group (once), then the built-in ones."""
         if self.discovered:
             return
-        self.discovered = True
-        for ep in entry_points(group=self.group):
-            try:
-                ep.load()
-            except Exception as err:  # a broken plugin must not hide the others
-                log.warning("%s entry point %r (%s) failed to load: %s", self.group, ep.name, ep.value, err)
-        importlib.import_module(self.builtin)  # also when mmlit is not pip-installed
+        self.discovered = True  # first: a plugin that looks a name up while it loads must not recurse
+        try:
+            for ep in entry_points(group=self.group):
+                try:
+                    ep.load()
+                except Exception as err:  # a broken plugin must not hide the others
+                    log.warning("%s entry point %r (%s) failed to load: %s", self.group, ep.name, ep.value, err)
+            importlib.import_module(self.builtin)  # also when mmlit is not pip-installed
+        except BaseException:  # the built-ins failed to import: the next lookup tries again and shows the error
+            self.discovered = False
+            raise
 
     def names(self) -> list[str]:
         self._discover()
@@ -69,7 +73,6 @@ class _Registry:
     def __contains__(self, name: str) -> bool:
         self._discover()
         return name in self.classes
-
 
     def api(self) -> tuple[Callable, Callable, Callable]:
         """``register_x``, ``list_x`` and ``get_x`` of this kind."""

@@ -4,6 +4,9 @@ objectives and fusions are tested the same way in their own files), and a name i
 from __future__ import annotations
 
 import importlib
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,3 +56,34 @@ def test_mmlit_lists_what_is_registered(kind, names, capsys):
     assert main([kind]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert set(names) <= set(listed)
+
+
+_IMPORT_EACH_FIRST = """
+import importlib, json, pkgutil, sys
+import mmlit
+names = sorted(m.name for m in pkgutil.walk_packages(mmlit.__path__, "mmlit."))
+failed = []
+for name in names:
+    for loaded in [m for m in sys.modules if m == "mmlit" or m.startswith("mmlit.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception as err:
+        failed.append(f"{name}: {type(err).__name__}: {err}")
+    if name == "mmlit.data":
+        print("DATA_LOADS", json.dumps(sorted({m.split(".")[1] for m in sys.modules if m.startswith("mmlit.")})))
+print("FAILED", json.dumps(failed))
+print("COUNT", len(names))
+"""
+
+
+def test_every_module_imports_first_and_the_data_side_needs_no_model():
+    """Each module of mmlit imports in an interpreter where no other mmlit module is loaded yet (an import cycle
+    shows up only for the module imported first), and ``mmlit.data`` (what DataLoader workers load) pulls in
+    neither the tasks' heads nor the models."""
+    out = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST], capture_output=True, text=True, check=True).stdout
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ", 1)[0] in {"FAILED", "COUNT", "DATA_LOADS"})
+    assert int(lines["COUNT"]) > 50
+    assert json.loads(lines["FAILED"]) == []
+    data_loads = json.loads(lines["DATA_LOADS"])
+    assert "data" in data_loads and "tasks" not in data_loads and "models" not in data_loads, data_loads

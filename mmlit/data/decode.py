@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from mmlit.data.device_images import EncodedImage
-from mmlit.modalities.image import IMAGE_FORMATS, decode_image
+from mmlit.data.images import IMAGE_FORMATS, decode_image
 from mmlit.registry import get_modality, is_modality
 
 __all__ = ["EncodedImage", "IMAGE_EXTENSIONS", "UNSAFE_EXTENSIONS", "UnsafeSampleError", "SampleError", "decode_sample",
