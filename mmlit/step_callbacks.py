@@ -36,7 +36,10 @@ class GradientStatistics(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         every = trainer.log_every_n_steps
         logging = every > 0 and (trainer.global_step + 1) % every == 0
-        pl_module.update.want_statistics = logging and batch_idx % trainer.accumulate_grad_batches == 0  # once a step
+        # A loss-based objective measures them on the step's first micro-batch (one extra backward pass per task);
+        # a gradient-based one when it steps, after the last: the flag holds for every micro-batch of that step.
+        once = pl_module.update.task_gradients is not None or batch_idx % trainer.accumulate_grad_batches == 0
+        pl_module.update.want_statistics = logging and once
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         update = pl_module.update

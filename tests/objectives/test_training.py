@@ -199,12 +199,14 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(soc, batches, tmp_pat
 
 
 @pytest.mark.parametrize("method", ["static", "pcgrad"])
-def test_gradient_statistics_can_be_turned_off(method, batches, tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradient_statistics_can_be_turned_off(method, accumulate, batches, tmp_path):
+    """Logged with a loss-based and a gradient-based objective, also when a step accumulates micro-batches."""
     logged = {}
     for on in (True, False):
         module = build_module(method)
         module.gradient_statistics = on
-        fit = trainer(tmp_path, STEPS)
+        fit = trainer(tmp_path, STEPS // accumulate, accumulate_grad_batches=accumulate)
         fit.fit(module, loader(batches["whole"]))
         logged[on] = set(fit.logged_metrics)
     assert "train/objective/grad_norm/vqa" in logged[True] and "train/objective/cosine/vqa:image_classification" in logged[True]
