@@ -15,6 +15,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from mmlit.compile import Compile, compile_modules
@@ -30,6 +31,9 @@ from mmlit.tasks.base import Task
 from mmlit.transfer import load_backbone_weights, renamed_state
 
 __all__ = ["MultiTaskModule"]
+
+# Written into every checkpoint; a checkpoint without it has the parameter groups of before the modality-keyed core.
+CHECKPOINT_LAYOUT = 2
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -154,8 +158,14 @@ class MultiTaskModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mmlit_skipped_steps"] = self.update.skipped_steps
+        checkpoint["mmlit_layout"] = CHECKPOINT_LAYOUT
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING and "mmlit_layout" not in checkpoint:
+            raise ValueError("ckpt_path: this checkpoint was written before encoders were keyed by modality; its "
+                             "optimizer state does not fit the current parameter groups, so it cannot resume a fit. "
+                             "Start a new run from its weights (model.pretrained) or evaluate it (mmlit "
+                             "validate / test --ckpt_path).")
         self.update.skipped_steps = checkpoint.get("mmlit_skipped_steps", 0)
         checkpoint["state_dict"] = renamed_state(checkpoint["state_dict"], prefix="backbone.")  # older key shapes
 

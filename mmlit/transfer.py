@@ -5,7 +5,9 @@
   ``{"encoders.image.…": tensor}``, as ``export_backbone`` writes). The parts in the file (each encoder,
   ``encoders.{modality}``, and the ``fusion``) load strictly; parts missing from it start fresh, so a contrastive
   dual encoder can start a VQA model that adds a fusion. Task heads never load: a fine-tuning run brings its own.
-  Files of backbones keyed ``image_encoder`` / ``text_encoder`` load as ``encoders.image`` / ``encoders.text``.
+  Files of backbones of the older shape load too: ``image_encoder`` / ``text_encoder`` as ``encoders.image`` /
+  ``encoders.text``, and a gated ``LateFusion``'s image/text projections and sigmoid gate as its per-modality
+  projections and softmax gate, computing what they computed.
 - ``export_backbone``: a checkpoint's backbone as one ``.safetensors`` file, for use outside mmlit.
 """
 
@@ -30,10 +32,30 @@ def _renamed(name: str) -> str:
     return name
 
 
+def _gated_fusion(state: dict, prefix: str) -> dict:
+    """A gated ``LateFusion`` of the older shape in ``state`` (``image_proj``, ``text_proj``, a sigmoid ``gate`` of
+    (D, 2D)) as the current one (``projs.0``, ``projs.1``, a softmax ``gate`` of (2D, 2D) over the two modalities):
+    the gate's first D outputs are the old logits, the text half is zero, and softmax([a, 0]) = [sigmoid(a),
+    1 - sigmoid(a)], so the fused features are the same."""
+    for key in [k for k in state if k.startswith(f"{prefix}fusion.") and k.endswith(".image_proj.weight")]:
+        base = key[: -len("image_proj.weight")]
+        if f"{base}text_proj.weight" not in state or f"{base}gate.weight" not in state:
+            continue
+        for old, new in (("image_proj", "projs.0"), ("text_proj", "projs.1")):
+            for kind in ("weight", "bias"):
+                state[f"{base}{new}.{kind}"] = state.pop(f"{base}{old}.{kind}")
+        for kind in ("weight", "bias"):
+            gate = state[f"{base}gate.{kind}"]
+            state[f"{base}gate.{kind}"] = torch.cat([gate, torch.zeros_like(gate)])
+    return state
+
+
 def renamed_state(state: dict, prefix: str = "") -> dict:
-    """``state`` with the keys of backbones of the older shape (``{prefix}image_encoder.*``) renamed
-    (``{prefix}encoders.image.*``): checkpoints saved before encoders were keyed by modality load as they are."""
-    return {prefix + _renamed(k[len(prefix):]) if k.startswith(prefix) else k: v for k, v in state.items()}
+    """``state`` with the keys of backbones of the older shape (``{prefix}image_encoder.*``, a gated late fusion's
+    ``image_proj``) as they are now (``{prefix}encoders.image.*``, ``projs.0``): checkpoints saved before encoders
+    were keyed by modality load as they are."""
+    return _gated_fusion({prefix + _renamed(k[len(prefix):]) if k.startswith(prefix) else k: v
+                          for k, v in state.items()}, prefix)
 
 
 def _part(name: str) -> tuple[str, str]:
@@ -51,7 +73,7 @@ def read_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no weights file '{path}'")
     if path.suffix == ".safetensors":
-        return {_renamed(k): v for k, v in load_file(str(path)).items()}
+        return renamed_state(load_file(str(path)))
     state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
     if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint of a MultiTaskModule
         state = {k[len("backbone."):]: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
@@ -59,7 +81,7 @@ def read_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"'{path}' is a checkpoint without backbone.* weights (not an mmlit checkpoint?)")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"'{path}' holds no state dict of tensors")
-    return {_renamed(k): v for k, v in state.items()}
+    return renamed_state(state)
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path, key: str = "model.pretrained") -> list[str]:

@@ -145,6 +145,11 @@ def test_fit_end_to_end_then_resume_then_test(soc, tmp_path):
     assert "test/vqa/acc" in tested.stdout
     assert (run / "config.test.yaml").is_file()
 
+    older = tmp_path / "older.ckpt"  # a checkpoint of before the modality-keyed core: no layout mark
+    torch.save({k: v for k, v in torch.load(last, weights_only=True).items() if k != "mmlit_layout"}, older)
+    with pytest.raises(ValueError, match="written before encoders were keyed by modality.*cannot resume a fit"):
+        main(["fit", "--config", str(recipe_path), "--trainer.max_epochs", "3", "--ckpt_path", str(older)])
+
 
 def test_log_every_n_steps_0_trains_without_step_logs(soc, tmp_path):
     recipe = tiny_recipe(soc, tmp_path / "run", tasks=["image_classification"], log_every_n_steps=0)

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from mmlit.callbacks import Freeze
-from mmlit.models import Backbone, CrossAttentionFusion, TimmImageEncoder, TransformerTextEncoder
+from mmlit.models import Backbone, CrossAttentionFusion, LateFusion, TimmImageEncoder, TransformerTextEncoder
+from mmlit.models.backbone import Encoded
 from mmlit.optim import parameter_groups
 from mmlit.transfer import export_backbone, load_backbone_weights
 
@@ -149,3 +150,22 @@ def test_freeze_holds_matching_parameters_until_the_step(soc, tmp_path):
     assert any(not torch.equal(after[k], start[k]) for k in image), "trains from step 2"
     with pytest.raises(ValueError, match=r"Freeze.patterns: 'backbone.encoders.imag.\*' matches no parameter"):
         trainer(tmp_path, 1, callbacks=[Freeze(["backbone.encoders.imag.*"])]).fit(build_module("static"), loader(batches))
+
+
+def test_a_gated_late_fusion_of_the_older_shape_fuses_as_it_did(tmp_path):
+    """The older gated fusion, ``z * tanh(W_i i) + (1 - z) * tanh(W_t t)`` with ``z = sigmoid(gate([i, t]))``, loads
+    into the current one (a softmax gate over the modalities) and gives the same features."""
+    torch.manual_seed(0)
+    old = {"fusion.image_proj.weight": torch.randn(D, D), "fusion.image_proj.bias": torch.randn(D),
+           "fusion.text_proj.weight": torch.randn(D, D), "fusion.text_proj.bias": torch.randn(D),
+           "fusion.gate.weight": torch.randn(D, 2 * D), "fusion.gate.bias": torch.randn(D)}
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in old.items()}}, tmp_path / "old.ckpt")
+    backbone = _backbone(1, fusion=False)
+    backbone.fusion = LateFusion(D, "gated")
+    assert load_backbone_weights(backbone, tmp_path / "old.ckpt") == ["fusion"]
+    image, text = torch.randn(5, D), torch.randn(5, D)
+    z = torch.sigmoid(torch.cat([image, text], -1) @ old["fusion.gate.weight"].T + old["fusion.gate.bias"])
+    expected = (z * torch.tanh(image @ old["fusion.image_proj.weight"].T + old["fusion.image_proj.bias"])
+                + (1 - z) * torch.tanh(text @ old["fusion.text_proj.weight"].T + old["fusion.text_proj.bias"]))
+    fused = backbone.fusion({"image": Encoded(None, image), "text": Encoded(None, text)}, {}).pooled
+    torch.testing.assert_close(fused, expected)
