@@ -108,7 +108,10 @@ class Throughput(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` counting a step's examples of every task: ``train/device/samples_per_sec``
     (per rank; ``train/samples_per_sec`` for all ranks, under DDP) and ``train/device/batches_per_sec``, over a
     sliding window of steps (data loading included); plus ``train/perf/minutes``, the wall minutes since the fit
-    started (validation included), for curves against time.
+    started (validation included), for curves against time. ``ThroughputMonitor`` also logs the rates of
+    validation and testing (``validate/...``, ``test/...``) and, on a CUDA device, calls ``torch.cuda.synchronize()``
+    after every batch so that its times are the device's: a wait that costs little beside a large step and more
+    beside a small one.
 
     Args:
         window_size: the steps the rates are averaged over (the first rates come after that many steps).
