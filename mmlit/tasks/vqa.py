@@ -12,11 +12,12 @@ counts images. The head reads the fused pooled feature. The target of a question
 with it is cross-entropy with the answer when there is one answer. Questions whose answers are all outside the
 vocabulary take no part in the loss and score 0 in ``acc``.
 
-``acc`` is the official VQA accuracy (``vqaEval.py``): the predicted answer (a vocabulary entry) is compared with the
-human answers as written when all of them agree, and after normalising both (``normalize_answer``) when they do not,
-so a prediction "2" scores 0 against ten "two"s, as it does in the official evaluation. With ``normalize: false``
-answers are compared as written throughout. A question with one answer (Sort-of-CLEVR) is scored by exact match,
-where the official leave-one-out formula would give every answer 0. With ``answer_types`` also ``acc_{type}`` per
+``acc`` is the official VQA accuracy (``vqaEval.py``): the predicted answer (a vocabulary entry, normalised) is
+compared with the human answers as written when all of them agree, and after normalising them (``normalize_answer``)
+when they do not, so a prediction "2" scores 0 against ten "two"s, as it does in the official evaluation. A question
+with one answer (Sort-of-CLEVR, most users' data) is scored by exact match after normalising, where the official
+leave-one-out formula would give every answer 0. With ``normalize: false`` answers are compared as written
+throughout. With ``answer_types`` also ``acc_{type}`` per
 answer type, with ``relational`` the Sort-of-CLEVR split ``acc_rel`` / ``acc_nonrel``.
 """
 
@@ -76,7 +77,7 @@ class VQAData(TaskData):
         if not self.normalize:
             return [self._answer_index.get(a, -1) for a in written]
         stripped = [_written(a) for a in written]
-        if len(set(stripped)) <= 1:
+        if len(stripped) > 1 and len(set(stripped)) == 1:
             return [self._written_index.get(a, -1) for a in stripped]
         return [self._normalized_index.get(normalize_answer(a), -1) for a in stripped]
 

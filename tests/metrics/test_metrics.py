@@ -190,6 +190,13 @@ def test_vqa_accuracy_is_the_official_one_for_unanimous_and_split_answers():
     assert sum(always_normalised) - sum(official) > 10  # what scoring every question normalised would add
 
 
+def test_a_question_with_one_answer_is_exact_match_after_normalising():
+    """One answer (a table row's ``answer``): "Yes" and "Two" are the vocabulary's "yes" and "2", as its target says."""
+    vocabulary = ["2", "yes", "no"]
+    cases = [(["Yes"], "yes", 1.0), (["Two"], "2", 1.0), (["no."], "no", 1.0), (["Yes"], "no", 0.0), (["3"], "2", 0.0)]
+    assert _vqa_scores([(h, p) for h, p, _ in cases], vocabulary).tolist() == [e for _, _, e in cases]
+
+
 def test_vqa_accuracy_by_hand():
     humans = ["yes"] * 3 + ["no"] * 7
     # "yes": left out one of its 3 -> 2 of 9 agree: 2/3; left out one of the 7 -> 3 agree: 1. (3 * 2/3 + 7) / 10
