@@ -20,13 +20,12 @@ import numpy as np
 from PIL import Image
 
 from mmlit.data.device_images import EncodedImage
-from mmlit.data.images import IMAGE_FORMATS, decode_image
+from mmlit.data.images import IMAGE_EXTENSIONS, decode_image
 from mmlit.registry import get_modality, is_modality
 
 __all__ = ["EncodedImage", "IMAGE_EXTENSIONS", "UNSAFE_EXTENSIONS", "UnsafeSampleError", "SampleError", "decode_sample",
            "sample_field", "sample_image", "sample_input", "sample_location"]
 
-IMAGE_EXTENSIONS = frozenset(IMAGE_FORMATS)
 TEXT_EXTENSIONS = frozenset({"txt", "text", "caption"})
 INT_EXTENSIONS = frozenset({"cls", "cls2", "index", "label"})
 # Formats whose loaders execute code (pickle and everything built on it).
@@ -104,9 +103,12 @@ def decode_sample(sample: dict, fields: tuple[str, ...] | None = None, *, modali
 
 
 def _modality_readers(fields, modalities, max_image_pixels, jpeg_on_device) -> list:
-    """The modality objects that fields name (all of them when no field is given: the built-in ones by default)."""
+    """The modality objects that fields name; without fields, every one given (entries of no given modality are
+    decoded by extension, as the built-in modalities do with their defaults)."""
     given = dict(modalities or {})
-    names = [f for f in fields if is_modality(f)] if fields else []
+    if not fields:
+        return list(given.values())
+    names = [f for f in fields if is_modality(f)]
     readers = []
     for name in names:
         if name not in given:

@@ -13,11 +13,12 @@ from PIL import Image, UnidentifiedImageError
 
 from mmlit.data.device_images import EncodedImage
 
-__all__ = ["IMAGE_FORMATS", "decode_image"]
+__all__ = ["IMAGE_EXTENSIONS", "IMAGE_FORMATS", "decode_image"]
 
 # The Pillow format each image extension names (as ``PIL.Image.registered_extensions()`` maps them).
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "bmp": "BMP", "ppm": "PPM", "pgm": "PPM",
                  "pbm": "PPM", "pnm": "PPM", "tif": "TIFF", "tiff": "TIFF", "gif": "GIF"}
+IMAGE_EXTENSIONS = frozenset(IMAGE_FORMATS)
 
 _log = logging.getLogger(__name__)
 

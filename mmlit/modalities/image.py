@@ -16,7 +16,7 @@ from PIL import Image
 
 from mmlit.data.collate import stack_tensors
 from mmlit.data.device_images import EncodedImage
-from mmlit.data.images import IMAGE_FORMATS, decode_image
+from mmlit.data.images import IMAGE_EXTENSIONS, decode_image
 from mmlit.data.transforms import ImageTransform, build_pipelines, training_sample
 from mmlit.modalities.base import Modality
 from mmlit.registry import register_modality
@@ -53,7 +53,7 @@ class ImageModality(Modality):
         on_device: JPEGs are checked here and decoded on the training device.
     """
 
-    extensions = frozenset(IMAGE_FORMATS)
+    extensions = IMAGE_EXTENSIONS
     default_encoder = "mmlit.models.TimmImageEncoder"
 
     def __init__(self, max_pixels: int | None = None, on_device: bool = False):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmlit.data.collate import pad
+from mmlit.data.decode import TEXT_EXTENSIONS
 from mmlit.modalities.base import Modality
 from mmlit.registry import register_modality
 from mmlit.text import BOS, EOS
@@ -38,7 +39,7 @@ class TextPipeline:
 class TextModality(Modality):
     """UTF-8 text, as token ids of the run's tokenizer."""
 
-    extensions = frozenset({"txt", "text", "caption"})
+    extensions = TEXT_EXTENSIONS
     default_encoder = "mmlit.models.TransformerTextEncoder"
 
     def decode(self, extension: str, data: bytes) -> str:

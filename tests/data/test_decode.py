@@ -10,6 +10,7 @@ import pytest
 from PIL import Image, features
 
 from mmlit.data.decode import IMAGE_EXTENSIONS, SampleError, UnsafeSampleError, decode_sample, sample_field, sample_image
+from mmlit.modalities import ImageModality
 
 
 def _image(fmt: str, size: tuple[int, int] = (8, 8)) -> bytes:
@@ -84,6 +85,15 @@ def test_pixel_limit_refuses_before_the_pixels_are_decoded():
         decode_sample(_sample(png=truncated), max_image_pixels=4999)  # not the truncation: load() never ran
     with pytest.raises(SampleError, match=r"cannot decode entry 'png'"):
         decode_sample(_sample(png=truncated), max_image_pixels=5000)
+
+
+def test_the_given_modalities_decode_also_without_fields():
+    """Without fields every entry is decoded, by the run's modality objects (their limits) where one is given."""
+    sample = _sample(png=_image("PNG", (100, 50)), txt=b"a caption")
+    with pytest.raises(SampleError, match=r"5000 pixels, more than data.max_image_pixels \(4999\)"):
+        decode_sample(sample, modalities={"image": ImageModality(max_pixels=4999)})
+    decoded = decode_sample(sample, modalities={"image": ImageModality(max_pixels=5000)})
+    assert decoded["png"].size == (100, 50) and decoded["txt"] == "a caption"
 
 
 def test_the_recipe_limit_governs_over_pillows(monkeypatch):
