@@ -52,10 +52,12 @@ class PrefixLMData(TaskData):
         self.fields = ("image", questions_field if target == "answer" else caption_field)
 
     def _sequence(self, prompt: list[int], target: list[int]) -> dict:
-        """prompt [BOS] target -> inputs, labels (next tokens on the target only), and the prompt for generation."""
+        """prompt [BOS] target -> inputs, labels (next tokens on the target only), and the prompt for generation;
+        cut to the decoder's ``max_length`` once bound to a model (uncut before)."""
         length = self.pipeline("text").max_length
-        target = target[: length - 1 - min(len(prompt), length // 2)]  # a long answer keeps a question
-        prompt = prompt[: length - 1 - len(target)]
+        if length is not None:
+            target = target[: length - 1 - min(len(prompt), length // 2)]  # a long answer keeps a question
+            prompt = prompt[: length - 1 - len(target)]
         return {"input": [*prompt, BOS, *target], "labels": [PAD] * len(prompt) + [*target, EOS],
                 "prompt": [*prompt, BOS]}
 

@@ -77,6 +77,17 @@ def test_task_metrics_on_evaluation_batches(name, soc):
 
 
 @pytest.mark.parametrize("name", list_tasks())
+def test_a_data_side_prepares_samples_before_it_is_bound_to_a_model(name, soc):
+    """Without a model (a notebook looking at its data, a tool): images at their own size, texts uncut."""
+    from mmlit.data import decode_sample
+
+    task: Task = soc_task(name, Shards(train=soc["train"], val=soc["val"]), batch_size=2)
+    samples = [decode_sample(s) for s in itertools.islice(iter_samples(soc["shards"]["val"][0]), 2)]
+    examples = [e for s in samples for e in task.data.prepare(s, load_tokenizer(soc["tokenizer"]))]
+    assert examples and task.data.collate(examples)
+
+
+@pytest.mark.parametrize("name", list_tasks())
 def test_task_declares_the_fields_it_reads(name, soc):
     """Removing a declared field from a sample makes prepare fail with the shard and sample named."""
     from mmlit.data import SampleError, decode_sample
