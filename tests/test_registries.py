@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from mmlit.cli import main
-from mmlit.data import Source
+from mmlit.data import Shards, Source, TaskData
 from mmlit.modalities import Modality
-from mmlit.registry import get_modality, get_source, list_fusions, list_modalities, list_sources, register_fusion
+from mmlit.registry import (get_modality, get_source, list_fusions, list_modalities, list_sources, register_fusion,
+                            register_modality)
 
 
 @pytest.mark.parametrize("name", list_modalities())
@@ -87,3 +88,22 @@ def test_every_module_imports_first_and_the_data_side_needs_no_model():
     assert json.loads(lines["FAILED"]) == []
     data_loads = json.loads(lines["DATA_LOADS"])
     assert "data" in data_loads and "tasks" not in data_loads and "models" not in data_loads, data_loads
+
+
+def test_a_task_collates_a_modalitys_values_with_that_modalitys_collate():
+    """Values keyed by a modality the data side reads are batched by the modality (here: summed, not stacked); the
+    rest as ``collate_examples`` does."""
+    @register_modality("registry_test_counts")
+    class Counts(Modality):
+        extensions = frozenset({"counts"})
+
+        def collate(self, values: list) -> torch.Tensor:
+            return torch.stack(values).sum(0)
+
+    class CountsData(TaskData):
+        reads = ("registry_test_counts",)
+
+    examples = [{"registry_test_counts": torch.tensor([1, 2]), "label": 0},
+                {"registry_test_counts": torch.tensor([3, 4]), "label": 1}]
+    batch = CountsData(Shards()).collate(examples)
+    assert batch["registry_test_counts"].tolist() == [4, 6] and batch["label"].tolist() == [0, 1]

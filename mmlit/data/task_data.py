@@ -11,6 +11,7 @@ lands in ``inputs``. Nothing here imports a model or a task.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
@@ -64,8 +65,10 @@ class TaskData:
         return f"model.tasks.{self.name}.init_args.shards"
 
     def bind(self, inputs: dict[str, Callable]) -> None:
-        """The pipelines of the modalities in ``reads``, made for the backbone's encoders (see ``Modality.pipeline``)."""
-        self.inputs = dict(inputs)
+        """The pipelines of the modalities in ``reads``, made for the backbone's encoders (see ``Modality.pipeline``).
+        ``inputs`` is updated in place: a data side that shares it (a task's evaluation sources) sees the binding."""
+        self.inputs.clear()
+        self.inputs.update(inputs)
 
     def prepare(self, sample: dict, tokenizer: Tokenizer | None) -> Iterator[dict]:
         """Yield the examples of one decoded sample (none to drop it). The sample holds the entries named in
@@ -74,9 +77,17 @@ class TaskData:
         raise NotImplementedError
 
     def collate(self, examples: list[dict]) -> dict[str, Any]:
-        """One batch of examples (``collate_examples``: images come as (B, 3, S, S) uint8 in channels-last memory
-        order, so reshape them, do not ``.view`` them)."""
-        return collate_examples(examples)
+        """One batch of examples: a value keyed by the name of a modality in ``reads`` (``image``) by that modality's
+        ``collate`` (``collate_input``), the others by ``collate_examples``. Images come as (B, 3, S, S) uint8 in
+        channels-last memory order, so reshape them, do not ``.view`` them."""
+        own = [key for key in examples[0] if key in self.reads]
+        batch = collate_examples([{k: v for k, v in e.items() if k not in own} for e in examples])
+        return {**{key: self.collate_input(key, [e[key] for e in examples]) for key in own}, **batch}
+
+    @staticmethod
+    def collate_input(modality: str, values: list) -> Any:
+        """A batch of one modality's prepared values, by that modality's ``collate``."""
+        return _modality(modality).collate(values)
 
     def evaluation_sources(self) -> list[TaskData]:
         """Other sources this task is evaluated on (zero-shot classification shards of a contrastive task): data sides
@@ -113,6 +124,12 @@ class TaskData:
             if predicting():
                 return placeholder
             raise
+
+
+@functools.cache
+def _modality(name: str) -> Any:
+    """The registered modality ``name`` with its defaults: its ``collate`` needs none of the recipe's limits."""
+    return get_modality(name)()
 
 
 def data_side(task: Any) -> TaskData:

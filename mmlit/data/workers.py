@@ -10,7 +10,7 @@ ranks waiting for that rank in DDP's collectives.
 ``forkserver`` (the default) forks the workers from a server process instead. The server is started with exec by
 each rank at setup, so it has a single thread, and it imports torch, mmlit and the tasks' modules before
 it forks anything, so a worker starts as fast as a forked one. ``spawn`` starts a fresh interpreter per worker.
-The stream is pickled to each worker (``TaskStream.__getstate__``: the task goes without its head).
+The stream is pickled to each worker with the tasks' data sides (``TaskData``: plain objects, no head or parameters).
 
 A worker ends with the training process, however that ends (``_end_with``): torch's workers watch their parent, and a
 fork server's worker's parent is the server, which a SIGKILLed training process leaves running (with its workers

@@ -25,7 +25,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from mmlit.data import Shards, TaskData
-from mmlit.data.collate import collate_examples, flatten_items, stack_tensors
+from mmlit.data.collate import collate_examples, flatten_items
 from mmlit.data.decode import sample_field
 from mmlit.data.fields import captions_of, class_index, names_from
 from mmlit.data.transforms import ImageTransform, text_safe, training_sample
@@ -100,7 +100,7 @@ class ContrastiveData(TaskData):
     def collate(self, examples: list[dict]) -> dict[str, Any]:
         """image (B, 3, H, W), captioned (B,); captions flattened over images: caption (C, T), image_index (C,),
         key (C) (C = B in training: one caption each)."""
-        return {"image": stack_tensors([e["image"] for e in examples]),
+        return {"image": self.collate_input("image", [e["image"] for e in examples]),
                 "captioned": torch.tensor([e["captioned"] for e in examples]),
                 **collate_examples(flatten_items(examples, "captions"))}
 

@@ -25,7 +25,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from mmlit.data import Shards, TaskData
-from mmlit.data.collate import collate_examples, flatten_items, pad, pad_references, stack_tensors
+from mmlit.data.collate import collate_examples, flatten_items, pad, pad_references
 from mmlit.data.decode import SampleError, sample_field, sample_location
 from mmlit.data.fields import captions_of
 from mmlit.data.transforms import ImageTransform, predicting, text_safe, training_sample
@@ -94,7 +94,7 @@ class PrefixLMData(TaskData):
         batch["prompt"] = pad(prompts, left=True)
         if "references" in examples[0]:
             batch["references"] = pad_references([e["references"] for e in examples])
-        return {"image": stack_tensors([e["image"] for e in examples]), **batch}  # images first: batch_size_of counts them
+        return {"image": self.collate_input("image", [e["image"] for e in examples]), **batch}  # images first: batch_size_of counts them
 
 
 @register_task("prefix_lm")

@@ -31,7 +31,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from mmlit.data import Shards, TaskData
-from mmlit.data.collate import collate_examples, flatten_items, pad, stack_tensors
+from mmlit.data.collate import collate_examples, flatten_items, pad
 from mmlit.data.decode import SampleError, sample_field, sample_location
 from mmlit.data.fields import names_from
 from mmlit.data.transforms import ImageTransform, text_safe, training_sample
@@ -116,7 +116,7 @@ class VQAData(TaskData):
         batch = collate_examples([{k: v for k, v in q.items() if k not in padded} for q in flat])
         for name, (value, dtype) in padded.items():
             batch[name] = pad([q[name] for q in flat], value, dtype)
-        return {"image": stack_tensors([e["image"] for e in examples]), **batch}
+        return {"image": self.collate_input("image", [e["image"] for e in examples]), **batch}
 
 
 @register_task("vqa")

@@ -87,6 +87,22 @@ def test_a_data_side_prepares_samples_before_it_is_bound_to_a_model(name, soc):
     assert examples and task.data.collate(examples)
 
 
+def test_an_evaluation_source_made_before_the_model_is_built_prepares_at_the_models_size(soc):
+    """A contrastive task's zero-shot data side shares the task's pipelines: bound later, it sees the binding."""
+    from mmlit.data import decode_sample
+    from mmlit.tasks.contrastive import ZeroShot
+
+    task = soc_task("contrastive", Shards(train=soc["train"], val=soc["val"]), batch_size=2,
+                    zero_shot=ZeroShot(Shards(val=soc["val"]), classes=["a", "b"], label_field="cls"))
+    (source,) = task.data.evaluation_sources()
+    task.build(_backbone("contrastive"))
+    size = task.data.pipeline("image").size
+    sample = decode_sample(next(iter_samples(soc["shards"]["val"][0])))
+    sample["cls"], sample["png"] = 1, sample["png"].resize((size // 2, size // 2))  # unbound: kept at its size
+    (example,) = source.prepare(sample, None)
+    assert example["image"].shape == (3, size, size) and example["zero_shot_label"] == 1
+
+
 @pytest.mark.parametrize("name", list_tasks())
 def test_task_declares_the_fields_it_reads(name, soc):
     """Removing a declared field from a sample makes prepare fail with the shard and sample named."""
