@@ -2,7 +2,9 @@
 learning-rate decay per encoder, both from timm (``timm.optim.param_groups_layer_decay``, BEiT's recipe).
 
 Every parameter of one dimension or less (biases, norm weights, CLIP's ``logit_scale``, the uncertainty method's
-log-variances) is in a group with ``weight_decay: 0``; the others take the optimizer's own ``weight_decay``. With
+log-variances), and those an encoder's ``no_weight_decay()`` names (a timm ViT's ``pos_embed`` and ``cls_token``, as
+timm's own optimizer factory leaves them out), is in a group with ``weight_decay: 0``; the others take the
+optimizer's own ``weight_decay``. With
 ``layer_decay < 1`` each encoder's layers train at ``layer_decay ** (top - layer)`` times the rate (BEiT, Bao et al.
 2022; ELECTRA, Clark et al. 2020); an encoder's layers come from its ``group_matcher`` (a timm model's own, mmlit's
 text encoders'), and fusion, heads and objective at the full rate. Schedulers that scale each group's initial rate
@@ -11,6 +13,7 @@ keep the ratios; ``OneCycleLR``, which sets every group from one ``max_lr``, is 
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Iterable
 
 import torch
@@ -23,16 +26,27 @@ __all__ = ["build_optimizer", "keep_lr_scales", "parameter_groups"]
 def parameter_groups(module: nn.Module, encoders: Iterable[nn.Module], layer_decay: float = 1.0) -> list[dict]:
     """Groups of ``module``'s trainable parameters, each with ``lr_scale`` (layer decay, per encoder) and, where no
     weight decay applies, ``weight_decay: 0``."""
+    encoders = list(encoders)
+    no_decay = {id(p) for encoder in encoders for p in _no_weight_decay(encoder)}
     groups, placed = [], set()
     for encoder in encoders if layer_decay != 1.0 else ():
-        for group in param_groups_layer_decay(encoder, weight_decay=1.0, layer_decay=layer_decay):
+        named = getattr(encoder, "no_weight_decay", lambda: ())()
+        for group in param_groups_layer_decay(encoder, weight_decay=1.0, layer_decay=layer_decay,
+                                              no_weight_decay_list=named):
             params = [p for p in group["params"] if id(p) not in placed]
             placed.update(map(id, params))
             groups.append(_group(params, group["lr_scale"], decay=group["weight_decay"] > 0))
     rest = [p for p in module.parameters() if p.requires_grad and id(p) not in placed]
-    groups.append(_group([p for p in rest if p.ndim > 1], 1.0, decay=True))
-    groups.append(_group([p for p in rest if p.ndim <= 1], 1.0, decay=False))
+    groups.append(_group([p for p in rest if p.ndim > 1 and id(p) not in no_decay], 1.0, decay=True))
+    groups.append(_group([p for p in rest if p.ndim <= 1 or id(p) in no_decay], 1.0, decay=False))
     return [g for g in groups if g["params"]]
+
+
+def _no_weight_decay(encoder: nn.Module) -> list[nn.Parameter]:
+    """The parameters the encoder's ``no_weight_decay()`` names (fnmatch patterns, as timm reads them: a ViT's
+    position embedding and class token), which take no weight decay whatever their shape."""
+    patterns = getattr(encoder, "no_weight_decay", lambda: ())()
+    return [p for name, p in encoder.named_parameters() if any(fnmatch.fnmatch(name, q) for q in patterns)]
 
 
 def _group(params: list, lr_scale: float, decay: bool) -> dict:

@@ -107,6 +107,18 @@ def test_layer_decay_scales_each_encoder_by_depth():
     assert decay[id(head.weight)] is None and decay[id(vit.blocks[0].attn.qkv.weight)] is None
 
 
+@pytest.mark.parametrize("layer_decay", [1.0, 0.5])
+def test_what_a_timm_model_names_in_no_weight_decay_takes_none(layer_decay):
+    """A ViT's position embedding and class token (3-D) take no weight decay, as timm's optimizer factory has it."""
+    backbone = _backbone(0, vit=True)
+    vit = backbone.encoders["image"].model
+    assert {"pos_embed", "cls_token"} <= set(vit.no_weight_decay())
+    groups = parameter_groups(backbone, backbone.encoders.values(), layer_decay=layer_decay)
+    decay = {id(p): g.get("weight_decay") for g in groups for p in g["params"]}
+    assert decay[id(vit.pos_embed)] == decay[id(vit.cls_token)] == 0.0
+    assert vit.pos_embed.ndim == 3 and decay[id(vit.patch_embed.proj.weight)] is None
+
+
 def test_one_dimensional_parameters_take_no_weight_decay_without_layer_decay():
     module = build_module("uncertainty")
     module.optimizer_factory = lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)

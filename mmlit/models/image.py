@@ -100,6 +100,12 @@ class TimmImageEncoder(nn.Module):
         layer = {f"model.{name}": i for name, i in inner.items()}
         return lambda name: layer.get(name, float("inf"))
 
+    def no_weight_decay(self) -> set[str]:
+        """The timm model's parameters that take no weight decay (a ViT's ``pos_embed``, ``cls_token``), by their
+        names here (``model.pos_embed``): what ``mmlit.optim.parameter_groups`` leaves out of weight decay."""
+        names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
+        return {f"model.{name}" for name in names}
+
     def data_config(self) -> dict:
         """The timm model's preprocessing (``interpolation``, ``crop_pct``, ``mean``, ``std``) from its pretrained
         config: what task image pipelines default to."""
