@@ -3,6 +3,7 @@ against single-task baselines, and each method's time per training step against 
 
     python tools/objectives_report.py                 # every registered objective, 5 epochs (the recipe's length)
     python tools/objectives_report.py --epochs 2 --methods static pcgrad famo
+    python tools/objectives_report.py --keep          # finish a report that stopped: only the runs it lacks
 
 Each method trains the whole recipe (``--model.objective <name>``); each task also trains alone with static weights
 (the single-task baseline), for the same number of steps. Delta-m is the mean over tasks of the relative change of
@@ -20,6 +21,7 @@ import csv
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the recipe's)")
     parser.add_argument("--timing-steps", type=int, default=20, help="timed steps per method (0: no timing)")
     parser.add_argument("--skip-fits", action="store_true", help="only time the steps")
+    parser.add_argument("--keep", action="store_true",
+                        help="fit only the runs that --out's results.json lacks (to finish a report that stopped)")
     parser.add_argument("--out", default=str(REPO / "runs" / "objectives"))
     parser.add_argument("--time-one", default=None, help=argparse.SUPPRESS)  # a child of step_times
     args = parser.parse_args(argv)
@@ -152,11 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     tasks = list(base["model"]["tasks"])
     if not args.skip_fits:
         print(f"single-task baselines and {len(methods)} methods, {epochs} epochs each:", flush=True)
-        for task in tasks:
-            results[f"alone:{task}"] = _fit(_recipe(base, out / f"alone_{task}", None, [task], epochs), out / f"alone_{task}")
-            results_path.write_text(json.dumps(results, indent=1))
-        for method in methods:
-            results[method] = _fit(_recipe(base, out / method, method, None, epochs), out / method)
+        runs = [(f"alone:{task}", f"alone_{task}", None, [task]) for task in tasks]
+        runs += [(method, method, method, None) for method in methods]
+        for name, folder, objective, only in runs:
+            if args.keep and name in results:
+                continue
+            if (out / folder).exists():  # a fit that stopped: its logs would mix with the new run's
+                shutil.rmtree(out / folder)
+            results[name] = _fit(_recipe(base, out / folder, objective, only, epochs), out / folder)
             results_path.write_text(json.dumps(results, indent=1))
     times = {}
     if args.timing_steps:
