@@ -26,7 +26,7 @@ def test_every_registered_modality_keeps_its_contract(name):
     encoder = getattr(importlib.import_module(module), attr)(dim=32)  # the encoder a backbone builds by default
     assert encoder.dim == 32 and isinstance(encoder, torch.nn.Module)
     modality = cls()
-    pipeline = modality.pipeline(encoder, None, f"model.tasks.t.init_args")
+    pipeline = modality.pipeline(encoder, None, "model.tasks.t.init_args")
     assert callable(pipeline) and callable(modality.collate)
 
 
