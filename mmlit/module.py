@@ -28,12 +28,9 @@ from mmlit.objectives.update import ObjectiveUpdate
 from mmlit.optim import build_optimizer
 from mmlit.step_callbacks import GradientStatistics, NonFiniteLoss, UnusedParameters, log_objective
 from mmlit.tasks.base import Task
-from mmlit.transfer import load_backbone_weights, renamed_state
+from mmlit.transfer import CHECKPOINT_LAYOUT, load_backbone_weights, upgrade_checkpoint
 
 __all__ = ["MultiTaskModule"]
-
-# Written into every checkpoint; a checkpoint without it has the parameter groups of before the modality-keyed core.
-CHECKPOINT_LAYOUT = 2
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -157,17 +154,11 @@ class MultiTaskModule(pl.LightningModule):
             log_objective(self, self.objective.state())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["mmlit_skipped_steps"] = self.update.skipped_steps
-        checkpoint["mmlit_layout"] = CHECKPOINT_LAYOUT
+        checkpoint.update(mmlit_skipped_steps=self.update.skipped_steps, mmlit_layout=CHECKPOINT_LAYOUT)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING and "mmlit_layout" not in checkpoint:
-            raise ValueError("ckpt_path: this checkpoint was written before encoders were keyed by modality; its "
-                             "optimizer state does not fit the current parameter groups, so it cannot resume a fit. "
-                             "Start a new run from its weights (model.pretrained) or evaluate it (mmlit "
-                             "validate / test --ckpt_path).")
+        upgrade_checkpoint(checkpoint, fitting=self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING)
         self.update.skipped_steps = checkpoint.get("mmlit_skipped_steps", 0)
-        checkpoint["state_dict"] = renamed_state(checkpoint["state_dict"], prefix="backbone.")  # older key shapes
 
     def _eval_step(self, stage: str, batch: dict[str, dict]) -> None:
         with self.backbone.shared_pass():

@@ -20,8 +20,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["export_backbone", "load_backbone_weights", "read_backbone_state", "renamed_state"]
+__all__ = ["CHECKPOINT_LAYOUT", "export_backbone", "load_backbone_weights", "read_backbone_state", "renamed_state",
+           "upgrade_checkpoint"]
 
+CHECKPOINT_LAYOUT = 2  # written into every checkpoint (the modality-keyed core); none: the older layout
 _RENAMED = {"image_encoder.": "encoders.image.", "text_encoder.": "encoders.text."}  # backbones of the older shape
 
 
@@ -56,6 +58,18 @@ def renamed_state(state: dict, prefix: str = "") -> dict:
     were keyed by modality load as they are."""
     return _gated_fusion({prefix + _renamed(k[len(prefix):]) if k.startswith(prefix) else k: v
                           for k, v in state.items()}, prefix)
+
+
+def upgrade_checkpoint(checkpoint: dict, fitting: bool) -> None:
+    """A ``MultiTaskModule`` checkpoint as this version loads it: backbone keys of the older shape renamed. One of
+    before the modality-keyed core (no ``mmlit_layout``) cannot resume a fit: its optimizer state is grouped
+    differently, and torch would only say that the group counts differ."""
+    if fitting and "mmlit_layout" not in checkpoint:
+        raise ValueError("ckpt_path: this checkpoint was written before encoders were keyed by modality; its "
+                         "optimizer state does not fit the current parameter groups, so it cannot resume a fit. "
+                         "Start a new run from its weights (model.pretrained) or evaluate it (mmlit validate / "
+                         "test --ckpt_path).")
+    checkpoint["state_dict"] = renamed_state(checkpoint["state_dict"], prefix="backbone.")
 
 
 def _part(name: str) -> tuple[str, str]:
