@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Literal, get_args
@@ -14,16 +15,16 @@ from torch.utils.data import DataLoader
 from mmlit.compat.lightning import steps_processed
 from mmlit.data.device_images import move_batch
 from mmlit.data.faults import DataBudgetError, FaultLog
+from mmlit.data.index import ShardIndex, plan_shards
 from mmlit.data.mixing import AllTasks, TaskSampler
 from mmlit.data.planning import SplitPlans
 from mmlit.data.position import resumed_position, saved_position
-from mmlit.data.index import ShardIndex, plan_shards
 from mmlit.data.sources import Source, get_source
 from mmlit.data.stream import Mixture, Sequential, SourceStream
+from mmlit.data.task_data import data_side
 from mmlit.data.workers import StartMethod, start_fork_server, task_loader
 from mmlit.distributed import report_failure, watch_peers
 from mmlit.registry import get_modality, is_modality
-from mmlit.data.task_data import data_side
 from mmlit.text import load_tokenizer
 
 __all__ = ["MultiTaskDataModule"]
@@ -165,6 +166,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.share_reads, self.decode_images = share_reads, decode_images
         self.tokenizer_path, self.mode = tokenizer, mode
         self.tasks = {name: data_side(task) for name, task in (tasks or {}).items()}
+        self.modalities = _modalities(self.tasks, max_image_pixels, decode_images)  # decode the fields, for every stream
         self.samples_per_epoch, self.sampler = dict(samples_per_epoch or {}), mixture or AllTasks()
         self.steps_per_epoch, self.num_workers, self.start_method = steps_per_epoch, num_workers, multiprocessing_context
         self.shuffle_buffer, self.seed, self.error_budget, self.allow_pipe = shuffle_buffer, seed, error_budget, allow_pipe
@@ -184,7 +186,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.faults.rank = self.rank
         if self.trainer is not None:
             self.faults.attach(self.trainer.default_root_dir)
-        plan = lambda spec, key: _plan(spec, key, self.source, self.scan_remote)  # noqa: E731
+        plan = functools.partial(_plan, source=self.source, scan_remote=self.scan_remote)
         self.plans.plan(_SPLITS.get(stage, ()), self.rank, self.world_size, plan, self._accept)
         if stage == "fit":
             self._check_fit()
@@ -231,7 +233,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
                             shuffle_buffer=self.shuffle_buffer, rank=self.rank, world_size=self.world_size,
                             source=self.source, max_image_pixels=self.max_image_pixels, predict=split == "predict",
                             decode_images=self.decode_images,
-                            modalities=_modalities(self.tasks, self.max_image_pixels, self.decode_images))
+                            modalities=self.modalities)
 
     @property
     def _task_modules(self) -> set[str]:

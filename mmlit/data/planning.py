@@ -40,21 +40,15 @@ class SplitPlans:
                 readers.update({f"{name}/{i}": (name, source) for i, source in enumerate(self._sources[name], 1)})
         return readers
 
-    def spec(self, reader: str, split: str) -> tuple[str | None, str]:
-        """A reader's shards for ``split`` and their recipe key (``predict`` falls back to ``test``)."""
-        task = self.readers(split)[reader][1]
-        if split == "predict" and task.shards.predict is None:
-            split = "test"
-        return getattr(task.shards, split), f"{task.key}.{split}"
-
     def plan(self, splits: tuple[str, ...], rank: int, world_size: int,
              plan_one: Callable[[str, str], ShardIndex | Exception],
              accept: Callable[[str, str, str, str, ShardIndex], None]) -> None:
         """Plan every reader of ``splits`` not planned yet: ``plan_one(spec, key)`` on rank 0 (an index, or the error
         every rank raises), then ``accept(reader, split, task, key, index)`` on every rank, which checks it."""
-        wanted = [(reader, split) for split in splits for reader in self.readers(split)
-                  if split not in self.indexes.get(reader, {}) and self.spec(reader, split)[0] is not None]
-        specs = list(dict(reversed([self.spec(reader, split) for reader, split in wanted])).items())  # shared specs
+        wanted = [(reader, split, name, _spec(task, split)) for split in splits
+                  for reader, (name, task) in self.readers(split).items() if split not in self.indexes.get(reader, {})]
+        wanted = [item for item in wanted if item[3][0] is not None]
+        specs = list(dict(reversed([spec for *_, spec in wanted])).items())  # readers of one spec share its plan
         plans = [plan_one(spec, key) if rank == 0 else None for spec, key in specs]
         if world_size > 1:
             dist.broadcast_object_list(plans, src=0)
@@ -63,9 +57,8 @@ class SplitPlans:
             if isinstance(plan, Exception):
                 raise plan
             planned[spec] = plan
-        for reader, split in wanted:
-            spec, key = self.spec(reader, split)
-            accept(reader, split, self.readers(split)[reader][0], key, planned[spec])
+        for reader, split, name, (spec, key) in wanted:
+            accept(reader, split, name, key, planned[spec])
             self.indexes.setdefault(reader, {})[split] = planned[spec]
 
     def groups(self, split: str, share: bool, samples_per_epoch: dict[str, int]) -> dict[str, list[str]]:
@@ -77,6 +70,13 @@ class SplitPlans:
                 continue
             samples = samples_per_epoch.get(name) if split == "train" else None
             own = reader != name  # an evaluation source's batches go to its task: never in one stream with it
-            key = (self.spec(reader, split)[0], task.batch_size, samples) if share and not own else (reader,)
+            key = (_spec(task, split)[0], task.batch_size, samples) if share and not own else (reader,)
             groups.setdefault(key, []).append(reader)
         return {readers[0]: readers for readers in groups.values()}
+
+
+def _spec(task: TaskData, split: str) -> tuple[str | None, str]:
+    """A data side's shards for ``split`` and their recipe key (``predict`` falls back to ``test``)."""
+    if split == "predict" and task.shards.predict is None:
+        split = "test"
+    return getattr(task.shards, split), f"{task.key}.{split}"
