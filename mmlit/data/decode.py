@@ -141,11 +141,7 @@ def sample_input(sample: dict, modality: str, task: str) -> Any:
 
 def sample_image(sample: dict, task: str) -> Image.Image | EncodedImage:
     """The sample's image, whatever its extension, as RGB (or a JPEG left for the device, ``EncodedImage``)."""
-    for name, value in sample.items():
-        if isinstance(value, (Image.Image, EncodedImage)):
-            return value.convert("RGB")
-    raise SampleError(f"{sample_location(sample)}: task '{task}' needs an image entry (one of .png, .jpg, ...); "
-                      f"the sample has {_entries(sample)}")
+    return sample_input(sample, "image", task).convert("RGB")
 
 
 def sample_field(sample: dict, field: str, task: str) -> Any:
