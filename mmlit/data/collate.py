@@ -3,7 +3,7 @@ an image (its questions, its captions) over a batch."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch.utils.data import get_worker_info
@@ -11,7 +11,27 @@ from torch.utils.data import get_worker_info
 from mmlit.data.device_images import EncodedImage, EncodedImages
 from mmlit.text import PAD
 
-__all__ = ["batch_size_of", "collate_examples", "flatten_items", "pad", "pad_references", "stack_tensors"]
+__all__ = ["Padded", "batch_size_of", "collate_examples", "flatten_items", "pad", "pad_references", "stack_tensors"]
+
+
+class Padded(NamedTuple):
+    """A batch of sequences of different lengths along their last axis (spectrograms' frames): ``values`` (B, ..., T),
+    zero after each row's length, and ``lengths`` (B,). Lightning moves it to the device as it moves a tuple."""
+
+    values: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def of(cls, rows: Sequence[torch.Tensor]) -> Padded:
+        lengths = torch.tensor([r.shape[-1] for r in rows])
+        out = rows[0].new_zeros((len(rows), *rows[0].shape[:-1], int(lengths.max())))
+        for i, row in enumerate(rows):
+            out[i, ..., :row.shape[-1]] = row
+        return cls(out, lengths)
+
+    def mask(self) -> torch.Tensor:
+        """(B, T): True on each row's frames."""
+        return torch.arange(self.values.shape[-1], device=self.lengths.device) < self.lengths[:, None]
 
 
 def pad(rows: Sequence[Sequence], value: Any = PAD, dtype: torch.dtype = torch.long, left: bool = False,

@@ -24,6 +24,7 @@ from mmlit.data.stream import Mixture, Sequential, SourceStream
 from mmlit.data.task_data import data_side
 from mmlit.data.workers import StartMethod, start_fork_server, task_loader
 from mmlit.distributed import report_failure, watch_peers
+from mmlit.data.decode import extension_modality
 from mmlit.registry import get_modality, is_modality
 from mmlit.text import load_tokenizer
 
@@ -68,12 +69,24 @@ def _check_stage(tasks: dict, stage: str, samples_per_epoch: dict, decode_images
                              f"false, or data.decode_images: worker")
 
 
-def _modalities(tasks: dict, max_image_pixels: int | None, decode_images: str) -> dict:
-    """The modality objects the tasks' fields name, with the recipe's limits (the image modality's pixel limit and
-    decoding place)."""
+def _modalities(tasks: dict, max_image_pixels: int | None, decode_images: str, settings: dict | None) -> dict:
+    """The modality objects the tasks' fields name (by the modality's name, ``audio``, or by an entry of its,
+    ``caption.flac``), with the recipe's settings (``data.modalities``: ``{audio: {sample_rate: 16000}}``; the image
+    modality's pixel limit and decoding place)."""
     names = {f for task in tasks.values() for f in task.fields if is_modality(f)}
+    names |= {m for task in tasks.values() for f in task.fields if (m := extension_modality(f.rsplit(".", 1)[-1]))}
     options = {"image": {"max_pixels": max_image_pixels, "on_device": decode_images == "device"}}
-    return {name: get_modality(name)(**options.get(name, {})) for name in sorted(names)}
+    for name, values in (settings or {}).items():
+        if not is_modality(name):
+            raise ValueError(f"data.modalities.{name}: no modality of that name (`mmlit modalities` lists them)")
+        options[name] = {**options.get(name, {}), **(values or {})}
+    made = {}
+    for name in sorted(names):
+        try:
+            made[name] = get_modality(name)(**options.get(name, {}))
+        except TypeError as err:
+            raise ValueError(f"data.modalities.{name}: {err}") from None
+    return made
 
 
 def _plan(spec: str, key: str, source: Source, scan_remote: bool) -> ShardIndex | Exception:
@@ -149,6 +162,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
             there (``mmlit/data/device_images.py``); other formats are decoded in the workers either way.
         share_reads: tasks whose shards (and batch size) are the same read and decode each sample once, and each
             prepares its examples from it (with the all-task mixture; a sampled mixture reads per task).
+        modalities: each modality's settings (its class's arguments: ``{audio: {sample_rate: 16000, max_seconds: 20},
+            video: {max_frames: 300}}``; ``mmlit modalities`` lists them).
     """
 
     def __init__(self, tokenizer: str | None = None, tasks: dict | None = None, mode: Literal["epoch", "resampled"] = "epoch",
@@ -157,7 +172,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
                  multiprocessing_context: StartMethod = "forkserver", shuffle_buffer: int = 1000, seed: int = 0,
                  error_budget: float = 0.01, allow_pipe: bool = False, shard_format: str = "tar",
                  storage_options: dict | None = None, scan_remote: bool = False, max_image_pixels: int | None = None,
-                 decode_images: Literal["worker", "device"] = "worker", share_reads: bool = True):
+                 decode_images: Literal["worker", "device"] = "worker", share_reads: bool = True,
+                 modalities: dict[str, dict] | None = None):
         super().__init__()
         _check_settings(steps_per_epoch, num_workers, multiprocessing_context, error_budget, samples_per_epoch, mode,
                         max_image_pixels)
@@ -166,7 +182,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.share_reads, self.decode_images = share_reads, decode_images
         self.tokenizer_path, self.mode = tokenizer, mode
         self.tasks = {name: data_side(task) for name, task in (tasks or {}).items()}
-        self.modalities = _modalities(self.tasks, max_image_pixels, decode_images)  # decode the fields, for every stream
+        self.modalities = _modalities(self.tasks, max_image_pixels, decode_images, modalities)  # decode the fields
         self.samples_per_epoch, self.sampler = dict(samples_per_epoch or {}), mixture or AllTasks()
         self.steps_per_epoch, self.num_workers, self.start_method = steps_per_epoch, num_workers, multiprocessing_context
         self.shuffle_buffer, self.seed, self.error_budget, self.allow_pipe = shuffle_buffer, seed, error_budget, allow_pipe

@@ -21,9 +21,10 @@ from PIL import Image
 
 from mmlit.data.device_images import EncodedImage
 from mmlit.data.images import IMAGE_EXTENSIONS, decode_image
-from mmlit.registry import get_modality, is_modality
+from mmlit.registry import get_modality, is_modality, list_modalities
 
 __all__ = ["EncodedImage", "IMAGE_EXTENSIONS", "UNSAFE_EXTENSIONS", "UnsafeSampleError", "SampleError", "decode_sample",
+           "extension_modality",
            "sample_field", "sample_image", "sample_input", "sample_location"]
 
 TEXT_EXTENSIONS = frozenset({"txt", "text", "caption"})
@@ -58,8 +59,11 @@ def _names(field: str, name: str) -> bool:
     return field == name or field.startswith(name + ".")
 
 
-def _decode_entry(ext: str, data: bytes, max_pixels: int | None, jpeg_on_device: bool = False) -> Any:
-    """An entry read by a field that names no modality, by its extension."""
+def _decode_entry(ext: str, data: bytes, max_pixels: int | None, jpeg_on_device: bool = False,
+                  modalities: Mapping[str, Any] | None = None) -> Any:
+    """An entry read by a field that names no modality, by its extension (``modalities``: the run's modality objects,
+    for an entry of a modality that the field names by its entry name, ``caption.flac``)."""
+    modalities = modalities or {}
     if ext in IMAGE_EXTENSIONS:
         return decode_image(ext, data, max_pixels, jpeg_on_device)
     if ext in TEXT_EXTENSIONS:
@@ -70,7 +74,15 @@ def _decode_entry(ext: str, data: bytes, max_pixels: int | None, jpeg_on_device:
         return int(data)
     if ext == "npy":
         return np.load(io.BytesIO(data), allow_pickle=False)
+    owner = extension_modality(ext)
+    if owner is not None:  # (a named entry of another modality: a spoken question ``question0.flac``)
+        return (modalities.get(owner) or get_modality(owner)()).decode(ext, data)
     return data
+
+
+def extension_modality(ext: str) -> str | None:
+    """The registered modality that decodes entries with extension ``ext`` (``flac``: ``audio``), if any."""
+    return next((name for name in list_modalities() if ext in get_modality(name).extensions), None)
 
 
 def decode_sample(sample: dict, fields: tuple[str, ...] | None = None, *, modalities: Mapping[str, Any] | None = None,
@@ -98,7 +110,8 @@ def decode_sample(sample: dict, fields: tuple[str, ...] | None = None, *, modali
         if modality is not None:
             decoded[name] = _checked(sample, name, lambda: modality.decode(ext, value))
         elif not fields or any(_names(field, name) for field in fields):
-            decoded[name] = _checked(sample, name, lambda: _decode_entry(ext, value, max_image_pixels, jpeg_on_device))
+            decoded[name] = _checked(sample, name, lambda: _decode_entry(ext, value, max_image_pixels, jpeg_on_device,
+                                                                          modalities))
     return decoded
 
 
@@ -129,12 +142,13 @@ def _checked(sample: dict, name: str, decode) -> Any:
 
 
 def sample_input(sample: dict, modality: str, task: str) -> Any:
-    """The value of the sample's entry of ``modality`` (an image, a waveform, ...): its first entry with one of the
-    modality's extensions, as decoded for a field that names the modality."""
+    """The value of the sample's entry of ``modality`` (an image, a waveform, ...): its entry named by an extension
+    alone (``flac`` before ``question0.flac``), else its first entry with one of the modality's extensions, as decoded
+    for a field that names the modality."""
     extensions = get_modality(modality).extensions
-    for name, value in sample.items():
-        if not name.startswith("__") and _extension(name) in extensions:
-            return value
+    named = [name for name in sample if not name.startswith("__") and _extension(name) in extensions]
+    if named:
+        return sample[min(named, key=lambda name: "." in name)]
     raise SampleError(f"{sample_location(sample)}: task '{task}' needs an entry of modality '{modality}' (one of "
                       f".{', .'.join(sorted(extensions))}); the sample has {_entries(sample)}")
 

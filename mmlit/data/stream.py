@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmlit.data.collate import Padded
 from mmlit.data.decode import SampleError, UnsafeSampleError, decode_sample, sample_location
 from mmlit.data.device_images import EncodedImages
 from mmlit.data.index import ShardIndex
@@ -72,9 +73,8 @@ def _share_equal(batches: dict[str, dict]) -> dict[str, dict]:
         for key, value in batch.items():
             if isinstance(value, EncodedImages):
                 same = next((t for t in seen.get(key, ()) if t == value), None)
-            elif isinstance(value, torch.Tensor):
-                same = next((t for t in seen.get(key, ()) if isinstance(t, torch.Tensor) and t.shape == value.shape
-                             and t.dtype == value.dtype and torch.equal(t, value)), None)
+            elif isinstance(value, (torch.Tensor, Padded)):
+                same = next((t for t in seen.get(key, ()) if _equal(t, value)), None)
             else:
                 continue
             if same is None:
@@ -82,6 +82,14 @@ def _share_equal(batches: dict[str, dict]) -> dict[str, dict]:
             else:
                 batch[key] = same
     return batches
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Whether two batch values are the same tensors (or padded sequences: values and lengths)."""
+    if isinstance(a, Padded) and isinstance(b, Padded):
+        return all(map(_equal, a, b))
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype \
+        and torch.equal(a, b)
 
 
 def _slot() -> tuple[int, int]:

@@ -104,6 +104,11 @@ class TaskData:
         """The sample's entry of ``modality`` through that modality's pipeline."""
         return self.pipeline(modality)(sample_input(sample, modality, self.name))
 
+    def entry(self, sample: dict, name: str, modality: str) -> Any:
+        """The sample's entry ``name`` (``question0.flac``: one of several of a modality) through the pipeline of
+        ``modality``."""
+        return self.pipeline(modality)(sample_field(sample, name, self.name))
+
     def pipeline(self, modality: str) -> Callable:
         """The bound pipeline of ``modality``; before ``bind`` (a data side used without a model), the modality's
         pipeline for no encoder and no settings (images at their own size, texts uncut)."""

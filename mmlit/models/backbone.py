@@ -130,9 +130,11 @@ class Backbone(nn.Module):
         passes = self._passes
         if passes is None:
             return Encoded(*encoder(x))
-        done = passes.get((modality, id(x)))
-        if done is None or done[0] is not x:  # (the tensor is kept, so its id is not reused within the step)
-            done = passes[(modality, id(x))] = (x, Encoded(*encoder(x)))
+        # a padded batch (audio) is moved to the device as a new tuple of the same tensors: its values name it
+        tensor = x[0] if isinstance(x, tuple) else x
+        done = passes.get((modality, id(tensor)))
+        if done is None or done[0] is not tensor:  # (the tensor is kept, so its id is not reused within the step)
+            done = passes[(modality, id(tensor))] = (tensor, Encoded(*encoder(x)))
         return done[1]
 
     def forward(self, fuse: bool = True, index: dict[str, torch.Tensor] | None = None, **inputs: torch.Tensor) -> Features:
