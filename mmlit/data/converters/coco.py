@@ -14,7 +14,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from mmlit.data.converters.writer import Planned, Skipped, check_output, image_key, write_split
+from mmlit.data.converters.writer import Planned, Skipped, check_output, sample_key, write_split
 
 HELP = "COCO captions JSON and its images"
 __all__ = ["HELP", "add_arguments", "load_json", "plan_coco", "run"]
@@ -64,7 +64,7 @@ def plan_coco(annotations: Path, images: Path) -> tuple[list[Planned], list[Skip
         if not captions[image_id]:
             skipped.append(Skipped(where, "no caption", str(images / files[image_id])))
             continue
-        planned.append(Planned(image_key(image_id), where, str(images / files[image_id]), {
+        planned.append(Planned(sample_key(image_id), where, str(images / files[image_id]), {
             "txt": captions[image_id][0],
             "json": {"image_id": image_id, "file_name": files[image_id], "captions": captions[image_id]}}))
     return planned, skipped

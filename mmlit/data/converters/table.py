@@ -38,18 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the val split")
 
 
-def read_table(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, row) for every row: ``where`` names the file and line (CSV, TSV, JSONL) or row (parquet)."""
+def read_table(path: Path, flag: str = "--table") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) for every row: ``where`` names the file and line (CSV, TSV, JSONL) or row (parquet); errors about
+    the file name ``flag``."""
     kind = _FORMATS.get(path.suffix.lower())
     if kind is None:
-        raise ValueError(f"--table: '{path}' is not a table mmlit reads (by extension: {', '.join(sorted(_FORMATS))})")
+        raise ValueError(f"{flag}: '{path}' is not a table mmlit reads (by extension: {', '.join(sorted(_FORMATS))})")
     if not path.is_file():
-        raise FileNotFoundError(f"--table: no file '{path}'")
+        raise FileNotFoundError(f"{flag}: no file '{path}'")
     if kind == "parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"--table: reading '{path}' needs pyarrow (`pip install pyarrow`)") from None
+            raise ImportError(f"{flag}: reading '{path}' needs pyarrow (`pip install pyarrow`)") from None
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path} row {i + 1}", row
     elif kind == "jsonl":

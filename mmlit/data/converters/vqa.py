@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from mmlit.data.converters.coco import load_json
-from mmlit.data.converters.writer import Planned, Skipped, check_output, image_key, write_split
+from mmlit.data.converters.writer import Planned, Skipped, check_output, sample_key, write_split
 from mmlit.metrics.vqa import normalize_answer
 
 HELP = "VQAv2 questions and annotations and their COCO images"
@@ -79,7 +79,7 @@ def plan_vqa(questions: Path, annotations: Path | None, images: Path, pattern: s
         except (KeyError, ValueError, IndexError) as err:
             raise ValueError(f"--image-pattern {pattern!r}: {err!r} (fields: image_id, data_subtype)") from None
         items = sorted(by_image[image_id], key=lambda q: q["question_id"])
-        planned.append(Planned(image_key(image_id), f"{questions} image {image_id} ({len(items)} questions)",
+        planned.append(Planned(sample_key(image_id), f"{questions} image {image_id} ({len(items)} questions)",
                                str(images / name),
                                {"json": {"image_id": image_id, "questions": items}}))
     return planned, skipped

@@ -1,13 +1,15 @@
 """Writing a converted data set as shards, the part every converter shares.
 
-A converter plans its samples (``Planned``: a key, an image file and the other entries) in a fixed order;
-``write_split`` writes them as ``{split}-000000.tar, ...`` of ``shard_size`` samples each, one shard per worker
-process at a time, with a progress bar. Each image is read and decoded as the training loader will decode it
-(``decode_sample``), and kept byte for byte as found; one that cannot be read is left out and listed, with where it
-came from, in ``{split}-skipped.jsonl``. The index ``{split}.json`` (``wids-shard-index-v1``) is written from what
-was written, so setup never opens a shard and nothing is read twice. The output is a function of the input: samples
-in the planned order, tar members with fixed metadata (mtime 0), JSON with sorted keys; each shard is written to a
-temporary name and renamed, so a crash leaves no half shard under a shard's name.
+A converter plans its samples (``Planned``: a key, a media file of a named modality (an image, a recording, a clip)
+and the other entries) in a fixed order; ``write_split`` writes them as ``{split}-000000.tar, ...`` of ``shard_size``
+samples each, one shard per worker process at a time, with a progress bar. Each media file is read and decoded as the
+training loader will decode it (``decode_sample`` with that modality: the image, audio or video modality, with the
+limits the converter gives it), and kept byte for byte as found, under its own extension (``jpg``, ``flac``,
+``mp4``); one that cannot be read, or whose extension is not one of its modality's, is left out and listed, with
+where it came from, in ``{split}-skipped.jsonl``. The index ``{split}.json`` (``wids-shard-index-v1``) is written
+from what was written, so setup never opens a shard and nothing is read twice. The output is a function of the input:
+samples in the planned order, tar members with fixed metadata (mtime 0), JSON with sorted keys; each shard is written
+to a temporary name and renamed, so a crash leaves no half shard under a shard's name.
 """
 
 from __future__ import annotations
@@ -15,27 +17,30 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
-from mmlit.data.decode import IMAGE_EXTENSIONS, SampleError, decode_sample
+from mmlit.data.decode import SampleError, decode_sample
 from mmlit.data.index import save_index
+from mmlit.registry import get_modality
 
-__all__ = ["Planned", "Skipped", "SplitReport", "check_output", "image_key", "numbered", "write_split"]
+__all__ = ["Planned", "Skipped", "SplitReport", "check_output", "numbered", "sample_key", "write_split"]
 
 
 @dataclass(frozen=True)
 class Planned:
-    """One sample to write: its key, where it comes from (``labels.csv row 12``, for the report), its image file and
-    its other entries by extension (``txt``: str, ``cls``: int, ``json``: a dict)."""
+    """One sample to write: its key, where it comes from (``labels.csv row 12``, for the report), its media file, its
+    other entries by extension (``txt``: str, ``cls``: int, ``json``: a dict), and the registered modality the media
+    file must be of (its extension one of that modality's; ``image``, what the image converters write, unless said)."""
 
     key: str
     origin: str
-    image: str
+    media: str
     entries: dict[str, Any] = field(default_factory=dict)
+    modality: str = "image"
 
 
 @dataclass(frozen=True)
@@ -65,14 +70,15 @@ class SplitReport:
         return line
 
 
-def image_key(image_id) -> str:
-    """A sample key from a data set's image id: COCO's 12-digit form for integers (a key may hold no dot)."""
-    return f"{image_id:012d}" if isinstance(image_id, int) else str(image_id).replace(".", "_")
+def sample_key(item_id) -> str:
+    """A sample key from a data set's id of an image, a clip, ...: COCO's 12-digit form for integers, a string with
+    its dots made underscores (a key may hold no dot)."""
+    return f"{item_id:012d}" if isinstance(item_id, int) else str(item_id).replace(".", "_")
 
 
 def numbered(samples: list[Planned]) -> list[Planned]:
     """The samples keyed by their position (``00000000``, ...), for layouts without ids of their own."""
-    return [Planned(f"{i:08d}", s.origin, s.image, s.entries) for i, s in enumerate(samples)]
+    return [replace(s, key=f"{i:08d}") for i, s in enumerate(samples)]
 
 
 def _outputs(out: Path, split: str) -> list[Path]:
@@ -105,29 +111,38 @@ def _encode(value: Any) -> bytes:
     return str(value).encode("utf-8")
 
 
-def _read_image(planned: Planned) -> tuple[str, bytes]:
-    """The image's extension and bytes, checked as the training loader decodes them (``SampleError`` if not)."""
-    ext = Path(planned.image).suffix.lower().lstrip(".")
-    if ext not in IMAGE_EXTENSIONS:
-        raise SampleError(f"not an image format mmlit reads (.{ext}); readable: {', '.join(sorted(IMAGE_EXTENSIONS))}")
+def _read_media(planned: Planned, modalities: dict[str, Any]) -> tuple[str, bytes]:
+    """The media file's extension and bytes, checked as the training loader decodes them (``SampleError`` if not)."""
+    name = planned.modality
+    ext = Path(planned.media).suffix.lower().lstrip(".")
+    extensions = get_modality(name).extensions
+    if ext not in extensions:
+        raise SampleError(f"not {_article(name)} {name} format mmlit reads (.{ext}); "
+                          f"readable: {', '.join(sorted(extensions))}")
     try:
-        data = Path(planned.image).read_bytes()
+        data = Path(planned.media).read_bytes()
     except OSError as err:
-        raise SampleError(f"cannot read the image: {err.strerror or err}") from None
-    decode_sample({"__key__": planned.key, ext: data}, ("image",))
+        raise SampleError(f"cannot read the {name}: {err.strerror or err}") from None
+    if name not in modalities:  # (made once per shard, with its defaults)
+        modalities[name] = get_modality(name)()
+    decode_sample({"__key__": planned.key, ext: data}, (name,), modalities=modalities)
     return ext, data
 
 
-def _write_shard(path: str, samples: list[Planned]) -> tuple[int, int, list[Skipped]]:
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def _write_shard(path: str, samples: list[Planned], modalities: dict[str, Any]) -> tuple[int, int, list[Skipped]]:
     """Write one shard (to a temporary name, then renamed); returns (samples written, bytes, skipped)."""
-    skipped, written = [], 0
+    skipped, written, modalities = [], 0, dict(modalities)
     partial = path + ".partial"
     with wds.TarWriter(partial, encoder=False, mtime=0, user="mmlit", group="mmlit") as sink:
         for planned in samples:
             try:
-                ext, data = _read_image(planned)
+                ext, data = _read_media(planned, modalities)
             except SampleError as err:  # (the decoder's own message, without the shard-and-key prefix)
-                skipped.append(Skipped(planned.origin, str(err.__cause__ or err), planned.image))
+                skipped.append(Skipped(planned.origin, str(err.__cause__ or err), planned.media))
                 continue
             sink.write({"__key__": planned.key, ext: data, **{k: _encode(v) for k, v in planned.entries.items()}})
             written += 1
@@ -139,9 +154,12 @@ def _write_shard(path: str, samples: list[Planned]) -> tuple[int, int, list[Skip
 
 
 def write_split(samples: list[Planned], out: str | Path, split: str, *, shard_size: int = 1000, workers: int = 1,
-                skipped: list[Skipped] | None = None, progress: bool = True) -> SplitReport:
+                skipped: list[Skipped] | None = None, progress: bool = True,
+                modalities: dict[str, Any] | None = None) -> SplitReport:
     """Write ``samples`` as the shards of ``split`` in ``out`` with their index and the report of what was skipped
-    (``skipped``: what the converter left out before, added to the report)."""
+    (``skipped``: what the converter left out before, added to the report). ``modalities``: the modality objects
+    (by name) that check the media files, with the converter's limits (an ``AudioModality(max_seconds=...)``); a
+    modality not given is made with its defaults. They are pickled to the worker processes."""
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
     out = Path(out)
@@ -156,11 +174,11 @@ def write_split(samples: list[Planned], out: str | Path, split: str, *, shard_si
     with tqdm(total=len(samples), desc=f"{split} ({Path(out).name})", unit="sample", disable=not progress) as bar:
         if workers <= 1 or len(jobs) <= 1:
             for path, chunk in jobs:
-                results[path] = _write_shard(path, chunk)
+                results[path] = _write_shard(path, chunk, modalities or {})
                 bar.update(len(chunk))
         else:
             with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-                futures = {pool.submit(_write_shard, path, chunk): (path, len(chunk)) for path, chunk in jobs}
+                futures = {pool.submit(_write_shard, path, chunk, modalities or {}): (path, len(chunk)) for path, chunk in jobs}
                 for future in as_completed(futures):
                     path, size = futures[future]
                     results[path] = future.result()
