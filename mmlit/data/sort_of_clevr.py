@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 import numpy as np
 import webdataset as wds
@@ -125,10 +125,13 @@ def caption_for(objects: list[SceneObject]) -> str:
     return " , ".join(f"{o.colour} {o.shape} {o.vertical} {o.horizontal}" for o in objects)
 
 
-def make_sample(seed: int, split: str, index: int, image_format: Literal["png", "jpg"] = "png") -> dict:
-    """One WebDataset sample: the encoded image and its JSON annotations."""
+def make_sample(seed: int, split: str, index: int, image_format: Literal["png", "jpg"] = "png",
+                objects: list[SceneObject] | None = None) -> dict:
+    """One WebDataset sample: the encoded image and its JSON annotations. ``objects`` replaces the scene drawn for
+    the index (an extension that had to draw another, e.g. ``sort_of_clevr_av`` for a scene that cannot move)."""
     rng = _rng(seed, split, index)
-    objects = make_scene(rng)
+    drawn = make_scene(rng)  # drawn even when replaced: the questions come from the same point of the stream
+    objects = drawn if objects is None else objects
     buffer = io.BytesIO()
     render(objects).save(buffer, format="PNG" if image_format == "png" else "JPEG", quality=95)
     annotations = {
@@ -142,8 +145,11 @@ def make_sample(seed: int, split: str, index: int, image_format: Literal["png", 
 
 
 def write_split(out: str | Path, split: str, count: int, *, seed: int = 0, shard_size: int = 500,
-                image_format: Literal["png", "jpg"] = "png") -> list[str]:
-    """Write ``count`` samples of ``split`` as ``{out}/{split}-000000.tar, ...``; returns the shard paths."""
+                image_format: Literal["png", "jpg"] = "png", samples: Iterable[dict] | None = None) -> list[str]:
+    """Write ``count`` samples of ``split`` as ``{out}/{split}-000000.tar, ...``; returns the shard paths.
+
+    ``samples``: the ``count`` samples to write, in index order, instead of ``make_sample``'s (an extension's, e.g.
+    ``sort_of_clevr_av``'s with speech and video, made by a pool of processes)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     out = Path(out)
@@ -152,8 +158,8 @@ def write_split(out: str | Path, split: str, count: int, *, seed: int = 0, shard
         stale.unlink()
     # A fixed integer mtime makes shards byte-for-byte reproducible and spares readers a PAX header per file.
     with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0) as sink:
-        for index in range(count):
-            sink.write(make_sample(seed, split, index, image_format))
+        for sample in (make_sample(seed, split, i, image_format) for i in range(count)) if samples is None else samples:
+            sink.write(sample)
     return sorted(str(p) for p in out.glob(f"{split}-*.tar"))
 
 

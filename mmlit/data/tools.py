@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Iterator
 
-from mmlit.data import sort_of_clevr
+from mmlit.data import sort_of_clevr, sort_of_clevr_av
 from mmlit.data.decode import SampleError, decode_sample, sample_field
 from mmlit.data.index import write_index
 from mmlit.data.shards import iter_samples, resolve_shards
@@ -22,7 +22,8 @@ __all__ = ["TEXT_FIELDS", "field_values", "iter_texts", "main"]
 
 # The texts of the shipped converters and the Sort-of-CLEVR generator: captions, class names, questions and answers.
 TEXT_FIELDS = ("txt", "json.caption", "json.captions", "json.class", "json.questions.question", "json.questions.answer",
-               "json.questions.answers")
+               "json.questions.answers", "json.motion_questions.question", "json.motion_questions.answer",
+               "json.motion_caption")
 
 
 def _strings(value) -> Iterator[str]:
@@ -62,14 +63,22 @@ def iter_texts(urls: list[str], fields: tuple[str, ...] = TEXT_FIELDS) -> Iterat
 
 
 def _sort_of_clevr(args: argparse.Namespace) -> None:
-    sizes = dict(sort_of_clevr.PRESETS[args.preset])
+    preset = args.preset or ("spoken" if args.spoken else "quickstart")
+    sizes = dict({**sort_of_clevr.PRESETS, **sort_of_clevr_av.PRESETS}[preset])
     for split in sort_of_clevr.SPLITS:
         if getattr(args, split) is not None:
             sizes[split] = getattr(args, split)
-    shards = sort_of_clevr.write_dataset(args.out, sizes, seed=args.seed, shard_size=args.shard_size,
-                                         image_format=args.format)
+    common = dict(seed=args.seed, shard_size=args.shard_size, image_format=args.format)
+    if args.spoken or args.video:
+        shards = sort_of_clevr_av.write_dataset(args.out, sizes, spoken=args.spoken, video=args.video,
+                                                spoken_questions=args.spoken_questions, frames=args.frames,
+                                                workers=args.workers, **common)
+    else:
+        shards = sort_of_clevr.write_dataset(args.out, sizes, **common)
     for split, paths in shards.items():
         print(f"{split}: {sizes[split]} images in {len(paths)} shard(s): {paths[0]} ... {paths[-1]}")
+    if args.video:
+        print(f"answers of the motion questions: {os.path.join(args.out, 'motion_answers.json')}")
 
 
 def _tokenizer(args: argparse.Namespace) -> None:
@@ -162,13 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     soc = sub.add_parser("sort-of-clevr", help="generate Sort-of-CLEVR shards (train/val/test)")
     soc.add_argument("--out", default="data/sort_of_clevr")
-    soc.add_argument("--preset", choices=sorted(sort_of_clevr.PRESETS), default="quickstart",
-                     help="split sizes: quickstart (4000/250/250) or full (9600/200/200, 10,000 images)")
+    soc.add_argument("--preset", choices=sorted({**sort_of_clevr.PRESETS, **sort_of_clevr_av.PRESETS}), default=None,
+                     help="split sizes: quickstart (4000/250/250, the default), full (9600/200/200, 10,000 images) or "
+                          "spoken (2000/250/250, the default with --spoken: about 0.3 MB an image)")
     for split in sort_of_clevr.SPLITS:
         soc.add_argument(f"--{split}", type=int, default=None, help=f"images in {split} (overrides the preset)")
     soc.add_argument("--seed", type=int, default=0)
     soc.add_argument("--shard-size", type=int, default=500, help="samples per shard")
     soc.add_argument("--format", choices=("png", "jpg"), default="png")
+    soc.add_argument("--spoken", action="store_true",
+                     help="add spoken questions (question0.flac, ...) and a spoken caption (flac), by espeak-ng")
+    soc.add_argument("--video", action="store_true",
+                     help="add a clip of the objects moving (mp4), motion questions and motion_answers.json")
+    soc.add_argument("--spoken-questions", type=int, default=4,
+                     help="spoken questions per image, half of them relational")
+    soc.add_argument("--frames", type=int, default=sort_of_clevr_av.FRAMES, help="frames per clip")
+    soc.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                     help="processes making samples with --spoken or --video (the bytes do not depend on it)")
     soc.set_defaults(run=_sort_of_clevr)
     tok = sub.add_parser("tokenizer", help="train a WordPiece tokenizer on the shards' text")
     tok.add_argument("--shards", required=True, action="append",
