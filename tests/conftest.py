@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Scan counts are cached per user (mmlit/data/index.py): tests keep theirs apart, and processes they start inherit it.
 os.environ["MMLIT_CACHE"] = tempfile.mkdtemp(prefix="mmlit-cache-")
 
-from mmlit.data.sort_of_clevr import write_dataset  # noqa: E402
+from mmlit.data.sort_of_clevr_av import write_dataset  # noqa: E402
 from mmlit.data.tools import iter_texts  # noqa: E402
 from mmlit.registry import get_task, list_tasks  # noqa: E402
 from mmlit.text import train_tokenizer  # noqa: E402
@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_soc(root: Path) -> dict:
-    """Sort-of-CLEVR in ``root``: train 40 images in 4 shards, val 12 and test 12 in 2 shards each (10 + 2), plus a
-    tokenizer; ``soc["val"]`` and ``soc["test"]`` name the first shard of each."""
+    """Spoken and moving Sort-of-CLEVR in ``root`` (``mmlit data sort-of-clevr --spoken --video``: every modality a
+    shipped task reads): train 40 images in 4 shards, val 12 and test 12 in 2 shards each (10 + 2), plus a tokenizer;
+    ``soc["val"]`` and ``soc["test"]`` name the first shard of each."""
     shards = write_dataset(root, {"train": 40, "val": 12, "test": 12}, seed=0, shard_size=10)
     tokenizer = root / "tokenizer.json"
     train_tokenizer(iter_texts(shards["train"]), tokenizer, vocab_size=200)
@@ -43,12 +44,13 @@ def soc(tmp_path_factory) -> dict:
     return make_soc(tmp_path_factory.mktemp("soc"))
 
 
-def tiny_backbone(dim: int = 32, causal: bool = False) -> dict:
+def tiny_backbone(dim: int = 32, causal: bool = False, audio: bool = False) -> dict:
     """Cross-attention fusion over a bidirectional text encoder, or over a GPT-style decoder (``causal``,
-    which the ``prefix_lm`` task needs and every other task can use)."""
+    which the ``prefix_lm`` task needs and every other task can use); with ``audio``, an audio encoder too (a part
+    that no task reads would hold parameters without gradients, which DDP rejects)."""
     text = "CausalTextDecoder" if causal else "TransformerTextEncoder"
     text_args = {"vocab_size": 256, "dim": dim, "depth": 1, "heads": 2, "max_length": 40}
-    return {
+    backbone = {
         "class_path": "mmlit.models.Backbone",
         "init_args": {
             "encoders": {
@@ -59,6 +61,25 @@ def tiny_backbone(dim: int = 32, causal: bool = False) -> dict:
             "fusion": {"class_path": "mmlit.models.CrossAttentionFusion", "init_args": {"dim": dim, "depth": 1, "heads": 2}},
         },
     }
+    if audio:
+        backbone["init_args"]["encoders"]["audio"] = tiny_audio_encoder(dim)
+    return backbone
+
+
+def tiny_audio_encoder(dim: int = 32) -> dict:
+    return {"class_path": "mmlit.models.SpectrogramTransformer",
+            "init_args": {"dim": dim, "max_frames": 800, "model_kwargs": {"embed_dim": dim, "depth": 1, "num_heads": 2}}}
+
+
+def tiny_video_encoder(dim: int = 32, tokens: str = "frames") -> dict:
+    return {"class_path": "mmlit.models.VideoEncoder",
+            "init_args": {"dim": dim, "frames": 4, "tokens": tokens, "depth": 1, "heads": 2,
+                          "frame_encoder": {"model_name": "test_byobnet", "image_size": 75, "feature_index": 2}}}
+
+
+def reads_audio(name: str) -> bool:
+    """Whether the registered task ``name`` reads the audio encoder with its Sort-of-CLEVR settings."""
+    return "audio" in getattr(get_task(name), "modalities", ())
 
 
 def tiny_recipe(soc: dict, root: Path, tasks: list[str] | None = None, **trainer) -> dict:
@@ -77,7 +98,8 @@ def tiny_recipe(soc: dict, root: Path, tasks: list[str] | None = None, **trainer
                                {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                 "init_args": {"save_dir": str(root), "name": "csv"}}],
                     **trainer},
-        "model": {"backbone": tiny_backbone(causal="prefix_lm" in tasks), "tasks": task_specs},
+        "model": {"backbone": tiny_backbone(causal="prefix_lm" in tasks, audio=any(map(reads_audio, tasks))),
+                  "tasks": task_specs},
         "data": {"tokenizer": soc["tokenizer"], "steps_per_epoch": 3, "num_workers": 0, "shuffle_buffer": 20, "seed": 0},
     }
 

@@ -20,6 +20,7 @@ import yaml
 from mmlit.cli import MMLitCLI, main
 from mmlit.data import shapes
 from mmlit.data.sort_of_clevr import write_dataset
+from mmlit.data.sort_of_clevr_av import write_dataset as write_av_dataset
 from mmlit.data.tools import iter_texts
 from mmlit.data.tools import main as data_main
 from mmlit.text import train_tokenizer
@@ -33,7 +34,7 @@ RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name != "quic
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A folder whose ``data/sort_of_clevr`` has the quickstart's shard names with 8 images per train shard (and
-    ``data/sort_of_clevr_full`` the full preset's, with 2), and whose
+    ``data/sort_of_clevr_full`` the full preset's, with 2; ``data/sort_of_clevr_av`` the spoken preset's), and whose
     ``data/shapes`` has the converted COCO, image-folder and VQAv2 layouts the recipes for real data sets read, made
     with the commands their headers give (at a few images each)."""
     root = tmp_path_factory.mktemp("recipes")
@@ -42,6 +43,10 @@ def workdir(tmp_path_factory) -> Path:
     train_tokenizer(iter_texts(shards["train"]), data / "tokenizer.json", vocab_size=200)
     # the full preset's shard names (sort_of_clevr_fast.yaml): 20 training shards
     write_dataset(root / "data" / "sort_of_clevr_full", {"train": 40, "val": 4, "test": 4}, seed=0, shard_size=2)
+    # the spoken and moving set's (spoken_vqa.yaml, video_qa.yaml, ...): 4 training shards, its tokenizer and answers
+    spoken = root / "data" / "sort_of_clevr_av"
+    av_shards = write_av_dataset(spoken, {"train": 16, "val": 4, "test": 4}, seed=0, shard_size=4)
+    train_tokenizer(iter_texts(av_shards["train"]), spoken / "tokenizer.json", vocab_size=200)
     raw, out = root / "data" / "shapes" / "raw", root / "data" / "shapes"
 
     def convert(fmt: str, *args) -> None:

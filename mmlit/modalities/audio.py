@@ -20,6 +20,7 @@ cost per second of audio (decoding, resampling and features).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -97,9 +98,11 @@ def decode_audio(extension: str, data: bytes, sample_rate: int = 16000, max_seco
     return Audio(torch.from_numpy(np.concatenate(chunks)), sample_rate)
 
 
+@functools.lru_cache(maxsize=8)
 def mel_filters(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None
                 ) -> torch.Tensor:
-    """(n_freqs, n_mels) triangular filters on the HTK mel scale, unnormalised: torchaudio's ``melscale_fbanks``."""
+    """(n_freqs, n_mels) triangular filters on the HTK mel scale, unnormalised: torchaudio's ``melscale_fbanks``
+    (made once per setting in a process: read it, do not modify it)."""
     f_max = sample_rate / 2 if f_max is None else f_max
     freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float64)
     mel_min, mel_max = (2595.0 * math.log10(1.0 + f / 700.0) for f in (f_min, f_max))

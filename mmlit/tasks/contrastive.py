@@ -10,6 +10,11 @@ shards are an evaluation source of the task's data side: their batches come to t
 
 Data contract: an image entry and its caption(s) at ``caption_field``: a text (``txt``) or a list of texts
 (``json.captions``). A training sample takes one caption, drawn anew each epoch (seeded).
+
+Any two modalities pair the same way (``pair``): a clip and its captions (video-text retrieval), an image and its
+spoken caption (speech-image retrieval, as DAVEnet, Harwath et al. 2018): the first modality is the sample's entry of
+it, the second its captions at ``caption_field`` (texts), or, for another modality, the entry ``caption_field`` names
+(``flac``). The projections keep their names: ``image_proj`` for the first, ``text_proj`` for the second.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from mmlit.data.decode import sample_field
 from mmlit.data.fields import captions_of, class_index, names_from
 from mmlit.data.transforms import ImageTransform, text_safe, training_sample
 from mmlit.metrics.retrieval import RetrievalRecall
+from mmlit.modalities.audio import AudioTransform
 from mmlit.registry import register_task
 from mmlit.tasks.base import Task
 from mmlit.text import UNK
@@ -79,35 +85,42 @@ class ZeroShotData(TaskData):
 
 
 class ContrastiveData(TaskData):
-    """Images and their captions (the arguments are ``Contrastive``'s)."""
-
-    reads = ("image", "text")
+    """Images (or the first modality of ``pair``) and their captions (the arguments are ``Contrastive``'s)."""
 
     def __init__(self, shards: Shards, batch_size: int, caption_field: str, transform: ImageTransform,
-                 zero_shot: ZeroShot | None, classes: list[str]):
-        super().__init__(shards, batch_size, {"image": transform})
-        self.caption_field, self.fields, self.zero_shot, self.classes = caption_field, ("image", caption_field), \
-            zero_shot, classes
+                 zero_shot: ZeroShot | None, classes: list[str], pair: tuple[str, str] = ("image", "text"),
+                 audio_transform: AudioTransform | None = None):
+        super().__init__(shards, batch_size, {pair[0]: transform, "audio": audio_transform})
+        self.caption_field, self.zero_shot, self.classes = caption_field, zero_shot, classes
+        self.item, self.said, self.reads, self.fields = pair[0], pair[1], tuple(pair), (pair[0], caption_field)
 
     def evaluation_sources(self) -> list[TaskData]:
         return [ZeroShotData(self, self.zero_shot, self.classes)] if self.zero_shot is not None else []
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
-        captions = [self.token_ids(tokenizer, c) for c in captions_of(sample, self.caption_field, self.name)]
-        chosen = [random.choice(captions)] if training_sample() else captions or [[UNK]]  # (UNK: none, predicting)
-        yield {"image": self.image(sample), "captioned": bool(captions), "captions": [{"caption": c} for c in chosen]}
+        if self.said == "text":
+            captions = [self.token_ids(tokenizer, c) for c in captions_of(sample, self.caption_field, self.name)]
+            chosen = [random.choice(captions)] if training_sample() else captions or [[UNK]]  # (UNK: none, predicting)
+        else:
+            captions = chosen = [self.entry(sample, self.caption_field, self.said)]
+        yield {self.item: self.input(sample, self.item), "captioned": bool(captions),
+               "captions": [{"caption": c} for c in chosen]}
 
     def collate(self, examples: list[dict]) -> dict[str, Any]:
-        """image (B, 3, H, W), captioned (B,); captions flattened over images: caption (C, T), image_index (C,),
-        key (C) (C = B in training: one caption each)."""
-        return {"image": self.collate_input("image", [e["image"] for e in examples]),
+        """image (B, 3, H, W) (or the first modality's batch, under its name), captioned (B,); captions flattened over
+        images: caption (C, T) (or the second modality's batch), image_index (C,), key (C) (C = B in training: one
+        caption each)."""
+        flat = flatten_items(examples, "captions")
+        return {self.item: self.collate_input(self.item, [e[self.item] for e in examples]),
                 "captioned": torch.tensor([e["captioned"] for e in examples]),
-                **collate_examples(flatten_items(examples, "captions"))}
+                "caption": self.collate_input(self.said, [c["caption"] for c in flat]),
+                **collate_examples([{k: v for k, v in c.items() if k != "caption"} for c in flat])}
 
 
 @register_task("contrastive")
 class Contrastive(Task):
-    """Align images and their captions (symmetric InfoNCE, learnable temperature; retrieval and zero-shot evaluation).
+    """Align images and their captions, or any two modalities (symmetric InfoNCE, learnable temperature; retrieval
+    and zero-shot evaluation).
 
     Args:
         caption_field: the entry (or ``json.path``) holding the caption, or a list of captions.
@@ -115,16 +128,25 @@ class Contrastive(Task):
         init_temperature: the softmax temperature at the start (CLIP: 0.07); learned, capped at 1/100.
         zero_shot: classification shards to classify zero-shot on evaluation.
         transform: the image pipeline (crops without flips or colour changes by default, as the other tasks that read
-            text: tasks on one source with one pipeline share each image's pass).
+            text: tasks on one source with one pipeline share each image's pass); each frame's, for a video.
+        pair: the two modalities aligned: the sample's entry of the first (``image``, ``video``, ``audio``) with the
+            captions of the second (``text``; or ``audio``: the entry ``caption_field`` names, a spoken caption).
+        audio_transform: the augmentation of audio in training.
     """
 
-    modalities = ("image", "text")
-
     def __init__(self, shards: Shards, batch_size: int = 32, caption_field: str = "txt", embed_dim: int = 128,
-                 init_temperature: float = 0.07, zero_shot: ZeroShot | None = None, transform: ImageTransform | None = None):
+                 init_temperature: float = 0.07, zero_shot: ZeroShot | None = None, transform: ImageTransform | None = None,
+                 pair: tuple[str, str] = ("image", "text"), audio_transform: AudioTransform | None = None):
         name = getattr(self, "task_name", "contrastive")
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise ValueError(f"model.tasks.{name}.init_args.pair: two different modalities, got {list(pair)}")
+        if zero_shot is not None and tuple(pair) != ("image", "text"):
+            raise ValueError(f"model.tasks.{name}.init_args.zero_shot: zero-shot classification pairs images with "
+                             f"class prompts; pair is {list(pair)}")
         classes = names_from(zero_shot.classes, f"model.tasks.{name}.init_args.zero_shot.classes") if zero_shot else []
-        super().__init__(ContrastiveData(shards, batch_size, caption_field, transform or text_safe(), zero_shot, classes))
+        super().__init__(ContrastiveData(shards, batch_size, caption_field, transform or text_safe(), zero_shot, classes,
+                                         tuple(pair), audio_transform or AudioTransform()))
+        self.modalities = self.data.reads
         self.embed_dim, self.zero_shot, self.classes = embed_dim, zero_shot, classes
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self._class_embeddings: torch.Tensor | None = None  # (K, E), made once per evaluation
@@ -151,9 +173,10 @@ class Contrastive(Task):
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         if "zero_shot_label" in batch:
             return self._zero_shot(backbone, batch)
-        features = backbone(image=batch["image"], text=batch["caption"], fuse=False)
-        image = F.normalize(self.image_proj(features["image"].pooled), dim=-1)  # (B, E)
-        text = F.normalize(self.text_proj(features["text"].pooled), dim=-1)  # (C, E)
+        item, said = self.data.item, self.data.said
+        features = backbone(**{item: batch[item], said: batch["caption"]}, fuse=False)
+        image = F.normalize(self.image_proj(features[item].pooled), dim=-1)  # (B, E)
+        text = F.normalize(self.text_proj(features[said].pooled), dim=-1)  # (C, E)
         first = torch.ones_like(batch["image_index"], dtype=torch.bool)
         first[1:] = batch["image_index"][1:] != batch["image_index"][:-1]  # each image's first caption
         logits = self._scale() * image @ text[first].T  # (B, B)

@@ -24,7 +24,7 @@ answer type, with ``relational`` the Sort-of-CLEVR split ``acc_rel`` / ``acc_non
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from mmlit.data.decode import SampleError, sample_field, sample_location
 from mmlit.data.fields import names_from
 from mmlit.data.transforms import ImageTransform, text_safe, training_sample
 from mmlit.metrics.vqa import normalize_answer, soft_accuracy, soft_scores, update_subsets
+from mmlit.modalities.audio import AudioTransform
 from mmlit.registry import register_task
 from mmlit.tasks.base import Task
 
@@ -55,14 +56,17 @@ def _type_key(answer_type: str) -> str:
 
 
 class VQAData(TaskData):
-    """Images with their questions, answer ids and soft targets (the arguments are ``VQA``'s)."""
-
-    reads = ("image", "text")
+    """Images (or clips) with their questions (texts or spoken), answer ids and soft targets (the arguments are
+    ``VQA``'s)."""
 
     def __init__(self, shards: Shards, answers: list[str], batch_size: int, questions_field: str,
-                 answer_types: list[str], normalize: bool, transform: ImageTransform):
-        super().__init__(shards, batch_size, {"image": transform})
-        self.normalize, self.questions_field, self.fields = normalize, questions_field, ("image", questions_field)
+                 answer_types: list[str], normalize: bool, transform: ImageTransform, visual: str = "image",
+                 spoken: bool = False, audio_transform: AudioTransform | None = None, type_key: str = "answer_type"):
+        super().__init__(shards, batch_size, {visual: transform, "audio": audio_transform})
+        self.visual, self.asked = visual, "audio" if spoken else "text"  # the modalities of the scene and question
+        self.reads = (visual, self.asked)
+        self.normalize, self.questions_field, self.type_key = normalize, questions_field, type_key
+        self.fields = (visual, questions_field, *(("audio",) if spoken else ()))
         self.answers = [normalize_answer(a) if normalize else a for a in answers]
         self._answer_index = {a: i for i, a in enumerate(self.answers)}
         # how the official evaluation finds a prediction among the human answers: as written (stripped) when they
@@ -89,11 +93,15 @@ class VQAData(TaskData):
         written = [str(a) for a in written]
         human = [normalize_answer(a) if self.normalize else a for a in written]
         target = [(self._answer_index[a], score) for a, score in soft_scores(human).items() if a in self._answer_index]
-        return {"question": self.token_ids(tokenizer, q["question"]),
+        if self.asked == "audio" and not isinstance(q.get("audio"), str):
+            raise SampleError(f"{sample_location(sample)}: spoken question {number} of '{self.questions_field}' needs "
+                              f"\"audio\", the name of its entry (question0.flac)")
+        asked = self.entry(sample, q["audio"], "audio") if self.asked == "audio" else self.token_ids(tokenizer, q["question"])
+        return {"question": asked,
                 "answers": self._scored_ids(written) or [_NO_ANSWER],
                 "target_index": [i for i, _ in target] or [-1], "target_score": [s for _, s in target] or [0.0],
                 "question_id": q["question_id"] if isinstance(q.get("question_id"), int) else number,
-                "answer_type": self._type_index.get(q.get("answer_type"), -1),
+                "answer_type": self._type_index.get(q.get(self.type_key), -1),
                 "relational": bool(q.get("relational", False))}
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
@@ -105,28 +113,31 @@ class VQAData(TaskData):
         if training_sample() and not any(i["target_score"][0] > 0 for i in items):
             return  # nothing to learn from this image: no answer in the vocabulary
         if items:
-            yield {"image": self.image(sample), "questions": items}
+            yield {self.visual: self.input(sample, self.visual), "questions": items}
 
     def collate(self, examples: list[dict]) -> dict[str, Any]:
-        """Images (B, 3, H, W); questions flattened over images: question (Q, T), answers (Q, K) human answer ids,
-        target_index / target_score (Q, J) the soft target, question_id, answer_type, relational, image_index (Q,),
-        key (Q)."""
+        """Images (B, 3, H, W) (or clips, under ``video``); questions flattened over images: question (Q, T) token ids
+        (or spoken: a ``Padded`` batch of spectrograms), answers (Q, K) human answer ids, target_index / target_score
+        (Q, J) the soft target, question_id, answer_type, relational, image_index (Q,), key (Q)."""
         flat = flatten_items(examples, "questions")
         padded = {"answers": (_NO_ANSWER, torch.long), "target_index": (-1, torch.long), "target_score": (0.0, torch.float)}
-        batch = collate_examples([{k: v for k, v in q.items() if k not in padded} for q in flat])
+        batch = collate_examples([{k: v for k, v in q.items() if k not in padded and k != "question"} for q in flat])
         for name, (value, dtype) in padded.items():
             batch[name] = pad([q[name] for q in flat], value, dtype)
-        return {"image": self.collate_input("image", [e["image"] for e in examples]), **batch}
+        batch["question"] = self.collate_input(self.asked, [q["question"] for q in flat])
+        return {self.visual: self.collate_input(self.visual, [e[self.visual] for e in examples]), **batch}
 
 
 @register_task("vqa")
 class VQA(Task):
-    """Answer questions about an image (image + question -> answer class).
+    """Answer questions about an image or a clip, written or spoken (image + question -> answer class).
 
     Args:
         answers: the answer vocabulary, or the path of a JSON list of it (``mmlit data answers`` writes one).
         questions_field: the entry (or ``json.path``) holding a sample's question(s).
         answer_types: report accuracy per answer type (``acc_{type}``) for these types (VQAv2: yes/no, number, other).
+        type_key: the key of a question's type (VQAv2's ``answer_type``; ``type``: per question type, as MUSIC-AVQA
+            reports, e.g. Sort-of-CLEVR's motion questions' direction, fastest, closest_end).
         relational: report accuracy on relational and non-relational questions (``relational`` in each question;
             Sort-of-CLEVR).
         normalize: normalise answers for the vocabulary and targets (lower case, no punctuation or articles, number
@@ -134,18 +145,24 @@ class VQA(Task):
             must stay as written.
         hidden: width of the answer MLP.
         transform: the image pipeline (crops without flips or colour changes by default: questions ask about
-            left, right and colours).
+            left, right and colours), of each frame for ``visual: video``.
+        visual: what questions are asked about: ``image`` or ``video`` (a clip: video question answering).
+        spoken: the questions are spoken: each question names its audio entry (``"audio": "question0.flac"``),
+            which the audio encoder reads instead of the text (``question`` is then only its transcript).
+        audio_transform: the augmentation of spoken questions in training (SpecAugment masks, gain, time shift).
     """
 
-    modalities = ("image", "text")
     fuses = True
 
     def __init__(self, shards: Shards, answers: str | list[str], batch_size: int = 8,
                  questions_field: str = "json.questions", answer_types: list[str] | None = None, relational: bool = False,
-                 normalize: bool = True, hidden: int = 256, transform: ImageTransform | None = None):
+                 normalize: bool = True, hidden: int = 256, transform: ImageTransform | None = None,
+                 visual: Literal["image", "video"] = "image", spoken: bool = False,
+                 audio_transform: AudioTransform | None = None, type_key: str = "answer_type"):
         vocabulary = names_from(answers, f"model.tasks.{getattr(self, 'task_name', 'vqa')}.init_args.answers")
         super().__init__(VQAData(shards, vocabulary, batch_size, questions_field, list(answer_types or []), normalize,
-                                 transform or text_safe()))
+                                 transform or text_safe(), visual, spoken, audio_transform or AudioTransform(), type_key))
+        self.modalities = self.data.reads
         self.answer_types, self.relational, self.hidden = list(answer_types or []), relational, hidden
 
     def build(self, backbone) -> None:
@@ -154,7 +171,8 @@ class VQA(Task):
                                   nn.Linear(self.hidden, len(self.data.answers)))
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
-        features = backbone(image=batch["image"], text=batch["question"], index={"image": batch["image_index"]})
+        visual, asked = self.data.visual, self.data.asked
+        features = backbone(**{visual: batch[visual], asked: batch["question"]}, index={visual: batch["image_index"]})
         logits = self.head(features.fused.pooled)  # (Q, A)
         index = batch["target_index"]  # (Q, J): each question's answers in the vocabulary and their scores
         target = logits.new_zeros(logits.shape, dtype=torch.float32).scatter_add_(

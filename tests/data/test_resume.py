@@ -119,3 +119,57 @@ def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_weights(soc, 
             assert torch.equal(a[key], b[key]), key
     tasks_per_step = [sorted(r["keys"]) for r in read_steps(whole / "keys", 0)]
     assert all(len(t) == 1 for t in tasks_per_step) and len({t[0] for t in tasks_per_step}) == 2  # sampled mixture
+
+
+def _av_recipe(soc, root, world: int, workers: int) -> dict:
+    """Spoken VQA (its questions' audio augmented: gain, shift, masks), video-text retrieval (random crops of every
+    frame, frames drawn per segment) and speech-text alignment (soft-DTW) on the spoken and moving shards."""
+    from ..conftest import tiny_audio_encoder, tiny_video_encoder
+
+    recipe = tiny_recipe(soc, root, tasks=["vqa", "contrastive", "speech_text_alignment"], max_epochs=-1,
+                         max_steps=TOTAL, logger=False, limit_val_batches=0, num_sanity_val_steps=0, devices=world,
+                         strategy="ddp_find_unused_parameters_true" if world > 1 else "auto")
+    encoders = recipe["model"]["backbone"]["init_args"]["encoders"]
+    encoders.update(audio=tiny_audio_encoder(), video=tiny_video_encoder())
+    recipe["model"]["backbone"]["init_args"]["fusion"]["init_args"].update(query="audio", context="image")
+    tasks = recipe["model"]["tasks"]
+    tasks["vqa"]["init_args"].update(questions_field="json.spoken_questions", spoken=True)
+    tasks["vqa"]["init_args"].pop("transform")
+    tasks["contrastive"]["init_args"].update(pair=["video", "text"], caption_field="json.motion_caption")
+    tasks["contrastive"]["init_args"].pop("transform")  # the default: random crops
+    recipe["data"]["num_workers"] = workers
+    recipe["checkpoint"] = {"every_n_train_steps": EVERY}
+    recipe["trainer"]["callbacks"] = [
+        {"class_path": "tests._ddp_helpers.RecordKeys", "init_args": {"dirpath": str(root / "keys")}},
+        {"class_path": "tests._ddp_helpers.DumpWeights", "init_args": {"dirpath": str(root / "weights")}},
+        {"class_path": "tests._ddp_helpers.Pace", "init_args": {"seconds": 0.3}}]
+    return recipe
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(4 * FIT_TIMEOUT)
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 2)])
+def test_audio_and_video_tasks_killed_and_resumed_end_with_the_same_weights(soc, tmp_path, world, workers):
+    """Killed at a random moment after its first checkpoint and started again, a run of audio and video tasks with
+    their augmentation on trains on the same samples with the same draws and ends with bit-identical weights."""
+    whole = write_recipe(_av_recipe(soc, tmp_path / "a", world, workers), tmp_path / "a.yaml")
+    result = run_cli("fit", "--config", str(whole), timeout=FIT_TIMEOUT, ddp=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    path = write_recipe(_av_recipe(soc, tmp_path / "b", world, workers), tmp_path / "b.yaml")
+    command = [sys.executable, "-m", "mmlit.cli", "fit", "--config", str(path), "--ckpt_path", "auto"]
+    rng = random.Random(f"av-{world}-{workers}")
+    killed = run_until(command, after_lines(tmp_path / "b" / "keys" / "rank0.jsonl", rng.randrange(EVERY + 1, TOTAL - 1),
+                                            rng.uniform(0, 0.3)), timeout=FIT_TIMEOUT, env=cli_env(ddp=True))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    resumed = run_until(command, None, timeout=FIT_TIMEOUT, env=cli_env(ddp=True))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    for rank in range(world):
+        expected = read_steps(tmp_path / "a" / "keys", rank)
+        assert [r["step"] for r in expected] == list(range(TOTAL))
+        assert read_steps(tmp_path / "b" / "keys", rank) == expected, f"rank {rank} saw other samples after resuming"
+        a = torch.load(tmp_path / "a" / "weights" / f"rank{rank}.pt", weights_only=True)
+        b = torch.load(tmp_path / "b" / "weights" / f"rank{rank}.pt", weights_only=True)
+        assert any(k.startswith("backbone.encoders.audio.") for k in a) and any(".video." in k for k in a)
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
