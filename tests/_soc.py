@@ -21,6 +21,7 @@ TASK_SETTINGS = {
     "text_classification": {"items_field": "json.questions", "text_key": "question", "label_key": "type",
                             "classes": list(QUESTION_TYPES)},
     "prefix_lm": {"caption_field": "json.caption", "relational": True, "transform": TRANSFORM},
+    "speech_text_alignment": {"words_field": "json.spoken_caption.words"},
 }
 
 

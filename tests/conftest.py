@@ -68,7 +68,8 @@ def tiny_backbone(dim: int = 32, causal: bool = False, audio: bool = False) -> d
 
 def tiny_audio_encoder(dim: int = 32) -> dict:
     return {"class_path": "mmlit.models.SpectrogramTransformer",
-            "init_args": {"dim": dim, "max_frames": 800, "model_kwargs": {"embed_dim": dim, "depth": 1, "num_heads": 2}}}
+            "init_args": {"dim": dim, "max_frames": 800,
+                          "model_kwargs": {"embed_dim": dim, "depth": 1, "num_heads": 2}}}
 
 
 def tiny_video_encoder(dim: int = 32, tokens: str = "frames") -> dict:

@@ -77,9 +77,14 @@ def _modalities(tasks: dict, max_image_pixels: int | None, decode_images: str, s
     names |= {m for task in tasks.values() for f in task.fields if (m := extension_modality(f.rsplit(".", 1)[-1]))}
     options = {"image": {"max_pixels": max_image_pixels, "on_device": decode_images == "device"}}
     for name, values in (settings or {}).items():
+        if name == "image":
+            raise ValueError("data.modalities.image: set data.max_image_pixels and data.decode_images")
         if not is_modality(name):
             raise ValueError(f"data.modalities.{name}: no modality of that name (`mmlit modalities` lists them)")
-        options[name] = {**options.get(name, {}), **(values or {})}
+        if not isinstance(values, dict):
+            raise ValueError(f"data.modalities.{name}: the modality's arguments, e.g. {{sample_rate: 16000}}; "
+                             f"got {values!r}")
+        options[name] = values
     made = {}
     for name in sorted(names):
         try:

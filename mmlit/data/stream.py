@@ -65,20 +65,21 @@ def _batch_sizes(n: int, batches: int, batch_size: int) -> list[int]:
 
 
 def _share_equal(batches: dict[str, dict]) -> dict[str, dict]:
-    """Tasks' batches with every tensor that equals one of an earlier task under the same key (the images of tasks that
-    prepared them from the same samples alike) replaced by that one: the same tensor reaches the training process once
-    and the backbone encodes it once (``Backbone.shared_pass``)."""
-    seen: dict[str, list] = {}
+    """Tasks' batches with every tensor that equals one of an earlier task (under any key: the images of tasks that
+    prepared them from the same samples alike, a clip that one task reads as ``audio`` and another as its ``caption``)
+    replaced by that one: the same tensor reaches the training process once and the backbone encodes it once
+    (``Backbone.shared_pass``)."""
+    seen: list = []
     for batch in batches.values():
         for key, value in batch.items():
             if isinstance(value, EncodedImages):
-                same = next((t for t in seen.get(key, ()) if t == value), None)
+                same = next((t for t in seen if isinstance(t, EncodedImages) and t == value), None)
             elif isinstance(value, (torch.Tensor, Padded)):
-                same = next((t for t in seen.get(key, ()) if _equal(t, value)), None)
+                same = next((t for t in seen if _equal(t, value)), None)
             else:
                 continue
             if same is None:
-                seen.setdefault(key, []).append(value)
+                seen.append(value)
             else:
                 batch[key] = same
     return batches

@@ -21,16 +21,18 @@ cost per second of audio (decoding, resampling and features).
 from __future__ import annotations
 
 import functools
-import io
+import itertools
 import math
 import random
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from mmlit.data.collate import Padded
 from mmlit.modalities.base import Modality
+from mmlit.modalities.media import open_stream
 from mmlit.registry import register_modality
 
 __all__ = ["AUDIO_EXTENSIONS", "Audio", "AudioModality", "AudioPipeline", "AudioTransform", "decode_audio",
@@ -44,7 +46,7 @@ _FORMATS = {
     "ogg": ("ogg", lambda b: b[:4] == b"OggS"),
 }
 AUDIO_EXTENSIONS = frozenset(_FORMATS)
-_CODECS = ("flac", "pcm_", "mp3", "vorbis", "opus")  # allow-listed decoders (name or prefix)
+_CODECS = ("flac", "pcm_", "mp3", "vorbis", "opus")  # allow-listed decoders (names or prefixes)
 
 
 class Audio(NamedTuple):
@@ -63,38 +65,24 @@ def decode_audio(extension: str, data: bytes, sample_rate: int = 16000, max_seco
     codec outside the allow-list, no audio, or a clip longer than ``max_seconds``."""
     import av
 
-    demuxer, is_format = _FORMATS[extension]
-    if not is_format(data[:12]):
-        raise ValueError(f"the data is not {extension.upper()} (its first bytes are {data[:12]!r})")
-    try:
-        with av.open(io.BytesIO(data), format=demuxer, mode="r") as container:
-            if not container.streams.audio:
-                raise ValueError("it has no audio stream")
-            stream = container.streams.audio[0]
-            codec = stream.codec_context.name
-            if not codec.startswith(_CODECS):
-                raise ValueError(f"its codec {codec!r} is not one mmlit decodes ({', '.join(_CODECS)})")
-            if max_seconds is not None and stream.duration is not None and stream.time_base is not None \
-                    and float(stream.duration * stream.time_base) > max_seconds + 1e-3:
-                raise ValueError(f"it lasts {float(stream.duration * stream.time_base):.2f} s, more than the limit of "
-                                 f"{max_seconds} s (data.modalities.audio.max_seconds)")
-            limit = None if max_seconds is None else math.ceil(max_seconds * sample_rate) + 1
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            chunks, total = [], 0
-            for frame in (*container.decode(stream), None):  # (None flushes the resampler)
-                for out in resampler.resample(frame):
-                    chunk = out.to_ndarray().reshape(-1)
-                    chunks.append(chunk)
-                    total += len(chunk)
-                if limit is not None and total > limit:
-                    raise ValueError(f"it lasts more than the limit of {max_seconds} s "
-                                     f"(data.modalities.audio.max_seconds)")
-    except av.FFmpegError as err:
-        raise ValueError(f"FFmpeg cannot decode it: {err}") from None
+    with open_stream(extension, data, _FORMATS, "audio", _CODECS) as (container, stream):
+        if max_seconds is not None and stream.duration is not None and stream.time_base is not None \
+                and float(stream.duration * stream.time_base) > max_seconds + 1e-3:
+            raise ValueError(f"it lasts {float(stream.duration * stream.time_base):.2f} s, more than the limit of "
+                             f"{max_seconds} s (data.modalities.audio.max_seconds)")
+        limit = None if max_seconds is None else math.ceil(max_seconds * sample_rate) + 1
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        chunks, total = [], 0
+        for frame in itertools.chain(container.decode(stream), (None,)):  # (None flushes the resampler)
+            for out in resampler.resample(frame):
+                chunk = out.to_ndarray().reshape(-1)
+                chunks.append(chunk)
+                total += len(chunk)
+            if limit is not None and total > limit:
+                raise ValueError(f"it lasts more than the limit of {max_seconds} s "
+                                 f"(data.modalities.audio.max_seconds)")
     if total == 0:
         raise ValueError("it holds no audio samples")
-    import numpy as np
-
     return Audio(torch.from_numpy(np.concatenate(chunks)), sample_rate)
 
 

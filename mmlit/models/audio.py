@@ -47,8 +47,9 @@ class SpectrogramTransformer(nn.Module):
         super().__init__()
         key = "model.backbone.init_args.encoders.audio.init_args"
         patch = tuple(patch_size) if patch_size is not None else (n_mels, 4)
-        if n_mels % patch[0]:
-            raise ValueError(f"{key}.patch_size: its height {patch[0]} must divide n_mels={n_mels}")
+        if n_mels % patch[0] or max_frames % patch[1]:
+            raise ValueError(f"{key}.patch_size: its height {patch[0]} must divide n_mels={n_mels} and its width "
+                             f"{patch[1]} max_frames={max_frames}")
         kwargs = dict(model_kwargs or {})
         if pretrained is not None:
             if not Path(pretrained).is_file():
@@ -62,7 +63,8 @@ class SpectrogramTransformer(nn.Module):
                                            dynamic_img_pad=True, **kwargs)
         except TypeError as err:
             raise ValueError(f"{key}.model_name: {model_name!r} is not a timm Vision Transformer ({err})") from None
-        self.dim, self.sample_rate, self.n_mels, self.n_fft, self.hop_length = dim, sample_rate, n_mels, n_fft, hop_length
+        self.dim, self.sample_rate, self.n_mels = dim, sample_rate, n_mels
+        self.n_fft, self.hop_length = n_fft, hop_length
         self.max_frames, self.patch = max_frames, patch
         self.prefix = getattr(self.model, "num_prefix_tokens", 0)
         self.proj = nn.Linear(self.model.num_features, dim)

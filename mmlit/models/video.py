@@ -46,6 +46,9 @@ class VideoEncoder(nn.Module):
             raise ValueError(f"{key}.frames must be at least 1, got {frames}")
         if tokens not in ("frames", "grid"):
             raise ValueError(f"{key}.tokens: 'frames' or 'grid', got {tokens!r}")
+        if tokens == "grid" and (frame_encoder or {}).get("pooling") == "flatten":
+            raise ValueError(f"{key}.frame_encoder.pooling: flatten pools each frame, which tokens: grid does not read "
+                             f"(its weights would take no gradient); use mean, or tokens: frames")
         self.dim, self.frames, self.tokens = dim, frames, tokens
         self.frame_encoder = TimmImageEncoder(**{**(frame_encoder or {}), "dim": dim})
         self.image_size = self.frame_encoder.image_size

@@ -36,7 +36,7 @@ from mmlit.data.fields import captions_of, class_index, names_from
 from mmlit.data.transforms import ImageTransform, text_safe, training_sample
 from mmlit.metrics.retrieval import RetrievalRecall
 from mmlit.modalities.audio import AudioTransform
-from mmlit.registry import register_task
+from mmlit.registry import get_modality, register_task
 from mmlit.tasks.base import Task
 from mmlit.text import UNK
 
@@ -135,17 +135,23 @@ class Contrastive(Task):
     """
 
     def __init__(self, shards: Shards, batch_size: int = 32, caption_field: str = "txt", embed_dim: int = 128,
-                 init_temperature: float = 0.07, zero_shot: ZeroShot | None = None, transform: ImageTransform | None = None,
-                 pair: tuple[str, str] = ("image", "text"), audio_transform: AudioTransform | None = None):
+                 init_temperature: float = 0.07, zero_shot: ZeroShot | None = None,
+                 transform: ImageTransform | None = None, pair: tuple[str, str] = ("image", "text"),
+                 audio_transform: AudioTransform | None = None):
         name = getattr(self, "task_name", "contrastive")
         if len(pair) != 2 or pair[0] == pair[1]:
             raise ValueError(f"model.tasks.{name}.init_args.pair: two different modalities, got {list(pair)}")
+        if pair[1] != "text" and caption_field.rsplit(".", 1)[-1] not in get_modality(pair[1]).extensions:
+            raise ValueError(f"model.tasks.{name}.init_args.caption_field: the {pair[1]} captions are an entry of that "
+                             f"modality ({', '.join(sorted(get_modality(pair[1]).extensions))}: flac, caption.flac), "
+                             f"got {caption_field!r}")
         if zero_shot is not None and tuple(pair) != ("image", "text"):
             raise ValueError(f"model.tasks.{name}.init_args.zero_shot: zero-shot classification pairs images with "
                              f"class prompts; pair is {list(pair)}")
         classes = names_from(zero_shot.classes, f"model.tasks.{name}.init_args.zero_shot.classes") if zero_shot else []
-        super().__init__(ContrastiveData(shards, batch_size, caption_field, transform or text_safe(), zero_shot, classes,
-                                         tuple(pair), audio_transform or AudioTransform()))
+        data = ContrastiveData(shards, batch_size, caption_field, transform or text_safe(), zero_shot, classes,
+                               tuple(pair), audio_transform or AudioTransform())
+        super().__init__(data)
         self.modalities = self.data.reads
         self.embed_dim, self.zero_shot, self.classes = embed_dim, zero_shot, classes
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))

@@ -15,7 +15,9 @@ mean absolute error of word starts and ends against the known ones, ``within_50m
 closest, by soft-DTW, among the batch's.
 
 Data contract: an audio entry (``audio_field``: ``flac``, the spoken caption of ``mmlit data sort-of-clevr
---spoken``) and its words with their times (``words_field``: a list of ``{"word", "start", "end"}``, seconds).
+--spoken``) and its words with their times (``words_field``: a list of ``{"word", "start", "end"}``, seconds). Token
+k of the default audio encoder spans frames 4k to 4k + 3 of 10 ms, frame f centred at f x 10 ms: [40k - 5, 40k + 35)
+ms.
 """
 
 from __future__ import annotations
@@ -50,13 +52,16 @@ class SpeechTextAlignmentData(TaskData):
 
     def prepare(self, sample: dict, tokenizer) -> Iterator[dict]:
         words = sample_field(sample, self.words_field, self.name)
-        if not isinstance(words, list) or not words or not all(isinstance(w, dict) and {"word", "start", "end"} <= w.keys()
-                                                               for w in words):
+        timed = (lambda w: isinstance(w, dict) and "word" in w  # noqa: E731
+                 and all(isinstance(w.get(k), (int, float)) for k in ("start", "end")))
+        if not isinstance(words, list) or not words or not all(map(timed, words)):
             raise SampleError(f"{sample_location(sample)}: '{self.words_field}' must be a list of "
-                              f'{{"word", "start", "end"}}')
+                              f'{{"word", "start", "end"}} (times in seconds)')
         ids, owner = [], []
         for i, w in enumerate(words):
             token_ids = self.token_ids(tokenizer, str(w["word"]))
+            if not token_ids:
+                raise SampleError(f"{sample_location(sample)}: the word {w['word']!r} has no tokens")
             ids += token_ids
             owner += [i] * len(token_ids)
         limit = self.pipeline("text").max_length
@@ -73,7 +78,8 @@ class SpeechTextAlignmentData(TaskData):
         return {"audio": self.collate_input("audio", [e["audio"] for e in examples]),
                 "text": self.collate_input("text", [e["text"] for e in examples]),
                 **{k: pad([e[k] for e in examples], value, dtype) for k, (value, dtype) in padded.items()},
-                **collate_examples([{k: v for k, v in e.items() if k not in {"audio", "text", *padded}} for e in examples])}
+                **collate_examples([{k: v for k, v in e.items() if k not in {"audio", "text", *padded}}
+                                    for e in examples])}
 
 
 @register_task("speech_text_alignment")
@@ -82,7 +88,8 @@ class SpeechTextAlignment(Task):
 
     Args:
         audio_field: the audio entry (``flac``).
-        words_field: the words with their times (``json.spoken_caption.words``).
+        words_field: the words with their times, a list of ``{"word", "start", "end"}`` (seconds): Sort-of-CLEVR's
+            spoken caption's are ``json.spoken_caption.words``.
         embed_dim: width of the frame and token embeddings.
         gamma: soft-DTW's smoothing (small: close to hard DTW; large: smoother gradients).
         band: a Sakoe-Chiba band (``mmlit.dtw``), in tokens; None: every cell.
@@ -92,8 +99,8 @@ class SpeechTextAlignment(Task):
 
     modalities = ("audio", "text")
 
-    def __init__(self, shards: Shards, batch_size: int = 16, audio_field: str = "flac",
-                 words_field: str = "json.spoken_caption.words", embed_dim: int = 64, gamma: float = 0.1,
+    def __init__(self, shards: Shards, words_field: str, batch_size: int = 16, audio_field: str = "flac",
+                 embed_dim: int = 64, gamma: float = 0.1,
                  band: int | None = None, temperature: float = 0.1, audio_transform: AudioTransform | None = None):
         if gamma <= 0 or temperature <= 0:
             raise ValueError(f"model.tasks.{getattr(self, 'task_name', 'speech_text_alignment')}.init_args: gamma and "
@@ -109,7 +116,9 @@ class SpeechTextAlignment(Task):
         if patch is None or patch[0] != audio.n_mels:
             raise ValueError(f"model.tasks.{self.name}: alignment needs audio tokens in time (an audio encoder whose "
                              f"patch_size spans all n_mels, the default), got patch_size={patch}")
+        # token k spans frames 4k .. 4k+3, frame f centred at f hops (torch.stft(center=True)): half a hop earlier
         self.seconds_per_token = patch[1] * audio.hop_length / audio.sample_rate
+        self.offset = audio.hop_length / audio.sample_rate / 2
         self.audio_proj = nn.Linear(backbone.dim, self.embed_dim)
         self.text_proj = nn.Linear(backbone.dim, self.embed_dim)
 
@@ -126,8 +135,11 @@ class SpeechTextAlignment(Task):
         size = len(a)
         cost = 1 - torch.einsum("ine,jte->ijnt", a, t).reshape(size * size, a.shape[1], t.shape[1])
         lengths = a_len.repeat_interleave(size), t_len.repeat(size)
-        score = -soft_dtw(cost, *lengths, gamma=self.gamma, band=self.band).view(size, size) \
-            / (a_len[:, None] + t_len[None, :])  # (clip, transcript)
+        try:
+            value = soft_dtw(cost, *lengths, gamma=self.gamma, band=self.band)
+        except ValueError as err:  # (a band too narrow for a clip and a transcript of the batch)
+            raise ValueError(f"model.tasks.{self.name}.init_args.band: {err}") from None
+        score = -value.view(size, size) / (a_len[:, None] + t_len[None, :])  # (clip, transcript)
         logits = score.float() / self.temperature
         target = torch.arange(size, device=logits.device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -147,7 +159,8 @@ class SpeechTextAlignment(Task):
             1, index, torch.where(word >= 0, first, float("inf")), "amin")
         end = torch.full((len(path), words), float("-inf"), device=path.device).scatter_reduce(
             1, index, torch.where(word >= 0, last, float("-inf")), "amax")
-        return start * self.seconds_per_token, (end + 1) * self.seconds_per_token
+        start = (start * self.seconds_per_token - self.offset).clamp(min=0)
+        return start, (end + 1) * self.seconds_per_token - self.offset
 
     def metrics(self) -> MetricCollection:
         return MetricCollection({n: MeanMetric() for n in ("boundary_error_ms", "within_50ms", "recall_at_1")})

@@ -36,7 +36,7 @@ from mmlit.data.decode import SampleError, sample_field, sample_location
 from mmlit.data.fields import names_from
 from mmlit.data.transforms import ImageTransform, text_safe, training_sample
 from mmlit.metrics.vqa import normalize_answer, soft_accuracy, soft_scores, update_subsets
-from mmlit.modalities.audio import AudioTransform
+from mmlit.modalities.audio import Audio, AudioTransform
 from mmlit.registry import register_task
 from mmlit.tasks.base import Task
 
@@ -96,7 +96,11 @@ class VQAData(TaskData):
         if self.asked == "audio" and not isinstance(q.get("audio"), str):
             raise SampleError(f"{sample_location(sample)}: spoken question {number} of '{self.questions_field}' needs "
                               f"\"audio\", the name of its entry (question0.flac)")
-        asked = self.entry(sample, q["audio"], "audio") if self.asked == "audio" else self.token_ids(tokenizer, q["question"])
+        if self.asked == "audio" and not isinstance(sample_field(sample, q["audio"], self.name), Audio):
+            raise SampleError(f"{sample_location(sample)}: spoken question {number} names the entry {q['audio']!r}, "
+                              f"which is not audio")
+        asked = self.entry(sample, q["audio"], "audio") if self.asked == "audio" \
+            else self.token_ids(tokenizer, q["question"])
         return {"question": asked,
                 "answers": self._scored_ids(written) or [_NO_ANSWER],
                 "target_index": [i for i, _ in target] or [-1], "target_score": [s for _, s in target] or [0.0],
@@ -161,7 +165,8 @@ class VQA(Task):
                  audio_transform: AudioTransform | None = None, type_key: str = "answer_type"):
         vocabulary = names_from(answers, f"model.tasks.{getattr(self, 'task_name', 'vqa')}.init_args.answers")
         super().__init__(VQAData(shards, vocabulary, batch_size, questions_field, list(answer_types or []), normalize,
-                                 transform or text_safe(), visual, spoken, audio_transform or AudioTransform(), type_key))
+                                 transform or text_safe(), visual, spoken, audio_transform or AudioTransform(),
+                                 type_key))
         self.modalities = self.data.reads
         self.answer_types, self.relational, self.hidden = list(answer_types or []), relational, hidden
 

@@ -87,6 +87,13 @@ def test_audio_is_checked_by_content_and_length():
         decode_audio("flac", flac, max_seconds=1.5)
     with pytest.raises(ValueError, match="FFmpeg cannot decode"):
         decode_audio("flac", flac[:4] + bytes(200))
+    # a FLAC that does not say its length (STREAMINFO's total samples 0): the limit stops the decoding itself
+    unknown = bytearray(flac)
+    fields = int.from_bytes(unknown[18:26], "big") & ~((1 << 36) - 1)
+    unknown[18:26] = fields.to_bytes(8, "big")
+    assert decode_audio("flac", bytes(unknown)).seconds == pytest.approx(2.0, abs=0.01)
+    with pytest.raises(ValueError, match="lasts more than the limit of 1.5 s"):
+        decode_audio("flac", bytes(unknown), max_seconds=1.5)
     # in a sample: a counted skip (SampleError), and the recipe's limit reaches the modality
     sample = {"__key__": "k", "__url__": "u", "flac": flac}
     with pytest.raises(ValueError, match="limit of 1.0 s"):
@@ -133,6 +140,8 @@ def test_video_is_decoded_checked_and_sampled():
     with pytest.raises(ValueError, match="not MP4"):
         decode_video("mp4", webm)
     assert decode_video("webm", webm).frames.shape == (8, 32, 32, 3)
+    thinned = decode_video("webm", webm, keep_frames=4).frames  # (WebM does not say its frame count: thinned as read)
+    assert np.array_equal(thinned, decode_video("webm", webm).frames[::2])
     assert sample_frames(8, 4, train=False) == [1, 3, 5, 7]
     with sample_context((0, 0, 0, "k"), train=True):
         drawn = sample_frames(80, 8, train=True)
@@ -143,7 +152,8 @@ def test_a_clip_takes_one_augmentation_for_all_its_frames():
     still = np.repeat(moving_square()[:1], 8, axis=0)  # the same frame 8 times
     clip = decode_video("mp4", encode_video(still))
     encoder = SimpleNamespace(frames=8, frame_encoder=SimpleNamespace(image_size=24))  # what the pipeline reads
-    pipeline = VideoModality().pipeline(encoder, ImageTransform(scale=(0.3, 1.0), hflip=0.5), "k")
+    settings = ImageTransform(scale=(0.3, 1.0), hflip=0.5, auto_augment="rand-m9-n2-mstd0.5")  # (NumPy draws too)
+    pipeline = VideoModality().pipeline(encoder, settings, "k")
     outs = []
     for key in ("a", "b", "c"):
         with sample_context((0, 0, 0, key), train=True):
@@ -192,3 +202,33 @@ def test_the_video_encoder_relates_frames_and_the_backbone_encodes_a_padded_batc
         first = backbone.encode("audio", batch)
         again = backbone.encode("audio", Padded(*batch))  # a new tuple of the same tensors, as after the move
     assert first is again and len(calls) == 1
+
+
+def test_settings_are_checked():
+    from mmlit.data.datamodule import _modalities
+
+    with pytest.raises(ValueError, match="max_frames=1001"):
+        SpectrogramTransformer(dim=32, max_frames=1001, model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    with pytest.raises(ValueError, match="pooling: flatten"):
+        VideoEncoder(dim=32, frames=2, tokens="grid", frame_encoder={"model_name": "resnet10t", "image_size": 32,
+                                                                    "pooling": "flatten"})
+    with pytest.raises(ValueError, match="data.max_image_pixels"):
+        _modalities({}, None, "worker", {"image": {"max_pixels": 10}})
+    with pytest.raises(ValueError, match="data.modalities.audio: the modality's arguments"):
+        _modalities({}, None, "worker", {"audio": 16000})
+    with pytest.raises(ValueError, match="data.modalities.sound: no modality"):
+        _modalities({}, None, "worker", {"sound": {}})
+    with pytest.raises(ValueError, match="keep_frames"):
+        VideoModality(keep_frames=0)
+
+
+def test_equal_values_of_tasks_are_shared_under_any_key():
+    """A clip that one task reads as ``audio`` and another as its ``caption`` reaches the model once."""
+    from mmlit.data.stream import _share_equal
+
+    values = [torch.randn(64, 30), torch.randn(64, 20)]
+    batches = _share_equal({"a": {"audio": Padded.of(values)},
+                            "b": {"caption": Padded.of(values), "other": torch.ones(2)},
+                            "c": {"audio": Padded.of(values[:1])}})
+    assert batches["b"]["caption"] is batches["a"]["audio"]
+    assert batches["c"]["audio"] is not batches["a"]["audio"]

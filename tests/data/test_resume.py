@@ -159,8 +159,8 @@ def test_audio_and_video_tasks_killed_and_resumed_end_with_the_same_weights(soc,
     path = write_recipe(_av_recipe(soc, tmp_path / "b", world, workers), tmp_path / "b.yaml")
     command = [sys.executable, "-m", "mmlit.cli", "fit", "--config", str(path), "--ckpt_path", "auto"]
     rng = random.Random(f"av-{world}-{workers}")
-    killed = run_until(command, after_lines(tmp_path / "b" / "keys" / "rank0.jsonl", rng.randrange(EVERY + 1, TOTAL - 1),
-                                            rng.uniform(0, 0.3)), timeout=FIT_TIMEOUT, env=cli_env(ddp=True))
+    steps = after_lines(tmp_path / "b" / "keys" / "rank0.jsonl", rng.randrange(EVERY + 1, TOTAL - 1), rng.uniform(0, 0.3))
+    killed = run_until(command, steps, timeout=FIT_TIMEOUT, env=cli_env(ddp=True))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
     resumed = run_until(command, None, timeout=FIT_TIMEOUT, env=cli_env(ddp=True))
     assert resumed.returncode == 0, resumed.stderr[-4000:]

@@ -66,7 +66,8 @@ def test_spoken_vqa_hears_each_question_from_its_own_entry(soc):
     assert isinstance(batch["question"], Padded) and batch["question"].values.shape[:2] == (16, 64)  # 4 x 4 questions
     lengths = batch["question"].lengths
     assert len(set(lengths.tolist())) > 1 and lengths.max() == batch["question"].values.shape[-1]  # own lengths
-    assert batch["image"].shape == (4, 3, 75, 75) and batch["image_index"].tolist() == [i for i in range(4) for _ in range(4)]
+    assert batch["image"].shape == (4, 3, 75, 75)
+    assert batch["image_index"].tolist() == [i for i in range(4) for _ in range(4)]
     assert task.modalities == ("image", "audio")
     _trains_down(task, backbone, batch)
 
@@ -102,31 +103,36 @@ def test_contrastive_pairs_are_checked():
         Contrastive(Shards(train="x"), pair=("audio", "audio"))
     from mmlit.tasks.contrastive import ZeroShot
 
+    with pytest.raises(ValueError, match="caption_field: the audio captions are an entry"):
+        Contrastive(Shards(train="x"), pair=("image", "audio"))  # (the default caption_field, txt)
     with pytest.raises(ValueError, match="zero_shot"):
-        Contrastive(Shards(train="x"), pair=("image", "audio"), zero_shot=ZeroShot(Shards(val="x"), classes=["a"]))
+        Contrastive(Shards(train="x"), pair=("image", "audio"), caption_field="flac",
+                    zero_shot=ZeroShot(Shards(val="x"), classes=["a"]))
 
 
 def test_word_boundaries_come_from_the_dtw_path():
-    """Three words of 1, 2 and 1 tokens over 10 audio tokens of 40 ms: the path gives tokens frames 0-2, 3-4, 5-6,
-    7-9, so the words span frames 0-2, 3-6 and 7-9: 0-120 ms, 120-280 ms, 280-400 ms."""
-    task = SpeechTextAlignment(Shards(train="x"))
-    task.seconds_per_token = 0.04
+    """Three words of 1, 2 and 1 tokens over 10 audio tokens of 40 ms (each starting half a 10 ms hop before its first
+    frame's centre): the path gives tokens frames 0-2, 3-4, 5-6, 7-9, so the words span frames 0-2, 3-6 and 7-9:
+    0-115 ms, 115-275 ms, 275-395 ms."""
+    task = SpeechTextAlignment(Shards(train="x"), "json.words")
+    task.seconds_per_token, task.offset = 0.04, 0.005
     path = torch.zeros(1, 10, 4, dtype=torch.bool)
     for token, frames in enumerate(((0, 1, 2), (3, 4), (5, 6), (7, 8, 9))):
         path[0, list(frames), token] = True
     start, end = task.boundaries(path, torch.tensor([[0, 1, 1, 2]]), 3)
-    assert torch.allclose(start, torch.tensor([[0.0, 0.12, 0.28]])) and torch.allclose(end, torch.tensor([[0.12, 0.28, 0.4]]))
+    assert torch.allclose(start, torch.tensor([[0.0, 0.115, 0.275]])) and \
+        torch.allclose(end, torch.tensor([[0.115, 0.275, 0.395]]))
     metrics = task.metrics()
     batch = {"word": torch.tensor([[0, 1, 1, 2]]), "start": torch.tensor([[0.0, 0.15, 0.28]]),
              "end": torch.tensor([[0.1, 0.28, 0.5]])}
     task.update_metrics(metrics, {"path": path, "logits": torch.eye(1)}, batch)
-    values = metrics.compute()  # errors 0, 30, 0 ms (starts) and 20, 0, 100 ms (ends)
-    assert values["boundary_error_ms"].item() == pytest.approx(25.0, abs=1e-3)
+    values = metrics.compute()  # errors 0, 35, 5 ms (starts) and 15, 5, 105 ms (ends)
+    assert values["boundary_error_ms"].item() == pytest.approx(165 / 6, abs=1e-3)
     assert values["within_50ms"].item() == pytest.approx(5 / 6)
 
 
 def test_alignment_needs_audio_tokens_in_time(soc):
-    task = SpeechTextAlignment(Shards(train=soc["train"]))
+    task = SpeechTextAlignment(Shards(train=soc["train"]), "json.spoken_caption.words")
     audio = {**tiny_audio_encoder(), "init_args": {**tiny_audio_encoder()["init_args"], "patch_size": [16, 16]}}
     with pytest.raises(ValueError, match="patch_size spans all n_mels"):
         task.build(_backbone({"audio": audio, **_encoders("text")}))

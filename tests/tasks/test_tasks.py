@@ -83,7 +83,8 @@ def test_task_metrics_on_evaluation_batches(name, soc):
     values = metrics.compute()
     assert values, "a task reports at least one metric"
     for key, value in values.items():  # shares in [0, 1]; errors in milliseconds (``_ms``) at least 0
-        assert torch.isfinite(value) and 0.0 <= value.item() <= (float("inf") if key.endswith("_ms") else 1.0), (key, value)
+        top = float("inf") if key.endswith("_ms") else 1.0
+        assert torch.isfinite(value) and 0.0 <= value.item() <= top, (key, value)
 
 
 @pytest.mark.parametrize("name", list_tasks())
