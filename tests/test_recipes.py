@@ -34,7 +34,8 @@ RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name != "quic
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A folder whose ``data/sort_of_clevr`` has the quickstart's shard names with 8 images per train shard (and
-    ``data/sort_of_clevr_full`` the full preset's, with 2; ``data/sort_of_clevr_av`` the spoken preset's), and whose
+    ``data/sort_of_clevr_full`` the full preset's, with 2; ``data/sort_of_clevr_av`` and ``data/sort_of_clevr_speech``
+    the spoken ones'), and whose
     ``data/shapes`` has the converted COCO, image-folder and VQAv2 layouts the recipes for real data sets read, made
     with the commands their headers give (at a few images each)."""
     root = tmp_path_factory.mktemp("recipes")
@@ -47,6 +48,10 @@ def workdir(tmp_path_factory) -> Path:
     spoken = root / "data" / "sort_of_clevr_av"
     av_shards = write_av_dataset(spoken, {"train": 16, "val": 4, "test": 4}, seed=0, shard_size=4)
     train_tokenizer(iter_texts(av_shards["train"]), spoken / "tokenizer.json", vocab_size=200)
+    speech = root / "data" / "sort_of_clevr_speech"  # (speech_image_retrieval.yaml's: 10 training shards, no clips)
+    speech_shards = write_av_dataset(speech, {"train": 20, "val": 4, "test": 4}, seed=0, shard_size=2, video=False,
+                                     spoken_questions=1)
+    train_tokenizer(iter_texts(speech_shards["train"]), speech / "tokenizer.json", vocab_size=200)
     raw, out = root / "data" / "shapes" / "raw", root / "data" / "shapes"
 
     def convert(fmt: str, *args) -> None:
