@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 from mmlit.data.collate import collate_examples
-from mmlit.data.decode import SampleError, sample_field, sample_input
+from mmlit.data.decode import SampleError, extension_modality, sample_field, sample_input, sample_location
 from mmlit.data.transforms import predicting
 from mmlit.registry import get_modality
 
@@ -106,7 +106,10 @@ class TaskData:
 
     def entry(self, sample: dict, name: str, modality: str) -> Any:
         """The sample's entry ``name`` (``question0.flac``: one of several of a modality) through the pipeline of
-        ``modality``."""
+        ``modality``; an entry of another modality is a ``SampleError``."""
+        if extension_modality(name.rsplit(".", 1)[-1].lower()) != modality:
+            raise SampleError(f"{sample_location(sample)}: task '{self.name}' reads the entry {name!r} as {modality}, "
+                              f"which it is not")
         return self.pipeline(modality)(sample_field(sample, name, self.name))
 
     def pipeline(self, modality: str) -> Callable:

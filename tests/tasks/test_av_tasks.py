@@ -136,3 +136,15 @@ def test_alignment_needs_audio_tokens_in_time(soc):
     audio = {**tiny_audio_encoder(), "init_args": {**tiny_audio_encoder()["init_args"], "patch_size": [16, 16]}}
     with pytest.raises(ValueError, match="patch_size spans all n_mels"):
         task.build(_backbone({"audio": audio, **_encoders("text")}))
+
+
+def test_an_entry_of_another_modality_is_a_counted_skip(soc):
+    """A spoken question (from the data) that names an entry which is not audio: the sample fails with its name."""
+    from mmlit.data import SampleError, decode_sample, iter_samples
+    from mmlit.data.sort_of_clevr import ANSWERS
+
+    task = VQA(Shards(train=soc["train"]), list(ANSWERS), questions_field="json.spoken_questions", spoken=True)
+    sample = decode_sample(next(iter(iter_samples(soc["shards"]["val"][0]))), task.data.fields)
+    sample["json"]["spoken_questions"][0]["audio"] = "png"
+    with pytest.raises(SampleError, match="reads the entry 'png' as audio"):
+        list(task.data.prepare(sample, None))
