@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import random
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmlit.data.converters.writer import Planned, Skipped, check_output, numbered, write_split
+from mmlit.data.converters.writer import Planned, Skipped, check_output, hold_out, numbered, write_split
 from mmlit.data.fields import names_from
 
 HELP = "a CSV, TSV, JSONL or parquet table of image paths, texts and labels"
@@ -125,12 +124,7 @@ def run(args: argparse.Namespace) -> list:
     table = Path(args.table)
     given = names_from(args.classes, "--classes") if args.classes else None
     planned, skipped, classes = plan_table(table, args.image_column, args.text_column, args.label_column, given)
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    held = set(random.Random(args.seed).sample(range(len(planned)), round(len(planned) * args.val_fraction)))
-    splits = {args.split: [p for i, p in enumerate(planned) if i not in held]}
-    if held:
-        splits["val"] = [p for i, p in enumerate(planned) if i in held]
+    splits = hold_out(planned, args.split, args.val_fraction, args.seed)
     out = check_output(args.out, [args.split, "val"], args.overwrite, extra=("classes.json",))
     if classes:
         (out / "classes.json").write_text(json.dumps(classes, indent=1, ensure_ascii=False) + "\n")

@@ -13,13 +13,12 @@ is missing or cannot be decoded (or is past ``--max-frames`` / ``--max-pixels``)
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
 from mmlit.data.converters.media import (add_limit_arguments, captions_by_file, checking_modality, media_files,
                                          text_entries)
 from mmlit.data.converters.table import read_table
-from mmlit.data.converters.writer import Planned, Skipped, check_output, numbered, write_split
+from mmlit.data.converters.writer import Planned, Skipped, check_output, hold_out, numbered, write_split
 
 HELP = "a folder of video clips and a CSV/TSV of their captions"
 __all__ = ["HELP", "add_arguments", "plan_video_folder", "run"]
@@ -59,13 +58,8 @@ def plan_video_folder(videos: Path, captions: Path, file_column: str, caption_co
 
 
 def run(args: argparse.Namespace) -> list:
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     planned, skipped = plan_video_folder(Path(args.videos), Path(args.captions), args.file_column, args.caption_column)
-    held = set(random.Random(args.seed).sample(range(len(planned)), round(len(planned) * args.val_fraction)))
-    splits = {args.split: [p for i, p in enumerate(planned) if i not in held]}
-    if held:
-        splits["val"] = [p for i, p in enumerate(planned) if i in held]
+    splits = hold_out(planned, args.split, args.val_fraction, args.seed)
     out = check_output(args.out, [args.split, "val"], args.overwrite)
     video = checking_modality(args, "video")
     return [write_split(numbered(samples), out, split, shard_size=args.shard_size, workers=args.workers,

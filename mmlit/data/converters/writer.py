@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from mmlit.data.decode import SampleError, decode_sample
 from mmlit.data.index import save_index
 from mmlit.registry import get_modality
 
-__all__ = ["Planned", "Skipped", "SplitReport", "check_output", "numbered", "sample_key", "write_split"]
+__all__ = ["Planned", "Skipped", "SplitReport", "check_output", "hold_out", "numbered", "sample_key", "write_split"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,18 @@ def sample_key(item_id) -> str:
     """A sample key from a data set's id of an image, a clip, ...: COCO's 12-digit form for integers, a string with
     its dots made underscores (a key may hold no dot)."""
     return f"{item_id:012d}" if isinstance(item_id, int) else str(item_id).replace(".", "_")
+
+
+def hold_out(planned: list[Planned], split: str, val_fraction: float, seed: int) -> dict[str, list[Planned]]:
+    """``{split: ..., "val": ...}``: ``val_fraction`` of the samples, drawn by a generator seeded with ``seed``, as the
+    val split (``--val-fraction``, ``--seed``), the others in ``split``, each in the planned order."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    held = set(random.Random(seed).sample(range(len(planned)), round(len(planned) * val_fraction)))
+    splits = {split: [p for i, p in enumerate(planned) if i not in held]}
+    if held:
+        splits["val"] = [p for i, p in enumerate(planned) if i in held]
+    return splits
 
 
 def numbered(samples: list[Planned]) -> list[Planned]:
