@@ -29,10 +29,6 @@ class Padded(NamedTuple):
             out[i, ..., :row.shape[-1]] = row
         return cls(out, lengths)
 
-    def mask(self) -> torch.Tensor:
-        """(B, T): True on each row's frames."""
-        return torch.arange(self.values.shape[-1], device=self.lengths.device) < self.lengths[:, None]
-
 
 def pad(rows: Sequence[Sequence], value: Any = PAD, dtype: torch.dtype = torch.long, left: bool = False,
         length: int | None = None) -> torch.Tensor:

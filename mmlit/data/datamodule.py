@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from mmlit.compat.lightning import steps_processed
 from mmlit.data.device_images import move_batch
+from mmlit.data.decode import extension_modality
 from mmlit.data.faults import DataBudgetError, FaultLog
 from mmlit.data.index import ShardIndex, plan_shards
 from mmlit.data.mixing import AllTasks, TaskSampler
@@ -24,7 +25,6 @@ from mmlit.data.stream import Mixture, Sequential, SourceStream
 from mmlit.data.task_data import data_side
 from mmlit.data.workers import StartMethod, start_fork_server, task_loader
 from mmlit.distributed import report_failure, watch_peers
-from mmlit.data.decode import extension_modality
 from mmlit.registry import get_modality, is_modality
 from mmlit.text import load_tokenizer
 

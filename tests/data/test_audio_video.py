@@ -175,6 +175,11 @@ def test_the_spectrogram_transformer_reads_a_clip_alike_whatever_is_padded_besid
     assert torch.allclose(both.tokens[1, :15], alone.tokens[0], atol=1e-5)
     with pytest.raises(ValueError, match="max_frames=200"):
         encoder(Padded.of([torch.randn(64, 260)]))
+    # the encoder's own pass through the ViT (positions cropped, not interpolated) is timm's forward_features for a
+    # clip of max_frames: this fails if timm's ViT changes the steps it is made of
+    full = torch.randn(1, 64, 200)
+    timm_tokens = encoder.norm(encoder.proj(encoder.model.forward_features(full[:, None])[:, encoder.prefix:]))
+    assert torch.allclose(encoder(full).tokens, timm_tokens, atol=1e-5)
     # weights from a local file of an image ViT: its blocks are loaded, its RGB patch embedding made one channel
     import timm
     from safetensors.torch import save_file
