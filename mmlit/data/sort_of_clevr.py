@@ -23,7 +23,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "COLOURS", "ANSWERS", "QUESTION_TYPES", "RELATIONAL", "SPLITS", "PRESETS",
+    "COLOURS", "ANSWERS", "QUESTION_TYPES", "RELATIONAL", "SPLITS", "PRESETS", "TEMPLATES",
     "make_scene", "make_sample", "render", "questions_for", "caption_for", "write_split", "write_dataset",
 ]
 
@@ -37,7 +37,7 @@ SHAPES = ("circle", "square")
 ANSWERS = ("circle", "square", "left", "right", "top", "bottom", "1", "2", "3", "4", "5", "6")
 QUESTION_TYPES = ("shape", "horizontal", "vertical", "closest", "furthest", "count")
 RELATIONAL = frozenset({"closest", "furthest", "count"})
-_TEMPLATES = {
+TEMPLATES = {  # the questions of each type, about the object of colour {c}
     "shape": "what is the shape of the {c} object?",
     "horizontal": "is the {c} object on the left or the right?",
     "vertical": "is the {c} object at the top or the bottom?",
@@ -112,7 +112,7 @@ def questions_for(objects: list[SceneObject], rng: np.random.Generator, per_kind
             subject = objects[rng.integers(len(objects))]
             qtype = kinds[rng.integers(3)]
             questions.append({
-                "question": _TEMPLATES[qtype].format(c=subject.colour),
+                "question": TEMPLATES[qtype].format(c=subject.colour),
                 "answer": _answer(objects, subject, qtype),
                 "type": qtype,
                 "relational": qtype in RELATIONAL,

@@ -108,7 +108,7 @@ def _words(text: str) -> list[str]:
 
 
 # Every word the questions and captions use (the generator's own templates); one outside it is synthesised alone.
-_VOCABULARY = tuple(sorted({w for template in soc._TEMPLATES.values() for c in soc.COLOURS
+_VOCABULARY = tuple(sorted({w for template in soc.TEMPLATES.values() for c in soc.COLOURS
                             for w in _words(template.format(c=c))}
                            | {*soc.SHAPES, "top", "bottom", "left", "right"}))
 
