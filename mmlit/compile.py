@@ -19,7 +19,7 @@ from torch import nn
 
 from mmlit.compat.torch import allow_retained_compiled_backward
 
-__all__ = ["Compile", "compile_modules"]
+__all__ = ["Compile", "compile_modules", "repeated_blocks"]
 
 
 @dataclass
@@ -55,14 +55,14 @@ def _is_repeated(container: nn.Module) -> bool:
             and len({type(c) for c in children}) == 1 and all(map(_has_parameters, children)))
 
 
-def _blocks(module: nn.Module) -> list[nn.Module]:
+def repeated_blocks(module: nn.Module) -> list[nn.Module]:
     """The outermost repeated blocks under ``module`` (the children of a list of modules of one class)."""
     found = []
     for child in module.children():
         if _is_repeated(child):
             found.extend(child.children())
         else:
-            found.extend(_blocks(child))
+            found.extend(repeated_blocks(child))
     return found
 
 
@@ -75,7 +75,7 @@ def compile_modules(parts: Iterable[nn.Module], heads: Iterable[nn.Module], sett
     allow_retained_compiled_backward()
     compiled = []
     for part in parts:
-        blocks = _blocks(part) if settings.regional else []
+        blocks = repeated_blocks(part) if settings.regional else []
         for module in blocks or [part]:  # a part without repeated blocks: whole
             module.compile(**options)
             compiled.append(module)

@@ -21,6 +21,7 @@ from torch import nn
 from mmlit.compile import Compile, compile_modules
 from mmlit.data.collate import batch_size_of
 from mmlit.distributed import reduce_over_ranks
+from mmlit.fsdp import FSDP2Strategy
 from mmlit.metrics.tasks import TaskMetrics
 from mmlit.models import Backbone
 from mmlit.objectives import Objective, build_objective
@@ -107,10 +108,18 @@ class MultiTaskModule(pl.LightningModule):
     def configure_callbacks(self) -> list[pl.Callback]:
         return [NonFiniteLoss(), *([GradientStatistics()] if self.gradient_statistics else []), UnusedParameters()]
 
+    def configure_model(self) -> None:
+        """Shard the module under ``trainer.strategy: mmlit.fsdp.FSDP2Strategy`` (its blocks, then the rest); nothing
+        under any other strategy. Lightning calls it in every fit, validate, test and predict, after ``setup``."""
+        if isinstance(self.trainer.strategy, FSDP2Strategy):
+            self.trainer.strategy.shard(self)
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is not None and tokenizer.get_vocab_size() > self.backbone.vocab_size:
+        # A text encoder with a tokenizer of its own (a pretrained model's) reads every text with it, not data.tokenizer
+        own = getattr(self.backbone.spec("text"), "tokenizer_file", None)
+        if own is None and tokenizer is not None and tokenizer.get_vocab_size() > self.backbone.vocab_size:
             raise ValueError(
                 f"model.backbone's vocab_size (its text encoder's, or its own without one) is {self.backbone.vocab_size}, "
                 f"but data.tokenizer has {tokenizer.get_vocab_size()} tokens; raise vocab_size to at least that")

@@ -1,14 +1,16 @@
 """Callbacks that watch each training step of a ``MultiTaskModule`` (it adds them itself, ``configure_callbacks``):
-a non-finite loss stops every rank together, each task's gradient statistics are logged, and a parameter that plain
-DDP could not reduce is named at the first step."""
+a non-finite loss stops every rank together, each task's gradient statistics are logged (not under FSDP), and a
+parameter that plain DDP could not reduce is named at the first step."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 
 from mmlit.distributed import reduce_over_ranks
+from mmlit.fsdp import shards_parameters
 
 __all__ = ["GradientStatistics", "NonFiniteLoss", "UnusedParameters", "log_objective"]
 
@@ -31,9 +33,22 @@ class GradientStatistics(pl.Callback):
     """At each logging step (``trainer.log_every_n_steps``), each task's gradient norm on the backbone
     (``train/objective/grad_norm/{task}``) and the cosine between two tasks' gradients
     (``train/objective/cosine/{a}:{b}``; negative: they conflict), averaged over ranks and unscaled. A gradient-based
-    objective has the task gradients already; a loss-based one pays one extra backward pass per task at those steps."""
+    objective has the task gradients already; a loss-based one pays one extra backward pass per task at those steps.
+    Off under FSDP: a rank holds shards of the parameters, and ``autograd.grad`` reaches only whole ones."""
+
+    def __init__(self):
+        self.enabled = True
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.enabled = not shards_parameters(trainer.strategy)
+        if not self.enabled and stage == "fit":
+            rank_zero_info(f"gradient statistics (train/objective/grad_norm/*, cosine/*) are off under "
+                           f"{type(trainer.strategy).__name__}: per-task gradients of sharded parameters are not "
+                           f"measured (model.gradient_statistics: false turns them off without this line)")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if not self.enabled:
+            return
         every = trainer.log_every_n_steps
         logging = every > 0 and (trainer.global_step + 1) % every == 0
         # A loss-based objective measures them on the step's first micro-batch (one extra backward pass per task);
@@ -61,7 +76,8 @@ def log_objective(pl_module: pl.LightningModule, values: dict) -> None:
 
 class UnusedParameters(pl.Callback):
     """Plain DDP fails at the next forward, with a message that names no parameter, when one got no gradient: after
-    the first backward pass, such parameters are named with the settings that fix it."""
+    the first backward pass, such parameters are named with the settings that fix it. (FSDP reduces the gradients
+    that exist, and every rank leaves the same parameters without one: nothing to check there.)"""
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         wrapper = trainer.strategy.model

@@ -8,7 +8,8 @@
   Files of backbones of the older shape load too: ``image_encoder`` / ``text_encoder`` as ``encoders.image`` /
   ``encoders.text``, and a gated ``LateFusion``'s image/text projections and sigmoid gate as its per-modality
   projections and softmax gate, computing what they computed.
-- ``export_backbone``: a checkpoint's backbone as one ``.safetensors`` file, for use outside mmlit.
+- ``export_backbone``: a checkpoint's backbone (from a file or a sharded FSDP folder) as one ``.safetensors`` file,
+  for use outside mmlit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from mmlit.checkpoints import is_sharded, read_sharded
 
 __all__ = ["CHECKPOINT_LAYOUT", "export_backbone", "load_backbone_weights", "read_backbone_state", "renamed_state",
            "upgrade_checkpoint"]
@@ -69,7 +72,13 @@ def upgrade_checkpoint(checkpoint: dict, fitting: bool) -> None:
                          "optimizer state does not fit the current parameter groups, so it cannot resume a fit. "
                          "Start a new run from its weights (model.pretrained) or evaluate it (mmlit validate / "
                          "test --ckpt_path).")
-    checkpoint["state_dict"] = renamed_state(checkpoint["state_dict"], prefix="backbone.")
+    if fitting and "state_dict" in checkpoint and "loops" in checkpoint and "optimizer_states" not in checkpoint:
+        raise ValueError("ckpt_path: this checkpoint holds the weights without the optimizer state (a consolidated "
+                         "or whole-read sharded FSDP checkpoint, or one saved with checkpoint.save_weights_only), so "
+                         "it cannot resume a fit; a sharded folder resumes under trainer.strategy: "
+                         "mmlit.fsdp.FSDP2Strategy. Start a new run from its weights (model.pretrained) or evaluate it")
+    if "state_dict" in checkpoint:  # (none where the strategy loaded the weights itself: a sharded checkpoint)
+        checkpoint["state_dict"] = renamed_state(checkpoint["state_dict"], prefix="backbone.")
 
 
 def _part(name: str) -> tuple[str, str]:
@@ -82,13 +91,17 @@ def _part(name: str) -> tuple[str, str]:
 
 
 def read_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The backbone's entries of a checkpoint or backbone file, keyed as in ``Backbone.state_dict()``."""
+    """The backbone's entries of a checkpoint (a file, or a sharded folder) or backbone file, keyed as in
+    ``Backbone.state_dict()``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file '{path}'")
-    if path.suffix == ".safetensors":
+    if is_sharded(path):
+        state = read_sharded(path)  # (without running code from it)
+    elif not path.is_file():
+        raise FileNotFoundError(f"no weights file or sharded checkpoint folder '{path}'")
+    elif path.suffix == ".safetensors":
         return renamed_state(load_file(str(path)))
-    state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
     if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint of a MultiTaskModule
         state = {k[len("backbone."):]: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
         if not state:
@@ -131,7 +144,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, key: str = "mod
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the backbone of ``checkpoint`` (an mmlit ``.ckpt``) to ``out`` (``.safetensors``)."""
+    """Write the backbone of ``checkpoint`` (an mmlit ``.ckpt`` file or sharded folder) to ``out``
+    (``.safetensors``)."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out: the backbone is written as safetensors; name it '*.safetensors', got '{out}'")

@@ -4,6 +4,7 @@ when an upgrade moves one. (aiohttp's is held by tests/data/test_remote.py, on a
 from __future__ import annotations
 
 import socket
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -13,14 +14,25 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
-from mmlit.compat.lightning import ddp_finds_unused_parameters, grad_scaler, steps_processed, wandb_continue, wandb_run
-from mmlit.compat.torch import allow_retained_compiled_backward, default_store, reduce_gradients_manually
+from mmlit.compat.lightning import (ddp_finds_unused_parameters, grad_scaler, one_data_parallel_dimension,
+                                    steps_processed, wandb_continue, wandb_run)
+from mmlit.compat.torch import (DCP_INDEX, SafeFileSystemReader, allow_retained_compiled_backward, default_store,
+                                read_dcp_index, reduce_gradients_manually)
 from mmlit.loggers import WandbLogger
 
 
 def test_ddp_strategy_says_whether_it_finds_unused_parameters():
     assert ddp_finds_unused_parameters(DDPStrategy(find_unused_parameters=True))
     assert not ddp_finds_unused_parameters(DDPStrategy())
+
+
+def test_a_model_parallel_strategy_takes_one_data_parallel_dimension():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy()
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == ("auto", "auto")  # (what it sets)
+    one_data_parallel_dimension(strategy, 4)
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (4, 1)
 
 
 def test_the_fp16_grad_scaler_of_the_precision_plugin():
@@ -85,3 +97,24 @@ def test_compiled_backward_buffers_are_not_donated():
 
     allow_retained_compiled_backward()
     assert torch._functorch.config.donated_buffer is False
+
+
+def test_a_checkpoint_index_that_torch_writes_reads_without_pickle(tmp_path):
+    """torch.distributed.checkpoint names its index ``DCP_INDEX`` and pickles into it only what ``read_dcp_index``
+    allows (tensors of several dtypes, an optimizer's non-tensor entries); ``SafeFileSystemReader`` loads what torch
+    saved."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import filesystem
+
+    assert DCP_INDEX == filesystem._metadata_fn
+    weights = {"w": torch.randn(3, 4), "b": torch.zeros(2, dtype=torch.bfloat16), "n": torch.tensor(3)}
+    groups = [{"lr": 0.1, "betas": (0.9, 0.99), "params": ["w"]}]
+    state = {"state_dict": weights, "optimizer_0": {"param_groups": groups}}
+    with warnings.catch_warnings():  # (torch says it saves and loads in one process, as asked)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp_path, no_dist=True)
+        index = read_dcp_index(tmp_path)
+        assert {"state_dict.w", "state_dict.b", "optimizer_0.param_groups.0.betas"} <= set(index.state_dict_metadata)
+        loaded = {"state_dict": {k: torch.empty_like(v) for k, v in weights.items()}}
+        dcp.load(loaded, storage_reader=SafeFileSystemReader(tmp_path), no_dist=True)
+    assert all(torch.equal(loaded["state_dict"][k], v) for k, v in weights.items())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmlit.cli import MMLitCLI, main
-from mmlit.compile import Compile, _blocks, compile_modules
+from mmlit.compile import Compile, compile_modules, repeated_blocks
 from mmlit.models import TimmImageEncoder, TransformerTextEncoder
 
 from .conftest import tiny_recipe, write_recipe
@@ -16,9 +16,9 @@ from .conftest import tiny_recipe, write_recipe
 
 def test_regional_compilation_compiles_each_repeated_block():
     text = TransformerTextEncoder(vocab_size=50, dim=16, depth=3, heads=2, max_length=8)
-    assert _blocks(text) == list(text.layers.layers)
+    assert repeated_blocks(text) == list(text.layers.layers)
     image = TimmImageEncoder("test_vit", dim=16, image_size=32, model_kwargs={"img_size": 32, "patch_size": 8})
-    assert _blocks(image) == list(image.model.blocks)
+    assert repeated_blocks(image) == list(image.model.blocks)
     head = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))  # no repeats: whole
     compiled = compile_modules([text, head], [], Compile())
     assert compiled == [*text.layers.layers, head] and all(m._compiled_call_impl is not None for m in compiled)

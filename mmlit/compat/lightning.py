@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ddp_finds_unused_parameters", "grad_scaler", "steps_processed", "wandb_continue", "wandb_run"]
+__all__ = ["ddp_finds_unused_parameters", "grad_scaler", "one_data_parallel_dimension", "steps_processed",
+           "wandb_continue", "wandb_run"]
 
 
 def ddp_finds_unused_parameters(strategy: Any) -> bool:
     """Whether a DDP strategy was made with ``find_unused_parameters`` (``ddp_find_unused_parameters_true``). Before
     the model is wrapped, only the strategy's private ``_ddp_kwargs`` holds it."""
     return bool(getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"))
+
+
+def one_data_parallel_dimension(strategy: Any, ranks: int) -> None:
+    """Make a ``ModelParallelStrategy`` build one data-parallel mesh dimension over all ``ranks`` (no tensor-parallel
+    one), before its ``setup_environment``: the sizes its ``data_parallel_size`` and ``tensor_parallel_size`` arguments
+    set, which it keeps privately."""
+    strategy._data_parallel_size, strategy._tensor_parallel_size = ranks, 1
 
 
 def grad_scaler(trainer: Any):

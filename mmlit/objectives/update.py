@@ -6,7 +6,9 @@ gets each task's gradient on the backbone instead: ``backward`` runs once per ta
 steps (inside the precision plugin's step, after the last micro-batch's backward and before it unscales, clips and
 steps) the per-task gradients are averaged over ranks, unscaled and combined (``TaskGradients``). A step whose
 gradients are not finite is skipped on every rank together: by the fp16 GradScaler (which also lowers its scale), or
-here under bf16 and fp32 (``train/objective/skipped_steps`` and a warning).
+here under bf16 and fp32 (``train/objective/skipped_steps`` and a warning), also under FSDP, where each rank holds a
+shard of the gradients. Gradient-based objectives under FSDP are refused (``check``): combining per-task gradients
+there needs their Gramian over every rank's shards.
 """
 
 from __future__ import annotations
@@ -17,13 +19,28 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from mmlit.compat.lightning import ddp_finds_unused_parameters, grad_scaler
 from mmlit.data.mixing import AllTasks
+from mmlit.distributed import reduce_over_ranks
+from mmlit.fsdp import shards_parameters
 from mmlit.objectives.base import Objective
 from mmlit.objectives.task_gradients import TaskGradients, flat_task_gradients, gradient_statistics
+from mmlit.registry import get_objective, list_objectives
 
 __all__ = ["ObjectiveUpdate"]
+
+
+def _finite(module: nn.Module) -> bool:
+    """Whether every gradient of ``module`` is finite, the same answer on every rank: under DDP every rank holds the
+    reduced gradients; under FSDP each holds a shard of them, so the ranks' answers are combined."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    bad = torch.tensor(0.0 if torch.isfinite(torch.nn.utils.get_total_norm(local)) else 1.0, device=local[0].device)
+    return reduce_over_ranks(bad, "max").item() == 0
 
 
 class ObjectiveUpdate:
@@ -46,12 +63,20 @@ class ObjectiveUpdate:
         """Strategy settings the objective needs with the data's task ``sampler`` (None: every task every step),
         checked when a fit starts."""
         strategy = trainer.strategy
+        if self.task_gradients is not None and shards_parameters(strategy):
+            loss_based = [name for name in list_objectives() if not get_objective(name).uses_gradients]
+            raise ValueError(f"model.objective: {type(self.objective).__name__} combines per-task gradients, which "
+                             f"under FSDP ({type(strategy).__name__}) needs the tasks' gradient Gramian over the "
+                             f"shards of every rank; that is not supported yet. Use trainer.strategy: ddp, or with "
+                             f"FSDP a loss-based objective ({', '.join(loss_based)})")
         # Exact types: DeepSpeed and XLA subclass DDPStrategy but back-propagate without LightningModule.backward.
         if self.task_gradients is not None and type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
             raise ValueError(f"model.objective: {type(self.objective).__name__} combines per-task gradients, which mmlit "
                              f"supports on one device and with trainer.strategy: ddp, not {type(strategy).__name__}")
+        # (FSDP reduces only the gradients that exist, and every rank leaves the same tasks out of a step.)
         if (self.task_gradients is None and trainer.world_size > 1 and sampler is not None
-                and not isinstance(sampler, AllTasks) and not ddp_finds_unused_parameters(strategy)):
+                and not isinstance(sampler, AllTasks) and not ddp_finds_unused_parameters(strategy)
+                and not shards_parameters(strategy)):
             raise ValueError(f"data.mixture: {type(sampler).__name__} leaves tasks out of steps, so their heads get no "
                              f"gradient there and DDP would fail; set trainer.strategy: ddp_find_unused_parameters_true "
                              f"(gradient-based objectives reduce gradients themselves and need no setting)")
@@ -87,10 +112,8 @@ class ObjectiveUpdate:
             result = optimizer_closure()
             if self.task_gradients is not None:
                 self._combine(module)
-            elif grad_scaler(trainer) is None:  # the fp16 GradScaler skips non-finite steps itself
-                grads = [p.grad for p in module.parameters() if p.grad is not None]
-                if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-                    self._skip(module)  # gradients were reduced by DDP: every rank decides alike
+            elif grad_scaler(trainer) is None and not _finite(module):  # (the fp16 GradScaler skips steps itself)
+                self._skip(module)
             return result
 
         scaler = grad_scaler(trainer)
@@ -120,5 +143,8 @@ class ObjectiveUpdate:
     def loss_statistics(self, trainer) -> dict[str, Tensor]:
         """For a loss-based objective: the task gradients' norms and cosines on the shared parameters, from this
         micro-batch's losses (one ``autograd.grad`` per task; the graphs stay for the backward pass)."""
-        grads = flat_task_gradients(self.losses, self.shared(), lambda loss: self.scale(trainer, loss))
+        shared = self.shared()
+        if not shared:  # a frozen backbone (a vision-language model's align stage): no task gradient to compare
+            return {}
+        grads = flat_task_gradients(self.losses, shared, lambda loss: self.scale(trainer, loss))
         return gradient_statistics(grads / self.loss_scale(trainer), list(self.losses))
