@@ -159,8 +159,9 @@ def sample_image(sample: dict, task: str) -> Image.Image | EncodedImage:
 
 
 def sample_field(sample: dict, field: str, task: str) -> Any:
-    """A value from the sample, with ``json.a.b`` reaching into the decoded JSON entry (and ``seg.png`` naming the
-    entry ``seg.png``: the longest entry name the field starts with)."""
+    """A value from the sample, with ``json.a.b`` reaching into the decoded JSON entry (``json.objects.0.shape``: a
+    number indexes a list) and ``seg.png`` naming the entry ``seg.png`` (the longest entry name the field starts
+    with)."""
     names = [name for name in sample if not name.startswith("__") and _names(field, name)]
     if not names:
         raise SampleError(f"{sample_location(sample)}: task '{task}' needs the entry '.{field.split('.')[0]}'; "
@@ -169,6 +170,9 @@ def sample_field(sample: dict, field: str, task: str) -> Any:
     path = field[len(head) + 1:].split(".") if field != head else []
     value = sample[head]
     for i, part in enumerate(path):
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+            continue
         if not isinstance(value, dict) or part not in value:
             raise SampleError(f"{sample_location(sample)}: task '{task}' needs '{'.'.join([head, *path[:i + 1]])}', which is missing")
         value = value[part]

@@ -49,8 +49,11 @@ def test_entry_names_with_dots():
     decoded = decode_sample(sample, ("seg.png", "json.q"))
     assert set(decoded) == {"__key__", "__url__", "seg.png", "json"}  # 'png' is no image field's here
     assert sample_field(decoded, "seg.png", "t").size == (4, 4) and sample_field(decoded, "json.q", "t") == [1, 2]
+    assert sample_field(decoded, "json.q.1", "t") == 2  # a number indexes a list
     with pytest.raises(SampleError, match=r"task 't' needs 'json.q.r', which is missing"):
         sample_field(decoded, "json.q.r", "t")
+    with pytest.raises(SampleError, match=r"task 't' needs 'json.q.2', which is missing"):
+        sample_field(decoded, "json.q.2", "t")
     with pytest.raises(SampleError, match=r"task 't' needs the entry '.txt'"):
         sample_field(decoded, "txt", "t")
 
