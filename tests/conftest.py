@@ -16,11 +16,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["MMLIT_CACHE"] = tempfile.mkdtemp(prefix="mmlit-cache-")
 
 from mmlit.data.sort_of_clevr_av import write_dataset  # noqa: E402
+from mmlit.data.tiny_lm import save_tiny_lm  # noqa: E402
 from mmlit.data.tools import iter_texts  # noqa: E402
 from mmlit.registry import get_task, list_tasks  # noqa: E402
 from mmlit.text import train_tokenizer  # noqa: E402
 
-from ._soc import soc_settings, soc_task  # noqa: E402, F401 (soc_task: for the tests that import it from here)
+from ._soc import LM_TASKS, soc_settings, soc_task  # noqa: E402, F401 (soc_task: for the tests that import it from here)
 
 from ._stores import http_store, s3_store  # noqa: E402, F401 (fixtures)
 
@@ -29,12 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_soc(root: Path) -> dict:
     """Spoken and moving Sort-of-CLEVR in ``root`` (``mmlit data sort-of-clevr --spoken --video``: every modality a
-    shipped task reads): train 40 images in 4 shards, val 12 and test 12 in 2 shards each (10 + 2), plus a tokenizer;
+    shipped task reads): train 40 images in 4 shards, val 12 and test 12 in 2 shards each (10 + 2), plus a tokenizer
+    and a tiny LM of width 32 (``mmlit data tiny-lm``: ``soc["lm"]``);
     ``soc["val"]`` and ``soc["test"]`` name the first shard of each."""
     shards = write_dataset(root, {"train": 40, "val": 12, "test": 12}, seed=0, shard_size=10)
     tokenizer = root / "tokenizer.json"
     train_tokenizer(iter_texts(shards["train"]), tokenizer, vocab_size=200)
-    return {"root": root, "shards": shards, "tokenizer": str(tokenizer),
+    lm = save_tiny_lm(root / "tiny-lm", iter_texts(shards["train"]), vocab_size=300, hidden=32, layers=1, heads=2,
+                      steps=60)
+    return {"root": root, "shards": shards, "tokenizer": str(tokenizer), "lm": str(lm),
             "train": str(root / "train-{000000..000003}.tar"), "val": str(root / "val-000000.tar"),
             "test": str(root / "test-000000.tar")}
 
@@ -44,10 +48,11 @@ def soc(tmp_path_factory) -> dict:
     return make_soc(tmp_path_factory.mktemp("soc"))
 
 
-def tiny_backbone(dim: int = 32, causal: bool = False, audio: bool = False) -> dict:
+def tiny_backbone(dim: int = 32, causal: bool = False, audio: bool = False, lm: str | None = None) -> dict:
     """Cross-attention fusion over a bidirectional text encoder, or over a GPT-style decoder (``causal``,
-    which the ``prefix_lm`` task needs and every other task can use); with ``audio``, an audio encoder too (a part
-    that no task reads would hold parameters without gradients, which DDP rejects)."""
+    which the ``prefix_lm`` task needs and every other task can use), or the pretrained LM folder ``lm`` (``vlm``);
+    with ``audio``, an audio encoder too (a part that no task reads would hold parameters without gradients, which DDP
+    rejects)."""
     text = "CausalTextDecoder" if causal else "TransformerTextEncoder"
     text_args = {"vocab_size": 256, "dim": dim, "depth": 1, "heads": 2, "max_length": 40}
     backbone = {
@@ -63,6 +68,8 @@ def tiny_backbone(dim: int = 32, causal: bool = False, audio: bool = False) -> d
     }
     if audio:
         backbone["init_args"]["encoders"]["audio"] = tiny_audio_encoder(dim)
+    if lm is not None:
+        backbone["init_args"]["encoders"]["text"] = {"class_path": "mmlit.models.HFCausalLM", "init_args": {"path": lm}}
     return backbone
 
 
@@ -85,7 +92,7 @@ def reads_audio(name: str) -> bool:
 
 def tiny_recipe(soc: dict, root: Path, tasks: list[str] | None = None, **trainer) -> dict:
     """A recipe over the registered tasks (all by default) that runs in seconds."""
-    task_specs, tasks = {}, tasks or list_tasks()
+    task_specs, tasks = {}, tasks or [t for t in list_tasks() if t not in LM_TASKS]
     for name in tasks:
         cls = get_task(name)
         task_specs[name] = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
@@ -99,7 +106,8 @@ def tiny_recipe(soc: dict, root: Path, tasks: list[str] | None = None, **trainer
                                {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                 "init_args": {"save_dir": str(root), "name": "csv"}}],
                     **trainer},
-        "model": {"backbone": tiny_backbone(causal="prefix_lm" in tasks, audio=any(map(reads_audio, tasks))),
+        "model": {"backbone": tiny_backbone(causal="prefix_lm" in tasks, audio=any(map(reads_audio, tasks)),
+                                            lm=soc["lm"] if set(tasks) & set(LM_TASKS) else None),
                   "tasks": task_specs},
         "data": {"tokenizer": soc["tokenizer"], "steps_per_epoch": 3, "num_workers": 0, "shuffle_buffer": 20, "seed": 0},
     }

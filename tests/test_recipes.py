@@ -52,6 +52,11 @@ def workdir(tmp_path_factory) -> Path:
     speech_shards = write_av_dataset(speech, {"train": 20, "val": 4, "test": 4}, seed=0, shard_size=2, video=False,
                                      spoken_questions=1)
     train_tokenizer(iter_texts(speech_shards["train"]), speech / "tokenizer.json", vocab_size=200)
+    # the pretrained text encoder of lit_minilm.yaml, copied as its header says
+    assert data_main(["pretrained", "all-minilm-l6-v2", "--out", str(root / "models" / "all-MiniLM-L6-v2")]) == 0
+    # vlm.yaml's LM, made as its header says (pretrained for fewer steps)
+    assert data_main(["tiny-lm", "--shards", str(data / "train-{000000..000007}.tar"), "--out",
+                      str(root / "models" / "tiny-lm"), "--steps", "10"]) == 0
     raw, out = root / "data" / "shapes" / "raw", root / "data" / "shapes"
 
     def convert(fmt: str, *args) -> None:
@@ -143,3 +148,31 @@ def test_pretrain_then_finetune_starts_from_the_pretrained_backbone(workdir, mon
     assert all(torch.equal(after[f"encoders.image.{k}"], saved[f"encoders.image.{k}"]) for k in image_params), \
         "the recipe freezes the image encoder for its first 100 steps"
     assert not torch.equal(after["encoders.text.embed.weight"], saved["encoders.text.embed.weight"])
+
+
+@pytest.mark.slow
+def test_lit_keeps_the_pretrained_text_tower_locked(workdir, monkeypatch, tmp_path):
+    """lit_minilm.yaml through ``mmlit fit`` (3 steps and a validation): every weight of the locked all-MiniLM-L6-v2
+    in the checkpoint is the folder's own, bit for bit, while the image tower trained; the zero-shot accuracy of the
+    validation images was logged."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(workdir)
+    recipe, root = REPO / "recipes" / "lit_minilm.yaml", tmp_path / "run"
+    steps = ["--model.tasks.contrastive.init_args.batch_size=4", "--data.num_workers=0", "--data.steps_per_epoch=3",
+             "--trainer.max_steps=3", "--trainer.check_val_every_n_epoch=1", "--trainer.num_sanity_val_steps=0",
+             "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"]
+    assert main(["fit", "--config", str(recipe), *steps, f"--trainer.default_root_dir={root}", "--trainer.logger=[]",
+                 "--trainer.logger+=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root}",
+                 "--trainer.logger.name=csv"]) == 0
+    trained = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    pretrained = load_file(workdir / "models" / "all-MiniLM-L6-v2" / "model.safetensors")
+    prefix = "backbone.encoders.text.model."
+    text = {k[len(prefix):]: v for k, v in trained.items() if k.startswith(prefix)}
+    assert len(text) >= 100 and all(torch.equal(v, pretrained[k]) for k, v in text.items())
+    start = _cli(recipe, tmp_path).model.state_dict()
+    image = [k for k in trained if k.startswith("backbone.encoders.image.") and trained[k].is_floating_point()]
+    assert image and sum(not torch.equal(trained[k], start[k]) for k in image) > len(image) // 2
+    rows = list(csv.DictReader(open(next(root.glob("csv/version_*/metrics.csv")))))
+    top1 = [float(r["val/contrastive/zero_shot_top1"]) for r in rows if r.get("val/contrastive/zero_shot_top1")]
+    assert len(top1) == 1 and 0.0 <= top1[0] <= 1.0

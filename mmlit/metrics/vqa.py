@@ -13,8 +13,10 @@ import re
 from collections import Counter
 
 import torch
+from torchmetrics import MeanMetric, MetricCollection
 
-__all__ = ["normalize_answer", "soft_accuracy", "soft_scores", "update_subsets"]
+__all__ = ["generated_answer_metrics", "normalize_answer", "soft_accuracy", "soft_scores", "update_generated_answers",
+           "update_subsets"]
 
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -85,6 +87,23 @@ def update_subsets(metrics, scores: torch.Tensor, subsets: dict[str, torch.Tenso
     for name, subset in subsets.items():
         if subset.any():
             metrics[name].update(scores[subset])
+
+
+def generated_answer_metrics(target: str, relational: bool) -> MetricCollection:
+    """What a task that answers or captions by generation reports: the caption metrics (``target: caption``), or the
+    share of exact answers, ``acc`` (with ``relational``, also ``acc_rel`` and ``acc_nonrel``)."""
+    from mmlit.metrics.caption import caption_metrics
+
+    if target == "caption":
+        return MetricCollection(caption_metrics())
+    names = ["acc", "acc_rel", "acc_nonrel"] if relational else ["acc"]
+    return MetricCollection({name: MeanMetric() for name in names})
+
+
+def update_generated_answers(metrics: MetricCollection, exact: torch.Tensor, relational: torch.Tensor) -> None:
+    """``exact`` (Q,) 1.0 for a generated answer equal to the reference, by the question's ``relational`` (Q,)."""
+    split = {"acc_rel": relational, "acc_nonrel": ~relational} if "acc_rel" in metrics else {}
+    update_subsets(metrics, exact, {"acc": torch.ones_like(relational), **split})
 
 
 def soft_scores(answers: list[str]) -> dict[str, float]:

@@ -10,7 +10,8 @@ from mmlit.tasks.multilabel_classification import MultiLabelClassification
 from mmlit.tasks.prefix_lm import PrefixLM
 from mmlit.tasks.speech_text_alignment import SpeechTextAlignment
 from mmlit.tasks.text_classification import TextClassification
+from mmlit.tasks.vlm import VLM
 from mmlit.tasks.vqa import VQA
 
 __all__ = ["VQA", "Captioning", "Contrastive", "ImageClassification", "ImageTransform", "MultiLabelClassification",
-           "PrefixLM", "Shards", "SpeechTextAlignment", "Task", "TaskData", "TextClassification", "ZeroShot"]
+           "PrefixLM", "Shards", "SpeechTextAlignment", "Task", "TaskData", "TextClassification", "VLM", "ZeroShot"]

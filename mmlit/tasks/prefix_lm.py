@@ -22,15 +22,15 @@ from typing import Any, Iterator, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MetricCollection
 
 from mmlit.data import Shards, TaskData
 from mmlit.data.collate import collate_examples, flatten_items, pad, pad_references
 from mmlit.data.decode import SampleError, sample_field, sample_location
 from mmlit.data.fields import captions_of
 from mmlit.data.transforms import ImageTransform, predicting, text_safe, training_sample
-from mmlit.metrics.caption import caption_metrics, sequence_match, tokens_of, update_caption_metrics
-from mmlit.metrics.vqa import update_subsets
+from mmlit.metrics.caption import sequence_match, tokens_of, update_caption_metrics
+from mmlit.metrics.vqa import generated_answer_metrics, update_generated_answers
 from mmlit.models.generation import generate
 from mmlit.models.text import CausalTextDecoder
 from mmlit.registry import register_task
@@ -146,10 +146,7 @@ class PrefixLM(Task):
         return out
 
     def metrics(self) -> MetricCollection:
-        if self.target == "caption":
-            return MetricCollection(caption_metrics())
-        names = ["acc", "acc_rel", "acc_nonrel"] if self.relational else ["acc"]
-        return MetricCollection({name: MeanMetric() for name in names})
+        return generated_answer_metrics(self.target, self.relational)
 
     def update_metrics(self, metrics: MetricCollection, outputs: dict, batch: dict) -> None:
         if self.target == "caption":
@@ -158,9 +155,7 @@ class PrefixLM(Task):
         labels = batch["labels"]  # the answer left-aligned: move the prompt's PADs behind it
         reference = labels.gather(1, (labels == PAD).int().argsort(dim=1, stable=True))
         exact = sequence_match(outputs["generated"], reference)[0].float()
-        rel = batch["relational"]
-        update_subsets(metrics, exact, {"acc": torch.ones_like(rel), **({"acc_rel": rel, "acc_nonrel": ~rel}
-                                                                        if self.relational else {})})
+        update_generated_answers(metrics, exact, batch["relational"])
 
     def predict(self, outputs: dict, batch: dict, tokenizer) -> list[dict]:
         rows, number = [], {}

@@ -18,14 +18,15 @@ from mmlit.registry import list_tasks
 from mmlit.tasks.base import Shards, Task, TaskData
 from mmlit.text import load_tokenizer
 
-from ..conftest import reads_audio, soc_task, tiny_backbone
+from ..conftest import LM_TASKS, reads_audio, soc_task, tiny_backbone
 
 
-def _backbone(name: str) -> Backbone:
+def _backbone(name: str, soc: dict | None = None) -> Backbone:
     parser = ArgumentParser()
     parser.add_argument("--backbone", type=Backbone)
-    # the multimodal LM needs a causal decoder
-    config = {"backbone": tiny_backbone(causal=name == "prefix_lm", audio=reads_audio(name))}
+    # the multimodal LM needs a causal decoder, the vision-language model a pretrained LM
+    config = {"backbone": tiny_backbone(causal=name == "prefix_lm", audio=reads_audio(name),
+                                        lm=soc["lm"] if soc is not None and name in LM_TASKS else None)}
     return parser.instantiate_classes(parser.parse_object(config)).backbone
 
 
@@ -40,7 +41,7 @@ def _same(a, b) -> bool:
 
 def _task_and_batch(name: str, soc: dict, train: bool = True, batch_size: int = 8):
     torch.manual_seed(0)
-    backbone = _backbone(name)
+    backbone = _backbone(name, soc)
     task: Task = soc_task(name, Shards(train=soc["train"], val=soc["val"]), batch_size=batch_size)
     task.build(backbone)
     stream = TaskStream(task, scan_shards(soc["shards"]["train" if train else "val"], "k"), load_tokenizer(soc["tokenizer"]),
@@ -92,7 +93,8 @@ def test_a_data_side_prepares_samples_before_it_is_bound_to_a_model(name, soc):
     """Without a model (a notebook looking at its data, a tool): images at their own size, texts uncut."""
     from mmlit.data import decode_sample
 
-    task: Task = soc_task(name, Shards(train=soc["train"], val=soc["val"]), batch_size=2)
+    own_tokenizer = {"tokenizer": soc["lm"]} if name in LM_TASKS else {}  # (an LM's prompts need its tokenizer)
+    task: Task = soc_task(name, Shards(train=soc["train"], val=soc["val"]), batch_size=2, **own_tokenizer)
     samples = [decode_sample(s) for s in itertools.islice(iter_samples(soc["shards"]["val"][0]), 2)]
     examples = [e for s in samples for e in task.data.prepare(s, load_tokenizer(soc["tokenizer"]))]
     assert examples and task.data.collate(examples)
