@@ -1,5 +1,6 @@
 """The ``mmlit`` command: ``fit|validate|test|predict --config recipe.yaml`` (LightningCLI); the registered ``tasks``,
-``objectives``, ``modalities``, ``fusions`` and ``sources``; ``data``, ``plot``, ``export-backbone``."""
+``objectives``, ``modalities``, ``fusions`` and ``sources``; ``data``, ``plot``, ``export``, ``export-backbone``,
+``consolidate``."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from mmlit.callbacks import PredictionWriter, Preemption, Progress, Throughput
-from mmlit.checkpoints import AtomicCheckpointIO, resolve_checkpoint
+from mmlit.callbacks import PredictionWriter, Preemption, Progress, Throughput, parameter_counts, peak_memory_mib
+from mmlit.checkpoints import AtomicCheckpointIO, checkpoint_file, resolve_checkpoint
 from mmlit.data import DataMonitor, MultiTaskDataModule
 from mmlit.loggers import WandbContinuity, WandbLogger, wandb_run_of
 from mmlit.module import MultiTaskModule
@@ -116,7 +117,7 @@ class MMLitCLI(LightningCLI):
         folder = getattr(callback, "dirpath", None) or _checkpoint_dir(self.trainer.default_root_dir)
         config["ckpt_path"] = resolve_checkpoint(config.get("ckpt_path"), folder)
         if config["ckpt_path"] is not None and self.subcommand == "fit":
-            run_id = wandb_run_of(config["ckpt_path"], self.trainer.default_root_dir)
+            run_id = wandb_run_of(str(checkpoint_file(config["ckpt_path"])), self.trainer.default_root_dir)
             for logger in self.trainer.loggers:
                 if isinstance(logger, WandbLogger) and run_id is not None:
                     logger.continue_run(run_id)
@@ -140,7 +141,10 @@ class MMLitCLI(LightningCLI):
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        lines = [f"run folder:  {trainer.default_root_dir}"]
+        counts = parameter_counts(trainer.lightning_module)
+        lines = [f"run folder:  {trainer.default_root_dir}",
+                 f"parameters:  {counts['trainable']:,} trainable, {counts['frozen']:,} frozen; peak memory "
+                 f"{peak_memory_mib(trainer.lightning_module.device):,.0f} MiB (rank 0)"]
         if trainer.checkpoint_callback and trainer.checkpoint_callback.last_model_path:
             lines.append(f"checkpoint:  {trainer.checkpoint_callback.last_model_path}")
         for logger in trainer.loggers:
@@ -181,10 +185,39 @@ def _export_command(argv: list[str]) -> int:
     from mmlit.transfer import export_backbone
 
     parser = argparse.ArgumentParser(prog="mmlit export-backbone", description=_export_command.__doc__)
-    parser.add_argument("checkpoint", help="an mmlit checkpoint (.ckpt)")
+    parser.add_argument("checkpoint", help="an mmlit checkpoint (a .ckpt file, or the folder of a sharded one)")
     parser.add_argument("out", help="the file to write (.safetensors)")
     args = parser.parse_args(argv)
     print(f"backbone written to {export_backbone(args.checkpoint, args.out)}")
+    return 0
+
+
+def _consolidate_command(argv: list[str]) -> int:
+    """``mmlit consolidate FOLDER OUT``: a sharded (FSDP) checkpoint folder as one checkpoint file, in Lightning's
+    layout, with the whole weights and without the optimizer state: for validate, test, predict,
+    export-backbone and model.pretrained under any strategy."""
+    from mmlit.checkpoints import consolidate
+
+    parser = argparse.ArgumentParser(prog="mmlit consolidate", description=_consolidate_command.__doc__)
+    parser.add_argument("folder", help="a sharded checkpoint folder (e.g. checkpoints/last.ckpt)")
+    parser.add_argument("out", help="the file to write (.ckpt)")
+    args = parser.parse_args(argv)
+    print(f"checkpoint written to {consolidate(args.folder, args.out)}")
+    return 0
+
+
+def _export_run_command(argv: list[str]) -> int:
+    """``mmlit export --config RECIPE --ckpt CKPT --out DIR``: the backbone as safetensors and each Hugging Face
+    encoder as a model folder, LoRA adapters merged (and kept apart)."""
+    from mmlit.export import export_run
+
+    parser = argparse.ArgumentParser(prog="mmlit export", description=_export_run_command.__doc__)
+    parser.add_argument("--config", required=True, help="the recipe (or the run's config.yaml) that trained it")
+    parser.add_argument("--ckpt", required=True, help="an mmlit checkpoint of that recipe (a file or a sharded folder)")
+    parser.add_argument("--out", required=True, help="the folder to write")
+    args = parser.parse_args(argv)
+    for path in export_run(args.config, args.ckpt, args.out):
+        print(f"written: {path}")
     return 0
 
 
@@ -192,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _LISTS:
         return _list_command(argv[0], argv[1:])
+    if argv and argv[0] == "export":
+        return _export_run_command(argv[1:])
     if argv and argv[0] == "export-backbone":
         return _export_command(argv[1:])
+    if argv and argv[0] == "consolidate":
+        return _consolidate_command(argv[1:])
     if argv and argv[0] == "plot":
         from mmlit.plot import main as plot_main
 

@@ -12,6 +12,7 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 from safetensors.torch import save_file
 
+from mmlit.checkpoints import AtomicCheckpointIO
 from mmlit.module import MultiTaskModule
 
 __all__ = ["build_model", "export_run"]
@@ -29,10 +30,11 @@ def build_model(config: str | Path) -> MultiTaskModule:
 
 
 def _state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint file or of a sharded (FSDP) checkpoint folder, read without running code."""
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file '{path}'")
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]  # never runs code from the file
+    if not path.exists():
+        raise FileNotFoundError(f"--ckpt: no checkpoint '{path}'")
+    return AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def export_run(config: str | Path, checkpoint: str | Path, out: str | Path) -> list[Path]:
