@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from mmlit.data.collate import batch_size_of
 from mmlit.distributed import reduce_over_ranks
 
-__all__ = ["Freeze", "PredictionWriter", "Preemption", "Progress", "Throughput"]
+__all__ = ["Freeze", "PredictionWriter", "Preemption", "Progress", "Throughput", "parameter_counts", "peak_memory_mib"]
 
 
 class Progress(TQDMProgressBar):
@@ -104,11 +104,30 @@ def _examples(batch: dict) -> int:
     return sum(batch_size_of(task_batch) for task_batch in batch.values())
 
 
+def parameter_counts(module: torch.nn.Module) -> dict[str, int]:
+    """Trainable and frozen parameter counts (elements; a parameter shared by two modules counts once)."""
+    counts = {"trainable": 0, "frozen": 0}
+    for p in module.parameters():
+        counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+    return counts
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The process's peak memory so far: on a CUDA device the most its tensors held (``max_memory_allocated``), on
+    the CPU the peak resident set of the process (tensors, libraries, data workers not included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (kilobytes on Linux)
+
+
 class Throughput(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` counting a step's examples of every task: ``train/device/samples_per_sec``
     (per rank; ``train/samples_per_sec`` for all ranks, under DDP) and ``train/device/batches_per_sec``, over a
     sliding window of steps (data loading included); plus ``train/perf/minutes``, the wall minutes since the fit
-    started (validation included), for curves against time. ``ThroughputMonitor`` also logs the rates of
+    started (validation included), for curves against time, ``train/perf/peak_memory_mib`` (``peak_memory_mib``) and,
+    once, ``train/perf/params_trainable`` and ``train/perf/params_frozen``. ``ThroughputMonitor`` also logs the rates of
     validation and testing (``validate/...``, ``test/...``) and, on a CUDA device, calls ``torch.cuda.synchronize()``
     after every batch so that its times are the device's: a wait that costs little beside a large step and more
     beside a small one.
@@ -123,12 +142,17 @@ class Throughput(ThroughputMonitor):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
+        if trainer.is_global_zero and trainer.log_every_n_steps > 0:  # (0: no step logs)
+            counts = {f"train/perf/params_{k}": float(v) for k, v in parameter_counts(pl_module).items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(counts, step=trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, *args) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
         every = trainer.log_every_n_steps  # 0: no logging on step boundaries
         if every > 0 and trainer.global_step % every == 0:
             pl_module.log("train/perf/minutes", (time.perf_counter() - self._fit_start) / 60, rank_zero_only=True)
+            pl_module.log("train/perf/peak_memory_mib", peak_memory_mib(pl_module.device), rank_zero_only=True)
 
 
 class Freeze(pl.Callback):
