@@ -1,6 +1,7 @@
-"""``mmlit export``: a trained run as files other tools load: the backbone as safetensors, and each pretrained
-Hugging Face encoder as a model folder (``save_pretrained``, with its tokenizer), its LoRA adapters merged into its
-weights (W + (alpha / r) B A), the adapters also kept on their own (``peft``'s adapter folder)."""
+"""``mmlit export``: a trained run as files other tools load: each pretrained Hugging Face encoder as a model folder
+(``save_pretrained``, with its tokenizer), its LoRA adapters merged into its weights (W + (alpha / r) B A), the adapters
+also kept on their own (``peft``'s adapter folder); and the backbone, merged, as safetensors (for ``model.pretrained``
+of a recipe without ``lora``)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 from safetensors.torch import save_file
+from torch import nn
 
 from mmlit.checkpoints import AtomicCheckpointIO
 from mmlit.module import MultiTaskModule
 
-__all__ = ["build_model", "export_run"]
+__all__ = ["build_model", "export_backbone_folders", "export_run"]
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                    "vocab.txt", "merges.txt", "vocab.json")
+# the source folder's files that are not weights: its tokenizer, chat template and generation settings
+_FOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "vocab.txt", "merges.txt", "vocab.json", "generation_config.json")
 
 
 def build_model(config: str | Path) -> MultiTaskModule:
@@ -42,25 +45,31 @@ def export_run(config: str | Path, checkpoint: str | Path, out: str | Path) -> l
     Hugging Face encoder to ``out/<modality>/`` (LoRA merged; adapters in ``out/<modality>-adapter/``)."""
     model = build_model(config)
     model.load_state_dict(_state_dict(checkpoint))
+    return export_backbone_folders(model.backbone, out, str(checkpoint))
+
+
+def export_backbone_folders(backbone: nn.Module, out: str | Path, source: str = "") -> list[Path]:
+    """``backbone``'s Hugging Face encoders as model folders (``out/<modality>/``, LoRA merged; the adapters in
+    ``out/<modality>-adapter/``) and the whole backbone, merged, as ``out/backbone.safetensors``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for modality, encoder in model.backbone.encoders.items():
-        if not hasattr(encoder, "base"):  # not a Hugging Face model
+    for modality, encoder in backbone.encoders.items():
+        if not hasattr(encoder, "base"):  # not a Hugging Face model (HFTextEncoder, HFCausalLM have one)
             continue
         if getattr(encoder, "lora", None) is not None:
             encoder.model.save_pretrained(out / f"{modality}-adapter")
             written.append(out / f"{modality}-adapter")
             encoder.model, encoder.lora = encoder.model.merge_and_unload(), None
         encoder.base.save_pretrained(out / modality)
-        for name in _TOKENIZER_FILES:
+        for name in _FOLDER_FILES:
             if (Path(encoder.path) / name).is_file():
                 shutil.copy2(Path(encoder.path) / name, out / modality / name)
         written.append(out / modality)
     state, seen = {}, set()
-    for key, tensor in model.backbone.state_dict().items():  # tied weights (an LM's embeddings and head) are copied:
+    for key, tensor in backbone.state_dict().items():  # tied weights (an LM's embeddings and head) are copied:
         shared = tensor.data_ptr() in seen                   # every key loads on its own, as read_backbone_state reads
         seen.add(tensor.data_ptr())
         state[key] = tensor.clone() if shared else tensor.contiguous()
-    save_file(state, str(out / "backbone.safetensors"), metadata={"format": "pt", "source": str(checkpoint)})
+    save_file(state, str(out / "backbone.safetensors"), metadata={"format": "pt", "source": source})
     return [out / "backbone.safetensors", *written]

@@ -98,7 +98,10 @@ def apply_lora(model: nn.Module, lora: LoRA, key: str) -> nn.Module:
 
     if lora.r < 1:
         raise ValueError(f"{key}.r must be at least 1, got {lora.r}")
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    from transformers.pytorch_utils import Conv1D  # (GPT-2's linear layers)
+
+    kinds = (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d)  # what peft's LoRA adapts
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, kinds)}
     missing = sorted(set(lora.target_modules) - names)
     if missing:
         raise ValueError(f"{key}.target_modules: the model has no linear layer named {', '.join(missing)} (it has "

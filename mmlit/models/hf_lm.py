@@ -10,7 +10,7 @@ training stage (``vlm``'s ``stage``) may freeze more.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -39,12 +39,17 @@ class HFCausalLM(nn.Module):
     """
 
     def __init__(self, path: str, freeze: list[str] | None = None, lora: LoRA | None = None,
-                 max_length: int | None = None, checkpointing: bool = False, dtype: str = "float32"):
+                 max_length: int | None = None, checkpointing: bool = False,
+                 dtype: Literal["float32", "bfloat16", "float16"] = "float32"):
         super().__init__()
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.path = str(folder_of(path, f"{_KEY}.path"))
         model = load_pretrained(AutoModelForCausalLM, path, f"{_KEY}.path", dtype=getattr(torch, dtype))
+        # The folder's end-of-turn ids, kept; its generation settings (a repetition penalty, sampling) are replaced by
+        # blank ones: transformers applies a model's settings to a generate call that does not set them itself.
+        self.eos_ids = _as_list(model.generation_config.eos_token_id if model.generation_config else None)
+        model.generation_config = GenerationConfig()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if freeze:
@@ -52,9 +57,12 @@ class HFCausalLM(nn.Module):
         self.lora = lora
         self.model = apply_lora(model, lora, f"{_KEY}.lora") if lora is not None else model
         config = model.config
-        self.dim, self.vocab_size = config.hidden_size, config.vocab_size
-        limit = getattr(config, "max_position_embeddings", None) or max_length or 2048
-        self.max_length = min(limit, max_length or limit)
+        self.dim = config.hidden_size
+        self.vocab_size = config.vocab_size + 1  # (the text modality's ids: each of the tokenizer's + 1)
+        limit = getattr(config, "max_position_embeddings", None)
+        if max_length is not None and limit is not None and max_length > limit:
+            raise ValueError(f"{_KEY}.max_length: the model takes at most {limit} positions, got {max_length}")
+        self.max_length = max_length or limit or 2048
         self.train()  # (from_pretrained leaves the model in eval mode)
 
     def train(self, mode: bool = True) -> HFCausalLM:
@@ -83,24 +91,33 @@ class HFCausalLM(nn.Module):
     def generate(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int], pad: int,
                  beam_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Continue left-padded prompts given as embeddings (B, P, D) by greedy or beam search with the model's KV
-        cache (``generate``) -> new token ids (B, L) (``pad`` after each row's end) and their score (B,): the
-        log-probability of the tokens up to the first EOS (beam search: the beam's length-normalised score)."""
-        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask.long(), max_new_tokens=max_new_tokens,
-                                  do_sample=False, num_beams=beam_size, eos_token_id=eos, pad_token_id=pad,
-                                  return_dict_in_generate=True, output_scores=True)
+        cache (``generate``) -> new token ids (B, L) (``pad`` after each row's end) and their score (B,): the model's
+        log-probability of the tokens up to the first EOS (beam search: the beam's length-normalised score). The
+        settings are these alone: a folder's ``generation_config.json`` (a repetition penalty, sampling) is not
+        applied (``__init__`` blanks them), so that evaluation is plain greedy or beam search whatever the model
+        ships."""
+        from transformers import GenerationConfig
+
+        settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=beam_size,
+                                    eos_token_id=eos, pad_token_id=pad, return_dict_in_generate=True,
+                                    output_logits=True)
+        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask.long(), generation_config=settings)
         ids = out.sequences
         if beam_size > 1:
             return ids, out.sequences_scores
-        steps = self.base.compute_transition_scores(ids, out.scores, normalize_logits=True)  # (B, L)
-        ended = torch.isin(ids, torch.tensor(eos, device=ids.device)).long().cumsum(1)
-        counted = (ended == 0) | ((ended == 1) & torch.isin(ids, torch.tensor(eos, device=ids.device)))
-        return ids, steps.masked_fill(~counted, 0.0).sum(1)
+        logp = torch.stack(out.logits, 1).float().log_softmax(-1).gather(2, ids[..., None])[..., 0]  # (B, L)
+        stop = torch.isin(ids, torch.tensor(eos, device=ids.device))
+        counted = (stop.long().cumsum(1) - stop.long()) == 0  # up to and with the first EOS
+        return ids, logp.masked_fill(~counted, 0.0).sum(1)
 
     def forward(self, ids: torch.Tensor) -> Encoded:
         """As a text encoder: ids (B, T) as the text modality gives them for a pretrained tokenizer (each id + 1,
         0: padding) -> the last layer's states (B, T, D), the last real token's state (B, D), mask (B, T)."""
         own, mask = model_inputs(ids, self.base.config.pad_token_id or 0)
-        out = self.model(input_ids=own, attention_mask=mask.long(), output_hidden_states=True)
-        tokens = out.hidden_states[-1]
+        tokens = self.base.get_decoder()(input_ids=own, attention_mask=mask.long()).last_hidden_state  # (no LM head)
         last = torch.where(mask, torch.arange(ids.shape[1], device=ids.device), -1).amax(1).clamp_min(0)
         return Encoded(tokens, tokens[torch.arange(len(ids), device=ids.device), last], mask)
+
+
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)

@@ -71,6 +71,7 @@ class HFTextEncoder(nn.Module):
             model.pooler = None
         if freeze:
             freeze_by_name(model, freeze, f"{_KEY}.freeze")
+        self.lora = lora
         self.model = apply_lora(model, lora, f"{_KEY}.lora") if lora is not None else model
         self.path, self.hidden_size = str(folder), config.hidden_size
         self.pooling = pooling or _folder_pooling(folder)
@@ -86,6 +87,11 @@ class HFTextEncoder(nn.Module):
         self.cache_size = cache
         self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # text ids -> last states (T, H), oldest first
         self.register_load_state_dict_post_hook(_forget)  # (new weights, new states)
+
+    @property
+    def base(self) -> nn.Module:
+        """The transformers model itself (inside the LoRA wrapper when there is one): what ``mmlit export`` saves."""
+        return self.model.get_base_model() if self.lora is not None else self.model
 
     @property
     def tokenizer_file(self) -> str:

@@ -18,11 +18,13 @@ caption at ``caption_field``.
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import torch
+from torch import nn
 from torchmetrics import MetricCollection
 
 from mmlit.data import Shards, TaskData
@@ -55,7 +57,7 @@ class VLMData(TaskData):
         self.caption_prompt, self.template = caption_prompt, template
         self.fields = ("image", questions_field if target == "answer" else caption_field)
         self.folder: str | None = None  # the LM's folder, set when the model is built
-        self.max_length = 2048
+        self.max_length, self.image_tokens = 2048, 1  # the LM's, and the image's tokens in it (set by the head)
         self._tokenizer = None
 
     def __getstate__(self) -> dict:
@@ -77,6 +79,9 @@ class VLMData(TaskData):
     def prompt(self, question: str) -> tuple[list[int], int]:
         """The prompt's ids with one slot where the image tokens go, and the slot's position."""
         if self.template is not None:
+            if "{question}" not in self.template:
+                raise ValueError(f"model.tasks.{self.name}.init_args.template: give {{question}} where the question "
+                                 f"goes, got {self.template!r}")
             text = self.template.format(question=question)
         elif self.tokenizer.chat_template is not None:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": IMAGE + question}], tokenize=False,
@@ -98,8 +103,11 @@ class VLMData(TaskData):
 
     def sequence(self, question: str, answer: str) -> dict:
         prompt, slot = self.prompt(question)
-        target = [*self.ids(answer)][: max(self.max_length - len(prompt) - 1, 1)]
-        target.append(self.tokenizer.eos_token_id)
+        room = self.max_length - len(prompt) - (self.image_tokens - 1) - 1  # (the slot becomes the image's tokens)
+        if room < 1:
+            raise SampleError(f"model.tasks.{self.name}: a prompt of {len(prompt)} tokens and {self.image_tokens} "
+                              f"image tokens leave no room for an answer within the LM's {self.max_length}")
+        target = [*self.ids(answer)[:room], self.tokenizer.eos_token_id]
         return {"input": prompt + target, "labels": [IGNORE] * len(prompt) + target, "slot": slot,
                 "prompt": prompt, "target": target}
 
@@ -225,30 +233,61 @@ class VLM(Task):
         self.projector = Projector(self.projector_kind, backbone.dim, lm.dim, self.shuffle_factor)
         if self.projector_from is not None:
             self._load_projector(self.projector_from)
-        trains = {"image": self.stage == "full", "text": self.stage != "align"}
-        for modality, on in trains.items():
-            if not on:
-                backbone.encoders[modality].requires_grad_(False)
-        eos = lm.base.generation_config.eos_token_id if lm.base.generation_config is not None else None
-        eos = eos if eos is not None else self.data.tokenizer.eos_token_id
-        self.eos = sorted({*(eos if isinstance(eos, list) else [eos]), self.data.tokenizer.eos_token_id})
+        self._freeze_for_stage(backbone)
+        tokenizer = self.data.tokenizer
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"model.tasks.{self.name}: the LM's tokenizer ({self.data.folder}) has no eos_token, which "
+                             f"ends every answer; set it in its tokenizer_config.json")
+        self.eos = sorted({*lm.eos_ids, tokenizer.eos_token_id})  # (the folder's end-of-turn ids end an answer too)
+        self.data.image_tokens = self._count_image_tokens(backbone)
+
+    def _freeze_for_stage(self, backbone) -> None:
+        """``align`` freezes the LM and the image encoder's pretrained model (timm's, its ``model``; the encoder's own
+        layers on top, new like the projector, train with it); ``finetune`` the image encoder's model. A frozen part
+        runs in eval mode (BatchNorm statistics and dropout fixed): a pre-hook sets it at each forward, after
+        Lightning's ``train()``."""
+        image, text = backbone.encoders["image"], backbone.encoders["text"]
+        frozen = [(image, getattr(image, "model", image))] if self.stage != "full" else []
+        if self.stage == "align":
+            frozen.append((text, text))
+        for encoder, part in frozen:  # (the hook is the encoder's: timm's model runs by forward_intermediates)
+            part.requires_grad_(False)
+            encoder.register_forward_pre_hook(functools.partial(_eval_mode, part))
+
+    @torch.no_grad()
+    def _count_image_tokens(self, backbone) -> int:
+        """Image tokens per image in the LM's sequence: the encoder's tokens for one blank image, after the projector."""
+        size = self.data.pipeline("image").size
+        image = backbone.encoders["image"]
+        mode = image.training
+        tokens = image.eval()(torch.zeros(1, 3, size, size, device=next(image.parameters()).device)).tokens
+        image.train(mode)
+        return self.projector.tokens(tokens.shape[1])
 
     def _load_projector(self, path: str) -> None:
+        from mmlit.checkpoints import AtomicCheckpointIO
+
         key, prefix = f"model.tasks.{self.name}.init_args.projector_from", f"tasks.{self.name}.projector."
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise FileNotFoundError(f"{key}: no checkpoint '{path}'")
-        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        state = AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=True).get("state_dict", {})
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not own:
             raise ValueError(f"{key}: '{path}' has no {prefix}* weights (a checkpoint of a vlm task named {self.name})")
-        self.projector.load_state_dict(own)
+        try:
+            self.projector.load_state_dict(own)
+        except RuntimeError as err:
+            raise ValueError(f"{key}: the projector in '{path}' is not this recipe's (projector, shuffle_factor, the "
+                             f"image encoder's dim or the LM's width differ): {err}") from err
 
     def _image(self, backbone, batch: dict) -> torch.Tensor:
         return self.projector(backbone(image=batch["image"])["image"].tokens)[batch["image_index"]]  # (Q, N', D)
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         lm, image = backbone.encoders["text"], self._image(backbone, batch)
-        embeds, mask, labels = splice(lm.embed(batch["input"]), batch["mask"], batch["slot"], image, batch["labels"])
+        embeds = lm.embed(batch["input"])
+        image = image.to(embeds.dtype)  # (an LM loaded in bfloat16 under 32-true precision)
+        embeds, mask, labels = splice(embeds, batch["mask"], batch["slot"], image, batch["labels"])
         out = {"loss": lm.lm(embeds, mask, labels).loss}
         if not self.training:
             prompt, prompt_mask, _ = splice(lm.embed(batch["prompt"]), batch["prompt_mask"], batch["prompt_slot"], image)
@@ -273,8 +312,9 @@ class VLM(Task):
             ids = pad([caption_ids(row, set(self.eos)) for row in generated]).to(batch["references"].device)
             update_caption_metrics(metrics, ids, batch["references"])
             return
-        target = batch["target"].tolist()
-        exact = torch.tensor([row == [t for t in answer if t != IGNORE] for row, answer in zip(generated, target)],
+        target, eos = batch["target"].tolist(), set(self.eos)
+        exact = torch.tensor([[t for t in row if t not in eos] == [t for t in answer if t != IGNORE and t not in eos]
+                              for row, answer in zip(generated, target)],  # (any of the LM's EOS ends an answer)
                              dtype=torch.float, device=batch["target"].device)
         update_generated_answers(metrics, exact, batch["relational"])
 
@@ -287,3 +327,8 @@ class VLM(Task):
                 row["question_index"] = number[key] = number.get(key, -1) + 1
             rows.append(row)
         return rows
+
+
+def _eval_mode(part: nn.Module, encoder: nn.Module, args) -> None:
+    if part.training:
+        part.eval()

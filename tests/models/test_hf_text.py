@@ -238,3 +238,27 @@ def test_layer_decay_reads_the_models_layers(tiny_bert):
     assert scale["model.encoder.layer.0.attention.self.query.weight"] == 0.25
     assert scale["model.encoder.layer.1.output.dense.weight"] == 0.5
     assert scale["proj.weight"] == 1.0
+
+
+def test_export_writes_the_text_tower_with_lora_merged(tiny_bert, tmp_path):
+    """``mmlit export``'s folders for a LoRA-tuned text tower: the merged model that transformers loads gives the
+    adapted model's states; the adapters are kept apart."""
+    from transformers import AutoModel
+
+    from mmlit.export import export_backbone_folders
+    from mmlit.models import Backbone
+    from mmlit.models.hf import LoRA
+
+    encoder = HFTextEncoder(tiny_bert, lora=LoRA(r=2, alpha=4, target_modules=["query", "value"])).eval()
+    for name, p in encoder.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # (B starts at zero: make the adapters change the states)
+    ids = torch.tensor([[3, 6, 7, 4]])  # the model's own ids: [CLS] two words [SEP]
+    with torch.no_grad():
+        adapted = encoder.model(input_ids=ids).last_hidden_state
+    export_backbone_folders(Backbone({"text": encoder}), tmp_path)
+    merged = AutoModel.from_pretrained(tmp_path / "text", local_files_only=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).last_hidden_state, adapted, atol=1e-5)
+    assert (tmp_path / "text-adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "text" / "tokenizer.json").is_file() and (tmp_path / "backbone.safetensors").is_file()

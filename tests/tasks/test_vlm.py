@@ -83,6 +83,33 @@ def test_the_lm_read_as_a_text_encoder_pools_its_last_real_token(soc):
     assert mask.sum(1).tolist() == [len(r) for r in rows]
 
 
+def test_generation_ignores_the_folders_generation_settings(soc, tmp_path):
+    """A folder's generation_config.json (a repetition penalty, as chat models ship) does not change evaluation's greedy
+    decoding."""
+    import shutil
+
+    folder = shutil.copytree(soc["lm"], tmp_path / "lm")
+    settings = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**settings, "repetition_penalty": 3.0,
+                                                               "no_repeat_ngram_size": 1}))
+    torch.manual_seed(0)
+    embeds, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
+    plain, penalised = HFCausalLM(soc["lm"]).eval(), HFCausalLM(str(folder)).eval()
+    ids, score = plain.generate(embeds, mask, max_new_tokens=6, eos=[-1], pad=0)
+    again, score_again = penalised.generate(embeds, mask, max_new_tokens=6, eos=[-1], pad=0)
+    assert torch.equal(ids, again) and torch.allclose(score, score_again)
+
+
+def test_lora_adapts_gpt2_shaped_conv1d_layers(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    lm = HFCausalLM(str(tmp_path), lora=LoRA(r=2, target_modules=["c_attn"]))
+    assert {n for n, p in lm.named_parameters() if p.requires_grad} and lm.max_length == 32
+    with pytest.raises(ValueError, match="max_length: the model takes at most 32 positions"):
+        HFCausalLM(str(tmp_path), max_length=64)
+
+
 def test_lora_trains_adapters_only_and_merges_into_the_weights(soc):
     lm = HFCausalLM(soc["lm"], lora=LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
@@ -136,10 +163,13 @@ def test_vlm_recipe_aligns_then_finetunes_with_lora_then_predicts_and_exports(so
     losses = _losses(align)
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.95 * sum(losses[:3]) / 3, losses  # (a random LM: ~0.9)
     state = torch.load(align / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    projector = sum(v.numel() for k, v in state.items() if k.startswith("tasks.vqa.projector."))
+    own_layers = [k for k in state if k.startswith(("tasks.vqa.projector.", "backbone.encoders.image."))
+                  and not k.startswith("backbone.encoders.image.model.") and state[k].is_floating_point()]
     trainable, frozen = (int(n.replace(",", "")) for n in
                          re.search(r"parameters:  ([\d,]+) trainable, ([\d,]+) frozen", result.stdout).groups())
-    assert trainable == projector and frozen > 10 * projector  # the run reports what trains
+    assert trainable == sum(state[k].numel() for k in own_layers) and frozen > trainable  # what trains
+    batch_norms = [k for k in state if k.startswith("backbone.encoders.image.model.") and "num_batches_tracked" in k]
+    assert batch_norms and all(state[k] == 0 for k in batch_norms)  # the frozen trunk ran in eval mode
     prefix = "backbone.encoders.text.model."
     lm_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     for name, value in lm_weights.items():
