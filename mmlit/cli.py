@@ -240,7 +240,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return data_main(argv[1:])
     MMLitCLI(args=argv)
+    _close_process_group()  # (after a failure, mmlit.distributed's failure watch ends the ranks instead)
     return 0
+
+
+def _close_process_group() -> None:
+    """Shut a finished run's process group down before the interpreter exits: left to exit, gloo's threads can be
+    destroyed while still joinable, and the process aborts ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

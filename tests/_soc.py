@@ -22,7 +22,8 @@ TASK_SETTINGS = {
                             "classes": list(QUESTION_TYPES)},
     "prefix_lm": {"caption_field": "json.caption", "relational": True, "transform": TRANSFORM},
     "speech_text_alignment": {"words_field": "json.spoken_caption.words"},
-    "vlm": {"relational": True, "stage": "full", "max_new_tokens": 4, "transform": TRANSFORM},
+    "vlm": {"relational": True, "stage": "full", "max_new_tokens": 4, "projector": "pixel_shuffle",  # (25 image tokens)
+            "transform": TRANSFORM},
 }
 # Tasks whose text encoder is a pretrained LM (``HFCausalLM``): a recipe of them cannot hold prefix_lm's decoder, so
 # the recipes over every task leave them out; their own recipe tests train them.

@@ -37,7 +37,7 @@ def make_soc(root: Path) -> dict:
     tokenizer = root / "tokenizer.json"
     train_tokenizer(iter_texts(shards["train"]), tokenizer, vocab_size=200)
     lm = save_tiny_lm(root / "tiny-lm", iter_texts(shards["train"]), vocab_size=300, hidden=32, layers=1, heads=2,
-                      steps=60)
+                      steps=20)
     return {"root": root, "shards": shards, "tokenizer": str(tokenizer), "lm": str(lm),
             "train": str(root / "train-{000000..000003}.tar"), "val": str(root / "val-000000.tar"),
             "test": str(root / "test-000000.tar")}

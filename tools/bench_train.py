@@ -4,6 +4,7 @@ and optimizer.
     python tools/bench_train.py                    # CPU preset: ViT-tiny at 64 px + small text transformer, Sort-of-CLEVR
     python tools/bench_train.py --preset gpu       # CLIP ViT-B/16 at 224 px + 12x512 text transformer, bf16, eager and compiled
     python tools/bench_train.py --preset gpu --dry-run   # builds everything at tiny sizes, 2 steps per case (runs on a CPU)
+    python tools/bench_train.py --preset vlm       # a vision-language model's align and LoRA stages (tools/bench_vlm.py)
 
 The tasks are ``contrastive`` + ``captioning`` on one source (recipes/coca.yaml's pair: same shards, same batch
 size), the objective static weights of 1 (the plain loop sums the two losses), the optimizer ``torch.optim.AdamW``.
@@ -444,7 +445,7 @@ def run(preset: Preset, out: Path, device: torch.device, variants: list[bool]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--preset", choices=sorted([*PRESETS, "vlm"]), default="cpu")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes, 2 steps a case: checks that it all runs")
     parser.add_argument("--out", type=Path, help="shards, tokenizer and run folders (default data/bench_train/PRESET)")
     parser.add_argument("--steps", type=int, help="measured steps per case (default: the preset's)")
@@ -453,6 +454,14 @@ def main() -> None:
     parser.add_argument("--no-gradient-statistics", action="store_true",
                         help="model.gradient_statistics: false (one backward pass per task less at logging steps)")
     args = parser.parse_args()
+    if args.preset == "vlm":  # its own model, data and cases: tools/bench_vlm.py
+        from bench_vlm import main as bench_vlm
+
+        if args.dry_run:
+            raise SystemExit("--preset vlm has no --dry-run: run `python tools/bench_vlm.py --steps 2 --warmup 1`")
+        return bench_vlm([*(["--out", str(args.out)] if args.out else []),
+                          *(["--steps", str(args.steps)] if args.steps is not None else []),
+                          *(["--warmup", str(args.warmup)] if args.warmup is not None else [])])
     global GRADIENT_STATISTICS
     GRADIENT_STATISTICS = not args.no_gradient_statistics
     preset = _dry(PRESETS[args.preset]) if args.dry_run else PRESETS[args.preset]

@@ -137,7 +137,7 @@ def _recipe(soc: dict, run, stage: str, lr: float = 0.01, **task) -> dict:
     recipe["model"]["backbone"]["init_args"]["encoders"]["text"]["init_args"]["path"] = soc["lm"]
     vqa = recipe["model"]["tasks"]["vqa"]["init_args"]
     vqa.update(shards={"train": soc["train"], "val": soc["val"], "test": soc["test"]}, batch_size=2, stage=stage,
-               **task)
+               projector="pixel_shuffle", **task)  # (a 10 x 10 grid: 25 image tokens in the LM's sequence)
     recipe["model"]["optimizer"]["init_args"]["lr"] = lr
     recipe["model"].pop("scheduler")
     recipe["data"].update(steps_per_epoch=12, num_workers=0, shuffle_buffer=20)
