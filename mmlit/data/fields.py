@@ -1,4 +1,4 @@
-"""Reading the values tasks need from decoded samples and recipes: name lists, class labels, captions.
+"""Reading the values tasks need from decoded samples and recipes: name lists, class labels, captions, questions.
 
 What several tasks read the same way is written once here (tasks do not import each other)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from mmlit.data.decode import SampleError, sample_field, sample_location
 from mmlit.data.transforms import predicting
 
-__all__ = ["captions_of", "class_index", "names_from"]
+__all__ = ["captions_of", "class_index", "names_from", "questions_of"]
 
 
 def names_from(value: str | list[str], key: str) -> list[str]:
@@ -57,3 +57,18 @@ def captions_of(sample: dict, field: str, task: str) -> list[str]:
     if not captions and not predicting():
         raise SampleError(f"{sample_location(sample)}: task '{task}' found no caption at '{field}'")
     return captions
+
+
+def questions_of(sample: dict, field: str, task: str) -> list[tuple[str, str, dict]]:
+    """The questions at ``field`` (one ``{question, answer}`` object or a list of them) as (question, answer, the
+    object); a sample prepared for ``mmlit predict`` may lack answers (""). Anything else is a ``SampleError``."""
+    questions = sample_field(sample, field, task)
+    questions = [questions] if isinstance(questions, dict) else questions
+    out = []
+    for number, q in enumerate(questions if isinstance(questions, list) else [None]):
+        answer = q.get("answer", "" if predicting() else None) if isinstance(q, dict) else None
+        if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not isinstance(answer, str):
+            raise SampleError(f"{sample_location(sample)}: question {number} of '{field}' needs a \"question\" and an "
+                              f"\"answer\" text, got {str(q)[:200]}")
+        out.append((q["question"], answer, q))
+    return out

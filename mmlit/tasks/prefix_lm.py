@@ -26,9 +26,8 @@ from torchmetrics import MetricCollection
 
 from mmlit.data import Shards, TaskData
 from mmlit.data.collate import collate_examples, flatten_items, pad, pad_references
-from mmlit.data.decode import SampleError, sample_field, sample_location
-from mmlit.data.fields import captions_of
-from mmlit.data.transforms import ImageTransform, predicting, text_safe, training_sample
+from mmlit.data.fields import captions_of, questions_of
+from mmlit.data.transforms import ImageTransform, text_safe, training_sample
 from mmlit.metrics.caption import sequence_match, tokens_of, update_caption_metrics
 from mmlit.metrics.vqa import generated_answer_metrics, update_generated_answers
 from mmlit.models.generation import generate
@@ -71,16 +70,9 @@ class PrefixLMData(TaskData):
                 yield {"image": image, "sequences": [self._sequence([], captions[0])],
                        "references": [[*c, EOS] for c in captions]}
             return
-        questions = sample_field(sample, self.questions_field, self.name)
-        questions = [questions] if isinstance(questions, dict) else questions
-        sequences = []
-        for number, q in enumerate(questions if isinstance(questions, list) else [None]):
-            answer = q.get("answer", "" if predicting() else None) if isinstance(q, dict) else None
-            if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not isinstance(answer, str):
-                raise SampleError(f"{sample_location(sample)}: question {number} of '{self.questions_field}' needs a "
-                                  f"\"question\" and an \"answer\" text, got {str(q)[:200]}")
-            sequences.append({**self._sequence(self.token_ids(tokenizer, q["question"]), self.token_ids(tokenizer, answer)),
-                              "relational": bool(q.get("relational", False))})
+        sequences = [{**self._sequence(self.token_ids(tokenizer, question), self.token_ids(tokenizer, answer)),
+                      "relational": bool(q.get("relational", False))}
+                     for question, answer, q in questions_of(sample, self.questions_field, self.name)]
         if sequences:
             yield {"image": image, "sequences": sequences}
 

@@ -29,9 +29,9 @@ from torchmetrics import MetricCollection
 
 from mmlit.data import Shards, TaskData
 from mmlit.data.collate import collate_examples, flatten_items, pad, pad_references
-from mmlit.data.decode import SampleError, sample_field, sample_location
-from mmlit.data.fields import captions_of
-from mmlit.data.transforms import ImageTransform, predicting, text_safe, training_sample
+from mmlit.data.decode import SampleError
+from mmlit.data.fields import captions_of, questions_of
+from mmlit.data.transforms import ImageTransform, text_safe, training_sample
 from mmlit.metrics.caption import update_caption_metrics
 from mmlit.metrics.vqa import generated_answer_metrics, update_generated_answers
 from mmlit.models.projector import Projector
@@ -120,14 +120,8 @@ class VLMData(TaskData):
             yield {"image": image, "sequences": [self.sequence(self.caption_prompt, chosen)],
                    "references": [caption_ids(self.ids(c), eos) for c in captions]}
             return
-        questions = sample_field(sample, self.questions_field, self.name)
-        sequences = []
-        for number, q in enumerate(questions if isinstance(questions, list) else [questions]):
-            answer = q.get("answer", "" if predicting() else None) if isinstance(q, dict) else None
-            if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not isinstance(answer, str):
-                raise SampleError(f"{sample_location(sample)}: question {number} of '{self.questions_field}' needs a "
-                                  f"\"question\" and an \"answer\" text, got {str(q)[:200]}")
-            sequences.append({**self.sequence(q["question"], answer), "relational": bool(q.get("relational", False))})
+        sequences = [{**self.sequence(question, answer), "relational": bool(q.get("relational", False))}
+                     for question, answer, q in questions_of(sample, self.questions_field, self.name)]
         if sequences:
             yield {"image": image, "sequences": sequences}
 
