@@ -27,7 +27,9 @@ def _convert(fmt: str, out: Path, *args: str) -> int:
 def _samples(out: Path, split: str) -> list[dict]:
     """Every sample of a converted split, read through its index, decoded."""
     index = load_index(str(out / f"{split}.json"), "k")
-    assert scan_shards(index.urls, "k").counts == index.counts, "the index counts what the shards hold"
+    scanned = scan_shards(index.urls, "k")
+    assert scanned.counts == index.counts, "the index counts what the shards hold"
+    assert index.offsets == scanned.offsets and all(index.offsets), "and gives their samples' byte offsets"
     return [decode_sample(s) for url in index.urls for s in iter_samples(url)]
 
 
