@@ -21,7 +21,8 @@ from mmlit.data.mixing import AllTasks, TaskSampler
 from mmlit.data.planning import SplitPlans
 from mmlit.data.position import resumed_position, saved_position
 from mmlit.data.sources import Source, get_source
-from mmlit.data.stream import Mixture, Sequential, SourceStream
+from mmlit.data.reading import Position
+from mmlit.data.stream import EvalStream, Mixture, Sequential, SourceStream, StepStream
 from mmlit.data.task_data import data_side
 from mmlit.data.workers import StartMethod, start_fork_server, task_loader
 from mmlit.distributed import report_failure, watch_peers
@@ -104,9 +105,9 @@ def _plan(spec: str, key: str, source: Source, scan_remote: bool) -> ShardIndex 
         return RuntimeError(f"{key}: {type(err).__name__}: {err}")
 
 
-def _check_index(index: ShardIndex, key: str, samples: int, ranks: int, workers: int, error_budget: float,
-                 shared_shards_warning: bool) -> None:
-    """A planned index against the error budget (unreadable shards) and the readers (ranks x workers)."""
+def _check_index(index: ShardIndex, key: str, samples: int, ranks: int, workers: int, error_budget: float) -> None:
+    """A planned index against the error budget (unreadable shards) and its readers: the ranks in training, ranks x
+    workers in an evaluation (each reads its own slice)."""
     shards, readers = len(index.urls) + sum(1 for e in index.bad if e.url not in index.urls), ranks * workers
     if len(index.bad) > error_budget * shards:
         raise DataBudgetError(
@@ -116,10 +117,6 @@ def _check_index(index: ShardIndex, key: str, samples: int, ranks: int, workers:
     if samples < readers:
         raise ValueError(f"{key}: {samples} sample(s) for {ranks} rank(s) x {workers} worker(s); every reader needs at "
                          f"least one (add data or lower data.num_workers)")
-    if shared_shards_warning and len(index.urls) < readers:
-        warnings.warn(f"{key}: {len(index.urls)} shard(s) for {readers} readers (ranks x workers): readers share shards "
-                      f"and skip to their own samples, which reads some bytes more than once; more shards than readers "
-                      f"read every byte once", stacklevel=4)
 
 
 def _warn_pipelines(tasks: dict, groups: dict[str, list[str]]) -> None:
@@ -147,12 +144,14 @@ class MultiTaskDataModule(pl.LightningDataModule):
         steps_per_epoch: steps in a training epoch, the same on every rank. Default: the steps in
             which every task's stream passes through one task epoch (the largest task's, for the
             all-task mixture).
-        num_workers: DataLoader worker processes per task loader.
+        num_workers: DataLoader worker processes per rank: one pool makes the training steps of every task (and one
+            the batches of an evaluation); 0 reads in the training process.
         multiprocessing_context: how the workers start. ``forkserver``: forked from a server process with one
             thread, which has imported torch and the tasks' modules; ``spawn``: a fresh interpreter each; ``fork``:
             forked from the training process, whose threads (DDP's, the other loaders') can leave a worker
             deadlocked (see ``mmlit/data/workers.py``).
-        shuffle_buffer: the least samples of a shuffle window (whole shards, permuted together) per training reader.
+        shuffle_buffer: the samples of a shuffle window: the epoch's sequence of samples is permuted window by window
+            (``mmlit/data/reading.py``); a batch reads only its own samples, so memory does not grow with it.
         seed: base seed of the shard order, resampling, shuffling and the mixture.
         error_budget: the share of a task's training samples that may be skipped (unreadable, missing
             a field) before the run stops; counted over at least one task epoch.
@@ -196,6 +195,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.faults = FaultLog()
         self.plans = SplitPlans(self.tasks)  # what reads each split, and the shard indexes
         self.mixture: Mixture | None = None
+        self._train_streams: dict[str, SourceStream] = {}  # by source, what train_dataloader made
         self._resume: dict | None = None
 
     def setup(self, stage: str) -> None:
@@ -225,8 +225,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if self.rank == 0:
             self.faults.add_bad_shards(name, split, index.bad)
         samples = self._samples_per_epoch(name, index) if split == "train" else index.total
-        _check_index(index, key, samples, self.world_size, max(self.num_workers, 1), self.error_budget,
-                     shared_shards_warning=split == "train" and self.mode == "epoch")
+        _check_index(index, key, samples, self.world_size, 1 if split == "train" else max(self.num_workers, 1),
+                     self.error_budget)
 
     def _check_fit(self) -> None:
         self.sampler.bind(self.epoch_samples, self.seed)
@@ -243,7 +243,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         share = self.share_reads and (split != "train" or isinstance(self.sampler, AllTasks))
         return self.plans.groups(split, share, self.samples_per_epoch)
 
-    def _stream(self, readers: list[str], split: str) -> SourceStream:
+    def _stream(self, readers: list[str], split: str, start: Position = (0, 0)) -> SourceStream:
         tasks = dict(self.plans.readers(split)[reader] for reader in readers)  # task name -> what prepares its batches
         first = next(iter(tasks.values()))
         train = split == "train"
@@ -253,24 +253,22 @@ class MultiTaskDataModule(pl.LightningDataModule):
                             batch_size=first.batch_size, train=train, samples_per_epoch=samples, seed=self.seed,
                             shuffle_buffer=self.shuffle_buffer, rank=self.rank, world_size=self.world_size,
                             source=self.source, max_image_pixels=self.max_image_pixels, predict=split == "predict",
-                            decode_images=self.decode_images,
-                            modalities=self.modalities)
+                            decode_images=self.decode_images, modalities=self.modalities, start=start)
 
     @property
     def _task_modules(self) -> set[str]:
         return {type(task).__module__ for task in self.tasks.values()}
 
-    def _loader(self, stream: SourceStream) -> DataLoader:
-        return task_loader(stream, workers=self.num_workers, start_method=self.start_method, persistent=stream.train,
-                           preload=self._task_modules)
+    def _loader(self, stream: StepStream | EvalStream) -> DataLoader:
+        return task_loader(stream, workers=self.num_workers, start_method=self.start_method,
+                           persistent=isinstance(stream, StepStream), preload=self._task_modules)
 
     @property
     def batches_per_epoch(self) -> dict[str, int]:
         """Batches of each task per rank in one task epoch."""
         batches = {}
         for names in self.groups("train").values():
-            per_rank = self._stream(names, "train").reader_batches(self.num_workers) * max(self.num_workers, 1)
-            batches.update(dict.fromkeys(names, per_rank))
+            batches.update(dict.fromkeys(names, self._stream(names, "train").batches_per_epoch))
         return {name: batches[name] for name in self.tasks}
 
     @property
@@ -287,16 +285,27 @@ class MultiTaskDataModule(pl.LightningDataModule):
         groups = self.groups("train")
         step, start = 0, {}
         if self._resume:
-            step, start = resumed_position(self._resume, self.batches_per_epoch, self.epoch_samples, self._batch_sizes,
-                                           self._settings(), groups)
-        loaders = {group: self._loader(self._stream(names, "train")) for group, names in groups.items()}
-        self.mixture = Mixture(loaders, self.sampler, self.steps_per_epoch or self._default_steps(), self.faults,
-                               groups=groups, step=step, start=start)
+            step, start = resumed_position(self._resume, self.epoch_samples, self._settings(), self._layout(), groups)
+        self._train_streams = {group: self._stream(names, "train", start.get(names[0], (0, 0)))
+                               for group, names in groups.items()}
+        loader = self._loader(StepStream(self._train_streams, groups, self.sampler, step))
+        self.mixture = Mixture(loader, self.sampler, self.steps_per_epoch or self._default_steps(), self.faults,
+                               groups=groups, step=step)
         return self.mixture
 
+    def _positions(self, taken: dict[str, int]) -> dict[str, tuple[int, int]]:
+        """Each task's position (epoch, samples of it consumed) after ``taken`` batches of its stream."""
+        return {name: self._train_streams[group].plan.advance(taken[name])
+                for group, names in self.mixture.groups.items() for name in names}
+
+    def task_epoch(self, name: str) -> float:
+        """The task epoch a task's stream is in, with the share of it done (from the batches pulled so far)."""
+        epoch, sample = self._positions(self.mixture.pulled)[name]
+        return epoch + sample / self.epoch_samples[name]
+
     def _eval_loaders(self, split: str) -> Sequential:
-        return Sequential([self._loader(self._stream(names, split)) for names in self.groups(split).values()],
-                          self.faults, split)
+        streams = [self._stream(names, split) for names in self.groups(split).values()]
+        return Sequential(self._loader(EvalStream(streams)), self.faults, split)
 
     def val_dataloader(self) -> Sequential:
         return self._eval_loaders("val")
@@ -318,17 +327,17 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if self.mixture is None or self.trainer is None:
             return {}
         step = steps_processed(self.trainer)  # steps trained, not prefetched
-        return saved_position(step, self.mixture.position(step), self.batches_per_epoch, self.epoch_samples,
-                              self._batch_sizes, self._settings())
-
-    @property
-    def _batch_sizes(self) -> dict[str, int]:
-        return {name: task.batch_size for name, task in self.tasks.items()}
+        return saved_position(step, self._positions(self.mixture.taken(step)), self.epoch_samples, self._settings(),
+                              self._layout())
 
     def _settings(self) -> dict:
-        """What the position of a task's stream depends on, besides the task's batch size and samples."""
-        return {"seed": self.seed, "mode": self.mode, "ranks": self.world_size, "workers": max(self.num_workers, 1),
-                "shuffle_buffer": self.shuffle_buffer}
+        """What the epoch order of a task's stream depends on, besides its samples."""
+        return {"seed": self.seed, "mode": self.mode, "shuffle_buffer": self.shuffle_buffer}
+
+    def _layout(self) -> dict[str, dict]:
+        """Per task, how its epochs are read, which a resumed run may change (ranks, workers, batch size)."""
+        return {name: {"ranks": self.world_size, "workers": self.num_workers, "batch_size": task.batch_size}
+                for name, task in self.tasks.items()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = state_dict or None

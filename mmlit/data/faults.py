@@ -96,13 +96,11 @@ class DataMonitor(pl.Callback):
         names = list(mixture.tasks)
         total = _gather(trainer, pl_module, _local_counts(datamodule, names)).sum(0)
         probabilities = mixture.sampler.probabilities()
-        batches = datamodule.batches_per_epoch  # built once, not per task
         for i, name in enumerate(names):
             pl_module.log(f"train/data/{name}/skipped", float(total[i, 1]), rank_zero_only=True)
             pl_module.log(f"train/data/{name}/padded", float(total[i, 2]), rank_zero_only=True)
             pl_module.log(f"train/mixture/{name}/p", probabilities[name], rank_zero_only=True)
-            epoch = (mixture.start[name] + mixture.pulled[name]) / batches[name]
-            pl_module.log(f"train/mixture/{name}/epoch", epoch, rank_zero_only=True)
+            pl_module.log(f"train/mixture/{name}/epoch", datamodule.task_epoch(name), rank_zero_only=True)
 
 
 def _local_counts(datamodule, names: list[str], counts: tuple[str, ...] = _COUNTS) -> torch.Tensor:

@@ -2,35 +2,26 @@
 
 A ``SourceStream`` is the ``IterableDataset`` of one source (shards with known sample counts) and the tasks that
 read it (their data sides, ``TaskData``, which pickle to the workers as they are): each sample is read and decoded
-once (only the entries the tasks declare in ``fields``), and every task prepares its own examples from it. A ``TaskStream`` is the stream of one task. Its readers are the
-``ranks x workers`` slots, and what each reads is planned from the index's sample counts alone:
+once (only the entries the tasks declare in ``fields``), and every task prepares its own examples from it. A
+``TaskStream`` is the stream of one task. What a rank reads is planned from the index alone (``mmlit/data/reading.py``):
 
-* **epoch mode**: an epoch is one pass over every sample. The shard order is shuffled per epoch
-  (the same on every rank), the samples in that order are cut into one contiguous slice per
-  reader (sizes differ by at most one, whatever the shard sizes), and every reader cuts its
-  slice into the same number of batches, ``ceil(ceil(N / readers) / batch_size)``: full batches
-  and then smaller ones. Every sample is read exactly once and every rank yields the same
-  number of batches, so no rank waits for another.
-* **resampled mode**: each reader draws shards with replacement (seeded by epoch and reader)
-  until it has its slice of ``samples_per_epoch``, which is a global number whatever the
-  number of ranks and workers.
+* **training**: batch ``k`` of a rank is its share of global batch ``k`` of the epoch order (``Plan``), read by
+  sample. The order depends on the seed and the epoch only, so every rank yields the same number of batches, every
+  sample of an epoch is read once, and a stream resumes at any position (``start``: epoch and samples consumed)
+  reading nothing before it, on any number of ranks and workers. A loader's workers take the rank's batches in
+  turn (worker ``w`` of ``W`` makes batches ``w, w + W, ...``), so the loader yields them in order whatever ``W``.
+* **evaluation**: every sample once, each reader (rank x worker) a contiguous slice in shard order.
 
-Training samples are shuffled inside **windows**: a reader's slice, in shard order, is cut at shard boundaries
-into windows of at least ``shuffle_buffer`` samples, and each window is permuted by a generator seeded with
-(seed, epoch, reader, window). The order of an epoch is thus a pure function of those numbers, and a stream that
-resumes at any batch reads only the window that batch starts in (and the batch before it again, only if a stand-in
-batch is needed): a bounded amount, never the part of the epoch already trained on. Windows end at shard boundaries so that a resumed
-reader starts reading at the start of a shard (a remote shard cannot seek to a sample); a window holds
-``max(shuffle_buffer, one shard)`` raw samples in memory. The position is one number per source: the batches the
-rank's loader has delivered, which is the same on every rank. A sample that cannot be used is skipped and reported
-with its batch.
+A sample that cannot be used is skipped and reported with its batch; a training batch with no usable sample for a
+task repeats the nearest usable batch of the epoch (every rank must take one). ``StepStream`` serves a rank's whole
+task mixture from one pool of workers: worker ``w`` makes the steps ``w, w + W, ...``, each with the batch of every
+source the step's tasks read; ``EvalStream`` serves every source of an evaluation from one pool.
 """
 
 from __future__ import annotations
 
-import collections
+import functools
 import itertools
-import math
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 
 import torch
@@ -40,7 +31,7 @@ from mmlit.data.collate import Padded
 from mmlit.data.decode import SampleError, UnsafeSampleError, decode_sample, sample_location
 from mmlit.data.device_images import EncodedImages
 from mmlit.data.index import ShardIndex
-from mmlit.data.reading import Reading
+from mmlit.data.reading import Plan, Position, Reading
 from mmlit.data.sources import Source, TarSource
 from mmlit.data.task_data import TaskData, data_side
 from mmlit.data.transforms import random_state_kept, sample_context
@@ -51,18 +42,7 @@ if TYPE_CHECKING:
     from mmlit.data.faults import FaultLog
     from mmlit.data.mixing import TaskSampler
 
-__all__ = ["Mixture", "Sequential", "SourceStream", "TaskStream"]
-
-def _batch_sizes(n: int, batches: int, batch_size: int) -> list[int]:
-    """``n`` samples in exactly ``batches`` batches: full ones first, then at least one sample in each
-    while samples last (empty batches, only when ``n < batches``, come last)."""
-    sizes, left = [], n
-    for i in range(batches):
-        size = min(batch_size, max(left - (batches - i - 1), min(left, 1)))
-        sizes.append(size)
-        left -= size
-    return sizes
-
+__all__ = ["EvalStream", "Mixture", "Sequential", "SourceStream", "StepStream", "TaskStream"]
 
 def _share_equal(batches: dict[str, dict]) -> dict[str, dict]:
     """Tasks' batches with every tensor that equals one of an earlier task (under any key: the images of tasks that
@@ -116,7 +96,9 @@ class SourceStream(IterableDataset):
             training device (``mmlit/data/device_images.py``).
         modalities: the modality objects that decode the entries a task's field names by modality (with the
             recipe's limits); default: each modality's own defaults.
-        start_batch: the number of batches the rank's loader delivered before (a resumed run).
+        start: where training starts: (epoch, samples of that epoch every rank together consumed before), what
+            ``plan.advance`` gives (a resumed run).
+        start_batch: batches of this rank's plan to skip after ``start``.
         predict: the stream feeds ``mmlit predict``: tasks take samples without labels (``predicting()``).
     """
 
@@ -124,30 +106,42 @@ class SourceStream(IterableDataset):
                  batch_size: int, train: bool, samples_per_epoch: int | None = None, seed: int = 0,
                  shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1, source: Source | None = None,
                  max_image_pixels: int | None = None, decode_images: Literal["worker", "device"] = "worker",
-                 start_batch: int = 0, predict: bool = False, modalities: Mapping[str, Any] | None = None):
+                 start: Position = (0, 0), start_batch: int = 0, predict: bool = False,
+                 modalities: Mapping[str, Any] | None = None):
         super().__init__()
         named = {name: data_side(t) for name, t in tasks.items()} if isinstance(tasks, Mapping) else \
             {data_side(t).name: data_side(t) for t in tasks}
         self.names, self.tasks, self.index, self.tokenizer = list(named), list(named.values()), index, tokenizer
         self.batch_size, self.train, self.samples_per_epoch = batch_size, train, samples_per_epoch
         self.seed, self.shuffle_buffer, self.source = seed, shuffle_buffer, source or TarSource()
-        self.rank, self.world_size, self.start_batch, self.predict = rank, world_size, start_batch, predict
+        self.rank, self.world_size, self.start, self.start_batch = rank, world_size, tuple(start), start_batch
+        self.predict = predict
         self.max_image_pixels, self.decode_images, self.modalities = max_image_pixels, decode_images, modalities
         fields = [task.fields for task in self.tasks]
         self.fields = None if not all(fields) else tuple(dict.fromkeys(f for fs in fields for f in fs))
 
-    @property
+    @functools.cached_property
     def reading(self) -> Reading:
         return Reading(self.index, self.source, self.seed, self.train, self.shuffle_buffer, self.samples_per_epoch)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("reading", None)  # (its caches stay in the process that made them)
+        return state
 
     @property
     def epoch_samples(self) -> int:
         return self.index.total if self.samples_per_epoch is None else self.samples_per_epoch
 
-    def reader_batches(self, workers: int) -> int:
-        """Batches every reader yields per epoch (a rank's loader yields ``workers`` times that)."""
-        readers = self.world_size * max(workers, 1)
-        return math.ceil(math.ceil(self.epoch_samples / readers) / self.batch_size)
+    @property
+    def plan(self) -> Plan:
+        """This rank's training batches after ``start``."""
+        return Plan(self.epoch_samples, self.rank, self.world_size, self.batch_size, self.start)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Training batches of this rank in one whole epoch (whatever the number of workers)."""
+        return self.plan.batches_per_epoch
 
     def _decode(self, sample: dict, fields: tuple[str, ...] | None) -> dict:
         return decode_sample(sample, fields, modalities=self.modalities, max_image_pixels=self.max_image_pixels,
@@ -199,39 +193,31 @@ class SourceStream(IterableDataset):
         return _share_equal({name: task.collate(examples[name]) for name, task in zip(self.names, self.tasks)
                              if examples[name]})
 
-    def _reader_epoch(self, epoch: int, reader: int, readers: int, batches: int, skip: int) -> Iterator[tuple]:
-        pieces = self.reading.pieces(epoch, reader, readers)
-        sizes = _batch_sizes(sum(stop - start for _, start, stop in pieces), batches, self.batch_size)
-        source = self.reading.ordered(pieces, epoch, reader, sum(sizes[:skip]))
-        chunks = (list(itertools.islice(source, size)) for size in sizes[skip:])
-        ahead: collections.deque = collections.deque()  # chunks read ahead to find a stand-in batch
-        last: dict = {}  # each task's last usable batch of this epoch: the stand-in for a batch with no usable sample
-        before = skip - 1  # a resumed stream's batch before its first, read again only if a stand-in is needed
-        for i in range(skip, batches):
-            raw = ahead.popleft() if ahead else next(chunks)
-            examples, reports = self._prepare(raw, epoch)
-            last.update(self._collated(examples))
-            missing = [name for name in examples if name not in last]
-            if missing and before >= 0:  # what the uninterrupted stream had as its stand-in (so it is bit-identical)
-                again = itertools.islice(self.reading.ordered(pieces, epoch, reader, sum(sizes[:before])), sizes[before])
-                last = {**self._collated(self._prepare(list(again), epoch)[0]), **last}
-                missing, before = [name for name in missing if name not in last], -1
-            for chunk in chunks if missing else ():  # no usable batch yet in this epoch: the next usable one stands in
-                ahead.append(chunk)
-                later = self._collated(self._prepare(chunk, epoch)[0])
-                last.update({name: later[name] for name in missing if name in later})
-                if not (missing := [name for name in missing if name not in last]):
-                    break
-            if missing:
-                raise SampleError(f"task '{missing[0]}': no sample of reader {reader}'s share of epoch {epoch} could be "
-                                  f"used: {reports[missing[0]]['faults'][:3]}")
-            # Every rank must take a batch of each task in every step: a batch with no usable sample repeats one.
-            for name in reports:
-                reports[name]["padded"] = int(not examples[name])
-            yield {name: last[name] for name in reports}, reports
+    def _read(self, epoch: int, span: tuple[int, int]) -> tuple[dict[str, list], dict[str, dict]]:
+        return self._prepare(self.reading.samples(epoch, range(*span)), epoch)
+
+    def batch(self, k: int) -> tuple[dict, dict]:
+        """Training batch ``k`` of this rank after ``start_batch`` batches from ``start``: ``({task: batch},
+        {task: report})``."""
+        plan, k = self.plan, self.start_batch + k
+        epoch, lo, hi = plan.locate(k)
+        examples, reports = self._read(epoch, (lo, hi))
+        batches = self._collated(examples)
+        missing = [name for name in self.names if name not in batches]
+        for span in plan.neighbours(k) if missing else ():  # every rank must take a batch of each task in each step
+            later = self._collated(self._read(epoch, span)[0])
+            batches.update({name: later[name] for name in missing if name in later})
+            if not (missing := [name for name in missing if name not in batches]):
+                break
+        if missing:
+            raise SampleError(f"task '{missing[0]}': no sample of rank {self.rank}'s share of epoch {epoch} could be "
+                              f"used: {reports[missing[0]]['faults'][:3]}")
+        for name in reports:
+            reports[name]["padded"] = int(not examples[name])
+        return {name: batches[name] for name in self.names}, reports
 
     def _evaluation(self, reader: int, readers: int) -> Iterator[tuple]:
-        source = self.reading.ordered(self.reading.pieces(0, reader, readers), 0, reader, 0)
+        source = itertools.chain.from_iterable(map(self.reading.read, self.reading.pieces(reader, readers)))
         while raw := list(itertools.islice(source, self.batch_size)):
             examples, reports = self._prepare(raw, 0)
             # A batch with no usable sample is None: evaluation skips it, the report still counts what was lost.
@@ -243,15 +229,8 @@ class SourceStream(IterableDataset):
         if not self.train:
             yield from self._evaluation(self.rank * workers + worker, self.world_size * workers)
             return
-        # The loader asks its workers for batches in turn, starting with worker 0 on every new iterator;
-        # after `start_batch` batches the next one is due from worker `start_batch % workers`.
-        logical = (worker + self.start_batch) % workers
-        delivered = max(self.start_batch - logical + workers - 1, 0) // workers
-        batches = self.reader_batches(workers)
-        epoch, skip = divmod(delivered, batches)
-        for epoch in itertools.count(epoch):
-            yield from self._reader_epoch(epoch, self.rank * workers + logical, self.world_size * workers, batches, skip)
-            skip = 0
+        for k in itertools.count(worker, workers):  # the loader asks its workers in turn, from worker 0
+            yield self.batch(k)
 
 
 class TaskStream(SourceStream):
@@ -270,48 +249,85 @@ class TaskStream(SourceStream):
             yield name, batches[name], reports[name]
 
 
-class Mixture:
-    """Training steps: in each, the sampler's tasks each give one batch (``{task_name: batch}``).
+class StepStream(IterableDataset):
+    """A rank's training steps from one pool of workers, for every source: ``(step, {source: (batches, reports)})``
+    with the batch of each source that the step's tasks (``sampler.tasks(step)``) read.
 
-    ``loaders`` are keyed by source; ``groups`` names the tasks of each (default: one task per loader, named as its
-    key). An epoch is ``steps_per_epoch`` steps; the streams run on across epochs. ``step`` is the index of the next
-    step and ``start`` the batch each task's stream starts at (both non-zero after a resume).
+    Worker ``w`` of ``W`` makes steps ``step + w, step + w + W, ...``; each source's batch in a step is the next one
+    of its tasks' streams, counted from the schedule (a pure function of the step), so it does not matter which
+    worker makes it. ``streams`` and ``groups`` are keyed by source; ``groups`` names the tasks that read each.
     """
 
-    def __init__(self, loaders: dict, sampler: TaskSampler, steps_per_epoch: int, faults: FaultLog, *,
-                 groups: dict[str, list[str]] | None = None, step: int = 0, start: dict[str, int] | None = None):
-        self.loaders, self.sampler, self.steps_per_epoch, self.faults = loaders, sampler, steps_per_epoch, faults
-        self.groups = groups or {name: [name] for name in loaders}
+    def __init__(self, streams: dict[str, SourceStream], groups: dict[str, list[str]], sampler: TaskSampler,
+                 step: int = 0):
+        super().__init__()
+        self.streams, self.groups, self.sampler, self.step = streams, groups, sampler, step
+        self.names = [name for names in groups.values() for name in names]
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        worker, workers = _slot()
+        taken = self.sampler.counts(self.step + worker, begin=self.step)  # batches of each task before this step
+        for step in itertools.count(self.step + worker, workers):
+            wanted = set(self.sampler.tasks(step))
+            yield step, {group: self.streams[group].batch(taken[names[0]])
+                         for group, names in self.groups.items() if wanted.intersection(names)}
+            for name, n in self.sampler.counts(step + workers, begin=step).items():
+                taken[name] += n
+
+
+class EvalStream(IterableDataset):
+    """Every source of an evaluation from one pool of workers: each worker reads its slice of each source in turn
+    (``SourceStream`` items)."""
+
+    def __init__(self, streams: list[SourceStream]):
+        super().__init__()
+        self.streams = streams
+        self.names = [name for stream in streams for name in stream.names]
+
+    def __iter__(self) -> Iterator[tuple]:
+        worker, workers = _slot()
+        for stream in self.streams:
+            yield from stream._evaluation(stream.rank * workers + worker, stream.world_size * workers)
+
+
+class Mixture:
+    """Training steps: in each, the sampler's tasks each give one batch (``{task_name: batch}``), from one loader
+    of a ``StepStream``.
+
+    ``groups`` names the tasks of each source. An epoch is ``steps_per_epoch`` steps; the streams run on across
+    epochs. ``step`` is the index of the next step (non-zero after a resume), where the loader's stream starts.
+    """
+
+    def __init__(self, loader, sampler: TaskSampler, steps_per_epoch: int, faults: FaultLog, *,
+                 groups: dict[str, list[str]], step: int = 0):
+        self.loader, self.sampler, self.steps_per_epoch, self.faults = loader, sampler, steps_per_epoch, faults
+        self.groups = groups
         self.tasks = [name for names in self.groups.values() for name in names]
         self.step, self.first_step = step, step
-        self.start = {name: (start or {}).get(name, 0) for name in self.tasks}
         self.pulled = dict.fromkeys(self.tasks, 0)
         self.recent: dict[int, dict[str, list[str]]] = {}  # step -> sample keys per task, for the last steps
-        self._iterators: dict | None = None
+        self._iterator: Iterator | None = None
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def position(self, step: int) -> dict[str, int]:
-        """The batch each task's stream is at after ``step`` steps (from the schedule, not from what was pulled)."""
-        drawn = self.sampler.counts(step, begin=self.first_step)
-        return {name: self.start[name] + drawn[name] for name in self.tasks}
+    def taken(self, step: int) -> dict[str, int]:
+        """The batches each task's stream gave since the start of this run, after ``step`` steps (from the
+        schedule, not from what was prefetched)."""
+        return self.sampler.counts(step, begin=self.first_step)
 
     def __iter__(self) -> Iterator[dict]:
-        if self._iterators is None:
-            for group, loader in self.loaders.items():
-                # read by the workers when they start; the tasks of a source are at the same batch
-                loader.dataset.start_batch = self.start[self.groups[group][0]]
-            self._iterators = {group: iter(loader) for group, loader in self.loaders.items()}
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
         end = (self.step // self.steps_per_epoch + 1) * self.steps_per_epoch
         while self.step < end:
-            pulled, wanted = {}, self.sampler.tasks(self.step)
-            for group, names in self.groups.items():
-                if set(wanted).intersection(names):
-                    batches, reports = next(self._iterators[group])  # a SourceStream's item
-                    pulled.update({name: (batches[name], reports[name]) for name in names})
+            made, sources = next(self._iterator)
+            if made != self.step:
+                raise RuntimeError(f"data: the loader gave step {made} where step {self.step} was due")
+            pulled = {name: (batches[name], reports[name]) for group, (batches, reports) in sources.items()
+                      for name in self.groups[group]}
             step, keys = {}, {}
-            for name in wanted:  # in the sampler's order (the objective sees the tasks in it)
+            for name in self.sampler.tasks(self.step):  # in the sampler's order (the objective sees the tasks in it)
                 batch, report = pulled[name]
                 self.faults.add(name, "train", report)
                 self.pulled[name] += 1
@@ -323,14 +339,14 @@ class Mixture:
 
 
 class Sequential:
-    """Evaluation: every source's loader in turn, as one iterable, so Lightning sees one dataloader
-    (and reports each metric once) while each batch still says which tasks it belongs to."""
+    """Evaluation: one loader of an ``EvalStream`` (every source in turn), so Lightning sees one dataloader (and
+    reports each metric once) while each batch still says which tasks it belongs to."""
 
-    def __init__(self, loaders: list, faults: FaultLog, split: str):
-        self.loaders, self.faults, self.split = loaders, faults, split
+    def __init__(self, loader, faults: FaultLog, split: str):
+        self.loader, self.faults, self.split = loader, faults, split
 
     def __iter__(self) -> Iterator[dict]:
-        for batches, reports in itertools.chain.from_iterable(self.loaders):  # SourceStream items
+        for batches, reports in self.loader:  # SourceStream items
             for name, report in reports.items():
                 self.faults.add(name, self.split, report)
             if batch := {name: b for name, b in batches.items() if b is not None}:

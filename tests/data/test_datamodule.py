@@ -102,16 +102,20 @@ def test_remote_shards_train_like_local_ones(soc, http_store):
     assert seen[0] == seen[1] and len(seen[0][0]) == 5 and seen[0][1] == 10 * 20  # val-000000: 10 images x 20 questions
 
 
-def test_resume_with_other_data_settings_restarts_the_task_epoch(soc):
+def test_resume_continues_the_epoch_on_other_ranks_and_restarts_it_with_another_order(soc, caplog):
     module = MultiTaskDataModule(soc["tokenizer"], tasks={"vqa": soc_task("vqa", Shards(train=soc["train"]), batch_size=4)},
                                  num_workers=2)
     module.setup("fit")
-    saved = {"step": 7, "settings": module._settings(),
-             "tasks": {"vqa": {"batch": 13, "epoch": 1, "batch_size": 4, "epoch_samples": 40}}}
+    saved = {"step": 7, "settings": module._settings(), "tasks": {"vqa": {
+        "epoch": 1, "sample": 13, "epoch_samples": 40, "ranks": 2, "workers": 1, "batch_size": 4}}}
     module.load_state_dict(saved)
-    assert module.train_dataloader().start == {"vqa": 13} and module.mixture.step == 7  # same settings: exact
-    for change in ({"ranks": 2, "workers": 1}, {"shuffle_buffer": 7}, {"seed": 1}):  # same readers, other split: not exact
+    with caplog.at_level("INFO"):
+        module.train_dataloader()
+    stream = module._train_streams["vqa"]
+    assert stream.start == (1, 13) and module.mixture.step == 7  # the same epoch order: it continues, on 1 rank
+    assert "other ranks (2 -> 1), workers (1 -> 2)" in caplog.text and "at sample 13 of 40" in caplog.text
+    for change in ({"shuffle_buffer": 7}, {"seed": 1}):  # another epoch order: the epoch starts again
         module.load_state_dict(dict(saved, settings={**module._settings(), **change}))
         with pytest.warns(UserWarning, match="restarts its task epoch 1"):
-            mixture = module.train_dataloader()
-        assert mixture.start == {"vqa": module.batches_per_epoch["vqa"]}
+            module.train_dataloader()
+        assert module._train_streams["vqa"].start == (1, 0)

@@ -31,18 +31,23 @@ class KeyTask(TaskData):
 
 
 class CountingSource(TarSource):
-    """The tar source, counting what it is asked to count and the samples it reads (in this process)."""
+    """The tar source, counting what it is asked to scan and the samples it reads (in this process)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.counted, self.samples = [], 0
 
-    def count(self, url):
+    def scan(self, url):
         self.counted.append(url)
-        return super().count(url)
+        return super().scan(url)
 
     def read(self, url, start, stop):
         for sample in super().read(url, start, stop):
+            self.samples += 1
+            yield sample
+
+    def read_spans(self, url, spans, offsets):
+        for sample in super().read_spans(url, spans, offsets):
             self.samples += 1
             yield sample
 
@@ -60,6 +65,7 @@ def test_index_round_trip_relative_urls_and_the_cli(tmp_path):
     assert content["__kind__"] == "wids-shard-index-v1" and content["wids_version"] == 1
     assert [(e["url"], e["nsamples"], e["filesize"]) for e in content["shardlist"]] == [
         (os.path.basename(u), n, os.path.getsize(u)) for u, n in zip(urls, [3, 5, 2])]
+    assert all(e["offsets"] for e in content["shardlist"])  # (tests/data/test_offsets.py checks them)
     moved = tmp_path / "moved"
     (tmp_path / "data").rename(moved)  # relative URLs: the folder can move
     index = load_index(str(moved / "i.json"), "k")
@@ -80,14 +86,20 @@ def test_a_fit_on_an_index_reads_what_a_fit_on_the_pattern_reads(soc, tmp_path):
     assert keys[0] == keys[1]
 
 
-def test_img2dataset_stats_give_the_counts_without_opening_a_shard(tmp_path):
-    urls = _shards(tmp_path, [4, 6])
-    for url, n in zip(urls, [4, 6]):
-        with open(url[: -len(".tar")] + "_stats.json", "w") as f:
-            json.dump({"count": n + 2, "successes": n, "failed_to_download": 2}, f)
+def test_img2dataset_stats_count_remote_shards_without_opening_one_and_local_shards_are_scanned(
+        tmp_path, http_store, monkeypatch):
+    monkeypatch.setenv("MMLIT_CACHE", str(tmp_path / "cache"))
+    for root in (tmp_path / "local", http_store.root):
+        urls = _shards(root, [4, 6])
+        for url, n in zip(urls, [4, 6]):
+            with open(url[: -len(".tar")] + "_stats.json", "w") as f:
+                json.dump({"count": n + 2, "successes": n, "failed_to_download": 2}, f)
     source = CountingSource()
-    index = plan_shards(str(tmp_path / "s-{000..001}.tar"), "k", source=source)
-    assert index.counts == [4, 6] and source.counted == []
+    index = plan_shards(http_store.url + "/s-{000..001}.tar", "k", source=source)
+    assert index.counts == [4, 6] and index.offsets is None and source.counted == []
+    assert {r.path for r in http_store.requests()} == {"/s-000_stats.json", "/s-001_stats.json"}
+    index = plan_shards(str(tmp_path / "local" / "s-{000..001}.tar"), "k", source=source)  # headers only, and cached
+    assert index.counts == [4, 6] and len(source.counted) == 2 and len(index.sample_offsets(1)) == 7
 
 
 def test_local_scans_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
@@ -135,16 +147,15 @@ def _resume_reads(index, workers, fractions, shuffle_buffer):
     for fraction in fractions:
         stream = TaskStream(KeyTask(Shards()), index, None, batch_size=4, train=True, seed=1, shuffle_buffer=shuffle_buffer,
                             source=CountingSource())
-        stream.start_batch = int(fraction * stream.reader_batches(workers))
+        stream.start_batch = int(fraction * stream.batches_per_epoch)
         next(iter(stream))
         reads.append(stream.source.samples)
     return reads
 
 
-def test_resume_reads_one_window_wherever_it_starts(tmp_path):
-    index = scan_shards(_shards(tmp_path, [25] * 40), "k")  # 1000 samples, windows of 2 shards (>= 40 samples)
-    at_0, at_10, at_50, at_95 = _resume_reads(index, 0, [0, 0.1, 0.5, 0.95], shuffle_buffer=40)
-    assert at_0 <= 50 and max(at_10, at_50, at_95) <= 2 * 50  # the window(s) of the first batch, nothing before
+def test_resume_reads_only_its_batch_wherever_it_starts(tmp_path):
+    index = scan_shards(_shards(tmp_path, [25] * 40), "k")  # 1000 samples, windows of 40
+    assert _resume_reads(index, 0, [0, 0.1, 0.5, 0.95], shuffle_buffer=40) == [4] * 4  # the batch, nothing before
 
 
 def test_unshuffled_resume_starts_at_its_sample(tmp_path):
@@ -206,7 +217,7 @@ def _remote_resume_bytes(store, index_url, fractions):
     for fraction in fractions:
         before = store.bytes_sent("/s-*")
         stream = TaskStream(KeyTask(Shards()), index, None, batch_size=4, train=True, seed=1, shuffle_buffer=40)
-        stream.start_batch = int(fraction * stream.reader_batches(0))
+        stream.start_batch = int(fraction * stream.batches_per_epoch)
         next(iter(stream))
         sent.append(store.bytes_sent("/s-*") - before)
     return sent

@@ -12,6 +12,7 @@ from mmlit.data import SampleError, TaskStream, UnsafeSampleError, decode_sample
 from mmlit.data.workers import task_loader
 from mmlit.data import Shards, TaskData
 from mmlit.data.collate import collate_examples
+from mmlit.data.reading import Plan
 
 from ..conftest import write_tar
 
@@ -52,7 +53,7 @@ def test_epoch_mode_reads_every_sample_once_with_equal_steps_per_rank(uneven, wo
     keys, steps = [], set()
     for rank in range(world):
         stream = _stream(uneven, batch_size=4, train=True, rank=rank, world_size=world, seed=3)
-        per_epoch = stream.reader_batches(workers) * max(workers, 1)
+        per_epoch = stream.batches_per_epoch
         items = _take(stream, workers, per_epoch + 1)
         assert [r["epoch"] for _, _, r in items] == [0] * per_epoch + [1]
         keys += [k for _, batch, _ in items[:per_epoch] for k in batch["key"]]
@@ -62,13 +63,15 @@ def test_epoch_mode_reads_every_sample_once_with_equal_steps_per_rank(uneven, wo
     assert sorted(keys) == sorted(f"u{s}_{i:03d}" for s, n in enumerate((10, 50, 7)) for i in range(n))
 
 
-def test_uneven_accounting_two_ranks_two_workers(uneven):
-    """67 samples over 4 readers: slices of 16, 17, 17, 17; 5 batches each (4+4+4+3+1 or 4+4+4+4+1)."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uneven_accounting_two_ranks(uneven, workers):
+    """67 samples over 2 ranks in global batches of 8: 9 batches each, the last global batch's 3 samples split 1 + 2;
+    the same batches whatever the number of workers."""
     sizes = []
     for rank in range(2):
-        items = _take(_stream(uneven, batch_size=4, train=True, rank=rank, world_size=2), 2, 10)
+        items = _take(_stream(uneven, batch_size=4, train=True, rank=rank, world_size=2), workers, 10)
         sizes.append([len(batch["key"]) for _, batch, _ in items])
-    assert sizes == [[4, 4, 4, 4, 4, 4, 3, 4, 1, 1], [4, 4, 4, 4, 4, 4, 4, 4, 1, 1]]
+    assert sizes == [[4] * 8 + [1, 4], [4] * 8 + [2, 4]]
 
 
 def test_epochs_reshuffle_and_are_seeded(uneven):
@@ -88,7 +91,7 @@ def test_resampled_mode_has_a_global_sample_count(uneven):
         keys = []
         for rank in range(world):
             stream = _stream(uneven, batch_size=4, train=True, rank=rank, world_size=world, samples_per_epoch=30)
-            per_epoch = stream.reader_batches(workers) * max(workers, 1)
+            per_epoch = stream.batches_per_epoch
             keys += [k for _, b, r in _take(stream, workers, per_epoch) for k in b["key"]]
         seen[(world, workers)] = keys
         assert len(keys) == 30  # whatever the number of readers
@@ -199,10 +202,45 @@ def test_unusable_batches_get_a_stand_in_that_a_resumed_stream_repeats_too(tmp_p
         assert [b["key"] for _, b, _ in resumed] == keys[start:]
 
 
-def test_batch_plan_puts_empty_batches_last():
-    from mmlit.data.stream import _batch_sizes
+def test_plan_locates_each_ranks_share_of_the_global_batches():
+    plan = Plan(10, rank=2, world_size=3, batch_size=2)  # global batches of 6: [0, 6) and [6, 10)
+    assert plan.batches_per_epoch == 2
+    assert [plan.locate(k) for k in range(3)] == [(0, 4, 6), (0, 8, 10), (1, 4, 6)]
+    assert Plan(10, rank=0, world_size=3, batch_size=2).locate(1) == (0, 6, 7)  # 4 left: 1 + 1 + 2
+    assert [plan.advance(k) for k in range(4)] == [(0, 0), (0, 6), (1, 0), (1, 6)]
+    resumed = Plan(10, rank=0, world_size=1, batch_size=4, start=(3, 7))  # 3 left in epoch 3
+    assert resumed.first_batches == 1 and resumed.locate(0) == (3, 7, 10) and resumed.locate(1) == (4, 0, 4)
+    assert list(resumed.neighbours(0)) == [(3, 7), (0, 3)]  # earlier batches of the epoch, down to its start
 
-    assert _batch_sizes(2, 3, 1) == [1, 1, 0]
-    assert _batch_sizes(16, 5, 4) == [4, 4, 4, 3, 1]
-    assert _batch_sizes(17, 5, 4) == [4, 4, 4, 4, 1]
-    assert _batch_sizes(9, 3, 4) == [4, 4, 1]
+
+def _epoch_keys(index, world, workers, start=(0, 0), batches=None, **kwargs):
+    """The keys each rank reads from ``start`` to the end of that epoch (or its first ``batches`` batches), and the
+    position after them."""
+    keys, position = [], None
+    for rank in range(world):
+        stream = _stream(index, train=True, rank=rank, world_size=world, seed=5, start=start, **kwargs)
+        n = stream.plan.first_batches if batches is None else batches
+        keys += [k for _, b, r in _take(stream, workers, n) if not r["padded"] for k in b["key"]]
+        position = stream.plan.advance(n)
+    return keys, position
+
+
+@pytest.mark.parametrize("before,after", [((2, 2), (1, 0)), ((1, 0), (2, 2)), ((2, 2), (2, 0)), ((2, 0), (3, 1))],
+                         ids=["2-to-1-rank", "1-to-2-ranks", "2-to-0-workers", "2-to-3-ranks"])
+def test_a_run_resumed_on_other_ranks_or_workers_reads_every_sample_of_the_epoch_once(uneven, before, after):
+    first, position = _epoch_keys(uneven, *before, batches=3, batch_size=4)
+    assert position == (0, 3 * 4 * before[0])
+    rest, end = _epoch_keys(uneven, *after, start=position, batch_size=3)  # (another batch size too)
+    assert end[1] == 67 or end == (1, 0)
+    assert sorted(first + rest) == sorted(f"u{s}_{i:03d}" for s, n in enumerate((10, 50, 7)) for i in range(n))
+    whole, _ = _epoch_keys(uneven, 1, 0, batch_size=1)
+    assert first + rest != sorted(first + rest) and len(whole) == 67  # shuffled, yet every sample once
+
+
+def test_a_batch_reads_only_its_own_samples(tmp_path):
+    """One shard of 200 samples and a window of 100: a batch of 4 reads 4 samples' bytes, not the window's."""
+    index = scan_shards([str(write_tar(tmp_path / "big.tar", _samples(200, "b")))], "k")
+    stream = _stream(index, batch_size=4, train=True, shuffle_buffer=100, start_batch=30)
+    _take(stream, 0, 1)
+    sample = (index.sample_offsets(0)[1] - index.sample_offsets(0)[0]) if index.sample_offsets(0) is not None else None
+    assert sample is not None and stream.reading.source.bytes_read <= 4 * sample
