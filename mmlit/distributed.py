@@ -83,3 +83,109 @@ def reduce_over_ranks(tensor, op: str = "sum"):
         if op == "mean":
             tensor /= dist.get_world_size()
     return tensor
+
+
+# (RankFlags' imports: kept here, below the rest of the module, which it leaves as it is)
+import weakref  # noqa: E402
+
+import torch  # noqa: E402
+
+
+class RankFlags:
+    """Named flags that any rank raises during training steps and every rank learns of at the same step, without the
+    host waiting for the device. At each exchange (one per training batch) the flags raised since the previous one go
+    out in one small tensor, max-reduced over ranks by an all-reduce that runs while the next batch computes
+    (``async_op``) and is then copied to host memory; the next exchange reads that copy, waiting only for the work
+    queued before it (a batch ago: done by then, unless the device lags by more than a batch). A flag is thus known one
+    exchange after the one it went out with, on every rank alike. On a CUDA device the reduction and the copy (to
+    pinned memory, behind an event) run on a side stream; on the CPU, gloo's reduction is waited for at the next
+    exchange; another accelerator's copy waits for its device. Every rank registers the same names in the same order
+    (in its callbacks' ``setup``) and exchanges at the same batches; ``rank_flags`` gives a trainer's callbacks one
+    instance to share."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.names = torch.device(device), []
+        self._local: torch.Tensor | None = None  # (F,) this rank's flags since the last exchange, on the device
+        self._sent = None  # (flags, work) of the exchange in flight
+        self._host = self._values = None  # its reduced flags in host memory, and their numpy view (read without torch)
+        self._stream = self._event = None  # CUDA: the side stream of the reduction and copy, and their end
+        self._key, self._raised = None, frozenset()
+
+    def register(self, name: str) -> None:
+        """Add flag ``name`` (once), and start afresh: nothing raised, nothing in flight (a fit's setup)."""
+        if name not in self.names:
+            self.names.append(name)
+        self._local = self._sent = self._host = self._key = None
+        self._raised = frozenset()
+
+    def raise_flag(self, name: str, value: torch.Tensor | bool) -> None:
+        """Raise ``name`` on this rank where ``value`` holds: a device tensor (nonzero raises it; nothing reads it
+        now) or a bool."""
+        index = self.names.index(name)
+        if self._local is None:
+            self._local = torch.zeros(len(self.names), device=self.device)
+        if isinstance(value, torch.Tensor):
+            self._local[index] = torch.maximum(self._local[index], value.to(self._local.dtype))
+        elif value:
+            self._local[index] = 1.0  # (a fill on the device: no copy from the host)
+
+    def exchange(self, key) -> frozenset[str]:
+        """The flags raised on some rank before the previous exchange (none at the first); then this rank's flags
+        raised since go out. The first call with a new ``key`` (the batch) exchanges; later ones with the same key
+        return its answer, so that several callbacks may ask at one batch (a flag raised after goes out with the
+        next)."""
+        if key != self._key:
+            self._key, self._raised = key, self._receive()
+            flags = self._local if self._local is not None else torch.zeros(len(self.names), device=self.device)
+            self._local = None
+            self._send(flags)
+        return self._raised
+
+    def finish(self) -> frozenset[str]:
+        """The flags of the exchange in flight, without starting another (at the end of a fit); later calls, until
+        the next exchange, return the same."""
+        if self._sent is not None:
+            self._key, self._raised = None, self._receive()
+        return self._raised
+
+    def _send(self, flags: torch.Tensor) -> None:
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self._host is None:
+            self._host = torch.zeros(len(self.names), pin_memory=flags.is_cuda)
+            self._values = self._host.numpy()
+        if not flags.is_cuda:
+            self._sent = (flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True) if several else None)
+            return
+        # On a side stream that waits for the flags: the reduction (NCCL's wait makes that stream, not the host, wait
+        # for it) and the copy to pinned memory, whose end the event marks; the training stream never waits for them.
+        if self._stream is None:
+            self._stream, self._event = torch.cuda.Stream(flags.device), torch.cuda.Event()
+        self._stream.wait_stream(torch.cuda.current_stream(flags.device))
+        with torch.cuda.stream(self._stream):
+            if several:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True).wait()
+            self._host.copy_(flags, non_blocking=True)
+            self._event.record(self._stream)
+        self._sent = (flags, None)  # (flags stays referenced until the event has passed: its memory is not reused)
+
+    def _receive(self) -> frozenset[str]:
+        if self._sent is None:
+            return frozenset()
+        (flags, work), self._sent = self._sent, None
+        if flags.is_cuda:
+            self._event.synchronize()
+        else:
+            if work is not None:
+                work.wait()
+            self._host.copy_(flags)
+        return frozenset(name for name, value in zip(self.names, self._values) if value > 0)
+
+
+_RANK_FLAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def rank_flags(trainer) -> RankFlags:
+    """The ``RankFlags`` of ``trainer``, shared by its callbacks (made at the first call, on its root device)."""
+    if trainer not in _RANK_FLAGS:
+        _RANK_FLAGS[trainer] = RankFlags(trainer.strategy.root_device)
+    return _RANK_FLAGS[trainer]

@@ -11,7 +11,8 @@ heads, the objective's parameters) is the root unit, gathered for the whole step
 parameter of the backbone (a tied embedding, a generating decoder) without knowing it is sharded. The root is the
 ``MultiTaskModule`` itself, with ``training_step`` (and the evaluation steps) as its forward. Parameters of no
 dimension, which FSDP2 cannot shard (a contrastive task's logit scale), stay whole on every rank with their gradients
-averaged, and buffers (BatchNorm's running statistics) follow rank 0's, as under DDP.
+averaged, and buffers (BatchNorm's running statistics) follow rank 0's, as under DDP: wherever they are read (an
+evaluation, a checkpoint, the end of the fit), not at every step.
 
 Checkpoints are folders (``last.ckpt/``): each rank writes its shards and rank 0 the loops, data position and callbacks
 (``meta.pt``), atomically (``mmlit.checkpoints.save_sharded``); a fit resumes from one on any number of ranks, and
@@ -100,13 +101,15 @@ def _broadcast_buffers(module: nn.Module) -> None:
 
 def _average_gradients(params: list[nn.Parameter]) -> None:
     """Average the gradients of ``params`` over ranks in one all-reduce, as DDP would (a parameter without a
-    gradient counts as zero on its rank, and keeps none where no rank has one)."""
+    gradient counts as zero on its rank, and keeps none where no rank has one). Where this rank has a gradient, some
+    rank has one, so the host reads whether any rank had one only for a parameter without a gradient here (a task
+    left out of this rank's step): the common step reads nothing from the device."""
     grads = [p.grad.float() if p.grad is not None else torch.zeros((), device=p.device) for p in params]
-    have = [torch.tensor(float(p.grad is not None), device=p.device) for p in params]
+    have = [torch.full((), float(p.grad is not None), device=p.device) for p in params]  # (fills: no host copy)
     summed = torch.stack(grads + have)
     dist.all_reduce(summed)
     for param, grad, had in zip(params, summed[:len(params)], summed[len(params):]):
-        if had > 0:
+        if param.grad is not None or had > 0:
             param.grad = (grad / dist.get_world_size()).to(param.dtype)
 
 
@@ -192,13 +195,26 @@ class FSDP2Strategy(ModelParallelStrategy):
         if whole and self.world_size > 1:
             _average_gradients(whole)
 
-    def optimizer_step(self, optimizer, closure, model=None, **kwargs) -> Any:
-        """The step, then rank 0's buffers on every rank, as DDP broadcasts them: the ranks agree on them, and a
-        checkpoint, which keeps one copy of what is not sharded, holds them exactly."""
-        result = super().optimizer_step(optimizer, closure, model, **kwargs)
+    # Rank 0's buffers on every rank where they are read: evaluation, a checkpoint (which keeps one copy of what is not
+    # sharded) and the end of the fit. DDP broadcasts them before every forward; between these points only rank 0's
+    # matter, since a broadcast overwrites the others' and leaves rank 0's as they are, and a training step does not
+    # read them (BatchNorm normalises a batch by its own statistics; the objectives' state is the same on every rank,
+    # from losses averaged over ranks). So no step pays a broadcast.
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._agree_on_buffers()
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self._agree_on_buffers()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self._agree_on_buffers()
+        return super().lightning_module_state_dict()
+
+    def _agree_on_buffers(self) -> None:
         if self.world_size > 1:
             _broadcast_buffers(self.lightning_module)
-        return result
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         """A sharded folder at ``filepath``, written atomically (``mmlit.checkpoints.save_sharded``)."""

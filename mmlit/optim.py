@@ -8,19 +8,22 @@ optimizer's own ``weight_decay``. With
 ``layer_decay < 1`` each encoder's layers train at ``layer_decay ** (top - layer)`` times the rate (BEiT, Bao et al.
 2022; ELECTRA, Clark et al. 2020); an encoder's layers come from its ``group_matcher`` (a timm model's own, mmlit's
 text encoders'), and fusion, heads and objective at the full rate. Schedulers that scale each group's initial rate
-keep the ratios; ``OneCycleLR``, which sets every group from one ``max_lr``, is scaled here.
+keep the ratios; ``OneCycleLR``, which sets every group from one ``max_lr``, is scaled here. Where the trainer allows
+it, torch's optimizers step with their fused kernel (``fused_optimizer``).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from typing import Iterable
 
 import torch
 from timm.optim import param_groups_layer_decay
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-__all__ = ["build_optimizer", "keep_lr_scales", "parameter_groups"]
+__all__ = ["build_optimizer", "fused_optimizer", "keep_lr_scales", "parameter_groups", "skips_on_device"]
 
 
 def parameter_groups(module: nn.Module, encoders: Iterable[nn.Module], layer_decay: float = 1.0) -> list[dict]:
@@ -74,9 +77,12 @@ def keep_lr_scales(optimizer: torch.optim.Optimizer, scheduler) -> None:
 
 
 def build_optimizer(module: nn.Module, encoders: Iterable[nn.Module], layer_decay: float, optimizer_factory,
-                    scheduler_factory=None):
-    """The optimizer (and the scheduler, stepped every optimizer step) as ``configure_optimizers`` returns them."""
+                    scheduler_factory=None, fused: bool = False):
+    """The optimizer (and the scheduler, stepped every optimizer step) as ``configure_optimizers`` returns them; with
+    ``fused``, torch's fused kernel where it has one (``fused_optimizer``)."""
     optimizer = optimizer_factory(parameter_groups(module, encoders, layer_decay))
+    if fused:
+        optimizer = fused_optimizer(optimizer)
     for group in optimizer.param_groups:
         group["lr"] *= group["lr_scale"]
     if scheduler_factory is None:
@@ -85,3 +91,33 @@ def build_optimizer(module: nn.Module, encoders: Iterable[nn.Module], layer_deca
     if layer_decay != 1.0:
         keep_lr_scales(optimizer, scheduler)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# torch's optimizers with a fused kernel that also skips a step on the device where its ``found_inf`` tensor is set,
+# and whether that kernel takes FSDP2's sharded parameters (DTensors): torch 2.14 shards Adam's and AdamW's only
+_FUSED = {torch.optim.Adam: True, torch.optim.AdamW: True, torch.optim.SGD: False, torch.optim.Adagrad: False}
+
+
+def fused_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` (new, without state) built again with torch's fused kernel (``fused=True``), its groups as they
+    are, where it is one of torch's optimizers that have one (for sharded parameters, one that takes them) and the
+    recipe left ``fused`` and ``foreach`` unset; else, or where torch refuses the parameters' device or dtype,
+    ``optimizer`` as it is. A fused step is one kernel, and it can skip a step whose gradients are not finite without
+    the host reading them (``mmlit.objectives.update``)."""
+    settings, kind = optimizer.defaults, type(optimizer)
+    sharded = any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
+    if (kind not in _FUSED or (sharded and not _FUSED[kind]) or settings.get("fused") is not None
+            or settings.get("foreach") or settings.get("differentiable")):
+        return optimizer
+    accepted = inspect.signature(kind).parameters
+    try:
+        return kind([{**group, "fused": True} for group in optimizer.param_groups],
+                    **{**{k: v for k, v in settings.items() if k in accepted}, "fused": True})
+    except RuntimeError:  # "`fused=True` requires all the params to be floating point Tensors of supported devices"
+        return optimizer
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` skips itself, on the device, where its ``found_inf`` tensor is nonzero: torch's
+    fused Adam, AdamW, SGD and Adagrad (torch's GradScaler hands them ``found_inf`` so)."""
+    return type(optimizer) in _FUSED and bool(optimizer.defaults.get("fused"))

@@ -1,6 +1,7 @@
 """Callbacks that watch each training step of a ``MultiTaskModule`` (it adds them itself, ``configure_callbacks``):
-a non-finite loss stops every rank together, each task's gradient statistics are logged (not under FSDP), and a
-parameter that plain DDP could not reduce is named at the first step."""
+a non-finite loss stops every rank together (one batch later: the host does not wait for the device to know), each
+task's gradient statistics are logged (not under FSDP), and a parameter that plain DDP could not reduce is named at
+the first step."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 
-from mmlit.distributed import reduce_over_ranks
+from mmlit.distributed import rank_flags
 from mmlit.fsdp import shards_parameters
 
 __all__ = ["GradientStatistics", "NonFiniteLoss", "UnusedParameters", "log_objective"]
@@ -17,16 +18,43 @@ __all__ = ["GradientStatistics", "NonFiniteLoss", "UnusedParameters", "log_objec
 
 class NonFiniteLoss(pl.Callback):
     """A non-finite loss on any rank stops the fit on every rank (a rank that raised alone would leave the others
-    waiting in their next collective), naming each task's loss; the last checkpoint is left as it is."""
+    waiting in their next collective), naming each task's loss; no checkpoint holds an update from it.
+
+    The host never waits for the device here: each batch's verdict travels as a flag of the trainer's ``RankFlags``
+    (one small all-reduce, started at the batch's end and read at the next batch's end), so every rank stops one batch
+    after the non-finite loss, together. That loss's update is not applied: its gradients are not finite, and
+    ``ObjectiveUpdate`` skips such a step on every rank."""
+
+    def __init__(self):
+        self._sent: tuple[int, dict[str, torch.Tensor]] | None = None  # the step and task losses of the last flag sent
+        self._current: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            rank_flags(trainer).register("non_finite_loss")
+            self._sent = self._current = None
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
-        if reduce_over_ranks(bad, "sum") > 0:
-            losses = pl_module.update.losses or {}
-            values = ", ".join(f"train/{n}/loss={v.item():.4g}" for n, v in losses.items())
-            raise FloatingPointError(f"non-finite loss at step {trainer.global_step} on at least one rank (here: "
-                                     f"{values}); the last checkpoint is untouched. Lower the learning rate or check "
-                                     f"the data of the task(s) with a non-finite loss.")
+        rank_flags(trainer).raise_flag("non_finite_loss", ~torch.isfinite(loss))
+        losses = pl_module.update.losses or {}
+        self._current = (trainer.global_step, {name: value.detach() for name, value in losses.items()})
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        self._check(rank_flags(trainer).exchange(trainer.fit_loop.total_batch_idx))
+        self._sent, self._current = self._current, None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(rank_flags(trainer).finish())  # the last batch's flag
+
+    def _check(self, raised: frozenset[str]) -> None:
+        if "non_finite_loss" not in raised:
+            return
+        step, losses = self._sent or (None, {})
+        values = ", ".join(f"train/{n}/loss={v.item():.4g}" for n, v in losses.items())
+        raise FloatingPointError(f"non-finite loss at step {step} on at least one rank (here: {values}); its update "
+                                 f"was skipped, so no checkpoint holds it. Lower the learning rate or check the data "
+                                 f"of the task(s) with a non-finite loss.")
 
 
 class GradientStatistics(pl.Callback):
