@@ -19,7 +19,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmlit.data.collate import batch_size_of
-from mmlit.distributed import reduce_over_ranks
+from mmlit.distributed import rank_flags
+from mmlit.utilisation import Rates, StepFlops, text_tokens
 
 __all__ = ["Freeze", "PredictionWriter", "Preemption", "Progress", "Throughput", "parameter_counts", "peak_memory_mib"]
 
@@ -32,6 +33,10 @@ class Progress(TQDMProgressBar):
     (``val/...``) logged at the end of the epoch. ``mmlit`` adds it to every run with ``trainer.enable_progress_bar``
     (the default) that lists no progress bar of its own.
 
+    The bar shows the training loss of the last logging step (``trainer.log_every_n_steps``): Lightning reads every
+    value logged with ``prog_bar`` from the device after each batch, which makes the host wait for the device at
+    every step, so mmlit logs none that way and the bar reads the loss itself, at logging steps only.
+
     Args:
         lines: one line per epoch (true), the bar (false), or the bar only on a terminal (null).
     """
@@ -40,8 +45,21 @@ class Progress(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate)
         self.lines = not sys.stdout.isatty() if lines is None else lines
         self._start = time.perf_counter()
+        self._loss: float | None = None  # train/loss at the last logging step
         if self.lines:
             self.disable()
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        return {**items, "train/loss": f"{self._loss:.4g}"} if self._loss is not None else items
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        every = trainer.log_every_n_steps
+        if not self.is_disabled and every > 0 and trainer.global_step % every == 0:
+            loss = trainer.callback_metrics.get("train/loss")
+            self._loss = float(loss) if loss is not None else self._loss
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _line(self, trainer: pl.Trainer, head: str, prefixes: tuple[str, ...]) -> None:
         if not self.lines or not trainer.is_global_zero:
@@ -132,27 +150,88 @@ class Throughput(ThroughputMonitor):
     after every batch so that its times are the device's: a wait that costs little beside a large step and more
     beside a small one.
 
+    Utilisation, per device over the same window: ``train/perf/tflops`` (the model's FLOPs per second, in TFLOP/s),
+    ``train/perf/mfu`` (those over the device's peak, where it is known) and, with ``token_keys``,
+    ``train/device/tokens_per_sec``. A step's FLOPs are counted once per kind of step (the set of tasks in it), on
+    the first real step of that kind, on every rank (``mmlit.utilisation.StepFlops``), leaving out the logging steps
+    where ``GradientStatistics`` adds a backward pass per task (unless every step logs). The peak is ``peak_tflops``,
+    else Lightning's table for the device and the precision's compute dtype (``get_available_flops``: bf16-mixed
+    reads bfloat16, 32-true float32, or TF32 under ``model.matmul_precision: high``); on a CPU, or a GPU the table
+    does not know, and without ``peak_tflops``: no MFU.
+
     Args:
         window_size: the steps the rates are averaged over (the first rates come after that many steps).
+        peak_tflops: the device's peak TFLOP/s at the run's precision (a GPU that Lightning's table does not know, or
+            one capped below its rated clocks); None: Lightning's table.
+        token_keys: for each task whose batch holds text, the key of its token ids (``PAD`` not counted) or of a bool
+            mask of its real tokens, e.g. ``{vqa: question}``; tokens/s is logged when it names any.
     """
 
-    def __init__(self, window_size: int = 10):
+    def __init__(self, window_size: int = 10, peak_tflops: float | None = None,
+                 token_keys: dict[str, str] | None = None):
         super().__init__(batch_size_fn=_examples, window_size=window_size)
+        if peak_tflops is not None and not peak_tflops > 0:
+            raise ValueError(f"throughput.peak_tflops: the device's peak TFLOP/s, a positive number; got {peak_tflops}")
+        self.peak_tflops, self.token_keys = peak_tflops, dict(token_keys or {})
+        self.flops = StepFlops()
+        self.peak_flops: float | None = None  # FLOP/s, set by setup
+        self._rates = Rates(window_size)
         self._fit_start = time.perf_counter()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)  # (available_flops: Lightning's table; None where it has no entry)
+        self.peak_flops = self.peak_tflops * 1e12 if self.peak_tflops is not None else self.available_flops
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
+        self.flops = StepFlops()
+        unknown = set(self.token_keys) - set(pl_module.tasks) if self.token_keys else set()
+        if unknown:
+            raise ValueError(f"throughput.token_keys: no task named {', '.join(map(repr, sorted(unknown)))}")
         if trainer.is_global_zero and trainer.log_every_n_steps > 0:  # (0: no step logs)
             counts = {f"train/perf/params_{k}": float(v) for k, v in parameter_counts(pl_module).items()}
             for logger in trainer.loggers:
                 logger.log_metrics(counts, step=trainer.global_step)
 
+    def on_train_start(self, trainer: pl.Trainer, *args) -> None:
+        super().on_train_start(trainer, *args)
+        self._rates.restart()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        every = trainer.log_every_n_steps  # GradientStatistics measures where (global_step + 1) % every == 0
+        if not (every > 1 and (trainer.global_step + 1) % every == 0):
+            self.flops.start(batch)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, *args) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)  # (a CUDA sync on rank 0, which logs)
+        flops, counted = self.flops.stop(batch, _examples(batch))
+        if flops is None or counted:
+            self._rates.restart()
+        else:
+            self._rates.add(flops, text_tokens(batch, self.token_keys) if self.token_keys else 0)
         every = trainer.log_every_n_steps  # 0: no logging on step boundaries
         if every > 0 and trainer.global_step % every == 0:
             pl_module.log("train/perf/minutes", (time.perf_counter() - self._fit_start) / 60, rank_zero_only=True)
             pl_module.log("train/perf/peak_memory_mib", peak_memory_mib(pl_module.device), rank_zero_only=True)
+            self._log_utilisation(pl_module)
+
+    def _log_utilisation(self, pl_module: pl.LightningModule) -> None:
+        rates = self._rates.per_second()
+        if rates is None:  # (the window is not full yet)
+            return
+        flops_per_sec, tokens_per_sec = rates
+        pl_module.log("train/perf/tflops", flops_per_sec / 1e12, rank_zero_only=True)
+        if self.peak_flops:
+            pl_module.log("train/perf/mfu", flops_per_sec / self.peak_flops, rank_zero_only=True)
+        if self.token_keys:
+            pl_module.log("train/device/tokens_per_sec", tokens_per_sec, rank_zero_only=True)
+
+    def on_validation_end(self, trainer: pl.Trainer, *args) -> None:
+        super().on_validation_end(trainer, *args)
+        self._rates.restart()  # (validation is no step's time)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.flops.close()  # (a step that raised while it was counted)
 
 
 class Freeze(pl.Callback):
@@ -201,8 +280,10 @@ class Preemption(pl.Callback):
     ``{checkpoint dir}/preempted.ckpt`` at the end of the same step and the fit ends; under SLURM (``SLURM_JOB_ID``)
     rank 0 then requeues the job (``scontrol requeue``), whose next start resumes with ``--ckpt_path auto``.
 
-    The ranks agree on the step with one all-reduce of a flag per step (the signal may reach one rank only, or the
-    ranks at different steps).
+    Under several ranks the signal may reach one rank only, or the ranks at different steps: the flag travels in the
+    trainer's ``RankFlags`` (``mmlit.distributed``: one small all-reduce per step, read a step later without waiting
+    for the device), so every rank saves at the end of the step after the one it was raised at, together. One process
+    alone saves at the end of the step it was signalled in.
 
     Args:
         signals: the signals that mean "preempted".
@@ -220,6 +301,8 @@ class Preemption(pl.Callback):
         self._signalled = True  # acted on at the end of the step: a handler may run in the middle of anything
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size > 1:
+            rank_flags(trainer).register("preempted")
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             for name in self.signals:
                 self._previous[name] = signal.signal(getattr(signal, name), self._handle)
@@ -231,9 +314,10 @@ class Preemption(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         signalled = self._signalled
-        if trainer.world_size > 1:  # (one process alone needs no tensor, no collective and no device sync)
-            flag = torch.tensor(float(signalled), device=pl_module.device)
-            signalled = bool(reduce_over_ranks(flag, "max").item())
+        if trainer.world_size > 1:  # (one process alone needs no tensor and no collective)
+            flags = rank_flags(trainer)
+            flags.raise_flag("preempted", signalled)
+            signalled = "preempted" in flags.exchange(trainer.fit_loop.total_batch_idx)
         if not signalled:
             return
         folder = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)

@@ -39,7 +39,7 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)  # (fused where the trainer allows: mmlit.optim)
 
 
 class MultiTaskModule(pl.LightningModule):
@@ -136,7 +136,7 @@ class MultiTaskModule(pl.LightningModule):
                 losses[name] = self.tasks[name](self.backbone, task_batch)["loss"]
                 self.log(f"train/{name}/loss", losses[name], batch_size=batch_size_of(task_batch))
         loss = self.objective(losses, self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # (not prog_bar: Lightning would read it from the device every step; Progress)
         self.update.losses = losses  # (a gradient-based objective back-propagates them one task at a time)
         if self.update.task_gradients is None:
             log_objective(self, self.objective.state())
@@ -158,9 +158,12 @@ class MultiTaskModule(pl.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         self.update.step(self, optimizer, optimizer_closure)
-        self.log("train/objective/skipped_steps", float(self.update.skipped_steps))
+        self.log("train/objective/skipped_steps", self.update.skipped_on(self.device))  # (read at logging steps only)
         if self.update.task_gradients is not None:
             log_objective(self, self.objective.state())
+
+    def on_train_end(self) -> None:
+        self.update.report()  # (the steps the optimizer skipped since the last logging step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint.update(mmlit_skipped_steps=self.update.skipped_steps, mmlit_layout=CHECKPOINT_LAYOUT)
@@ -197,5 +200,6 @@ class MultiTaskModule(pl.LightningModule):
                     for name, task_batch in batch.items()}
 
     def configure_optimizers(self):
+        fused = self._trainer is not None and self.update.allows_fused(self.trainer)
         return build_optimizer(self, self.backbone.encoders.values(), self.layer_decay, self.optimizer_factory,
-                               self.scheduler_factory)
+                               self.scheduler_factory, fused=fused)
