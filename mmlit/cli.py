@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from mmlit.callbacks import PredictionWriter, Preemption, Progress, Throughput, parameter_counts, peak_memory_mib
 from mmlit.checkpoints import AtomicCheckpointIO, checkpoint_file, resolve_checkpoint
 from mmlit.data import DataMonitor, MultiTaskDataModule
+from mmlit.heartbeat import Heartbeat
 from mmlit.loggers import WandbContinuity, WandbLogger, wandb_run_of
 from mmlit.module import MultiTaskModule
 
@@ -85,6 +86,7 @@ class MMLitCLI(LightningCLI):
         parser.add_lightning_class_args(DataMonitor, "data_monitor")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(Preemption, "preemption")
+        parser.add_lightning_class_args(Heartbeat, "heartbeat")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.link_arguments("model", "data.tasks", compute_fn=_tasks_of, apply_on="instantiate")
