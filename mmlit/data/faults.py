@@ -72,9 +72,10 @@ class DataMonitor(pl.Callback):
     (all ranks) and ``train/mixture/{task}/p`` and ``.../epoch`` at logging steps; added to every run by the CLI."""
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss) -> None:
-        # Checked here, right after the loss: training_step's non-finite-loss guard has just waited for the GPU, so
-        # reading this step's sums waits for nothing else queued (at batch end it would wait for backward and the
-        # optimizer step). Every rank sees the same sums, so every rank stops at the same step.
+        # Checked here, right after the loss (at batch end the read would wait for backward and the optimizer step
+        # too). One process reads CPU counts; several ranks sum theirs with an all-reduce whose result is read: the
+        # one per-step host read left on the training path under several ranks. Every rank sees the same sums, so
+        # every rank stops at the same step.
         datamodule = trainer.datamodule
         mixture = getattr(datamodule, "mixture", None)
         if mixture is None:
