@@ -180,9 +180,9 @@ class VQA(Task):
         target = logits.new_zeros(logits.shape, dtype=torch.float32).scatter_add_(
             1, index.clamp(min=0), batch["target_score"].float() * (index >= 0))
         mass = target.sum(1, keepdim=True)
-        learn = mass[:, 0] > 0
-        loss = -(target[learn] / mass[learn] * logits[learn].float().log_softmax(-1)).sum(-1).mean() if learn.any() \
-            else logits.sum() * 0.0  # (every head parameter stays in the graph)
+        learn = (mass[:, 0] > 0).float()  # questions with a known answer; a mask, not an index: no host read
+        per_question = -(target / mass.clamp(min=1e-12) * logits.float().log_softmax(-1)).sum(-1)
+        loss = (per_question * learn).sum() / learn.sum().clamp(min=1.0)  # (none: 0, every head parameter in the graph)
         return {"loss": loss, "logits": logits}
 
     def metrics(self) -> MetricCollection:
