@@ -20,6 +20,14 @@ Measures, on shards it writes once under ``--out`` (and reuses on later runs):
   per worker, for each of ``--workers``. Targets: mmlit per worker at least 95% of the plain loop, and ahead of
   webdataset.
 
+* **memory**: peak RSS per reader and bytes read until its first 3 batches (one process, batch 64, ``shuffle_buffer``
+  1,000) on shards of 10,000 JPEGs (``--big-shards``, the photos above repeated), started at 0% and 95% of an epoch,
+  each in a fresh process; with ``--baseline REF`` also for the mmlit of git revision ``REF`` (a worktree under
+  ``--out``). Target: within 2x of 1,000 samples' bytes, and flat in the position.
+* **workers**: DataLoader worker processes per rank for the quickstart recipe's 5 tasks (``recipes/quickstart.yaml``),
+  counted while a ``MultiTaskDataModule`` serves training and validation, beside the per-task loaders' count
+  (``num_workers`` per task and split).
+
 Each setup and resume number is the median of 3 runs; each loader rate the median of 3 rounds of ``--batches``
 batches, each round with the plain loop measured right before, and each ratio the median of the rounds' ratios.
 Progress goes to stderr, the table to stdout.
@@ -182,9 +190,9 @@ def _first_batch(index, fraction: float) -> tuple[int, int, int, dict]:
     until its first batch, and that batch."""
     stream = TaskStream(bench_loader._CropTask(Shards()), index, None, batch_size=BATCH, train=True,
                         shuffle_buffer=1000, seed=0, source=TarSource())
-    stream.start_batch = int(fraction * stream.reader_batches(0))
+    stream.start_batch = int(fraction * stream.batches_per_epoch)
     _, batch, _ = next(iter(stream))
-    return stream.start_batch, stream.reader_batches(0), stream.source.bytes_read, batch
+    return stream.start_batch, stream.batches_per_epoch, stream.source.bytes_read, batch
 
 
 def bench_resume(urls: list[str]) -> list[tuple[str, str, str, str]]:
@@ -209,6 +217,149 @@ def bench_resume(urls: list[str]) -> list[tuple[str, str, str, str]]:
     (t0, b0), (t95, b95) = results[0.0], results[0.95]
     rows.append(("resume", "95% against 0%", f"{t95 / t0:.2f}x time, {b95 / max(b0, 1):.2f}x bytes",
                  f"within 2x: {_met(t95 / t0 <= 2 and b95 <= 2 * b0)}"))
+    return rows
+
+
+_READER = r"""
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[1])
+import bench_loader
+from mmlit.data import TaskStream, scan_shards
+from mmlit.tasks.base import Shards
+fraction, urls = float(sys.argv[2]), sys.argv[3:]
+index = scan_shards(urls, "k")
+stream = TaskStream(bench_loader._CropTask(Shards()), index, None, batch_size=64, train=True, seed=0,
+                    shuffle_buffer=1000)
+epoch = stream.batches_per_epoch if hasattr(stream, "batches_per_epoch") else stream.reader_batches(0)
+stream.start_batch = int(fraction * epoch)
+def status(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak RSS (VmHWM) starts again from the current RSS
+before, start = status("VmRSS"), time.perf_counter()
+batches = iter(stream)
+for _ in range(3):
+    next(batches)
+print(json.dumps({"rss": status("VmHWM") - before, "read": stream.source.bytes_read,
+                  "seconds": time.perf_counter() - start}))
+"""
+
+
+def _big_shards(out: Path, urls: list[str], shards: int, per_shard: int) -> list[str]:
+    """``shards`` tars of ``per_shard`` samples each, the JPEGs of ``urls`` repeated (new keys)."""
+    folder = out / f"big-{shards}x{per_shard}"
+    paths = [folder / f"big-{i:03d}.tar" for i in range(shards)]
+    if all(p.exists() for p in paths):
+        return [str(p) for p in paths]
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = [s for url in urls for s in iter_samples(url)]
+    _log(f"writing {shards} shards of {per_shard} JPEGs in {folder}")
+    for i, path in enumerate(paths):
+        with wds.TarWriter(str(path)) as sink:
+            for n in range(per_shard):
+                photo = photos[(i * per_shard + n) % len(photos)]
+                sink.write({"__key__": f"s{i:03d}_{n:05d}", "jpg": photo["jpg"], "cls": photo["cls"]})
+    return [str(p) for p in paths]
+
+
+def _reader_run(root: Path, urls: list[str], fraction: float) -> dict:
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", _READER, str(root / "tools"), str(fraction), *urls], env=env,
+                            cwd=root, capture_output=True, text=True, check=False)  # (cwd: `-c` imports from it first)
+    if result.returncode != 0:
+        raise RuntimeError(f"the reader of {root} failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _worktree(out: Path, ref: str) -> Path:
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", ref], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+    folder = out / f"baseline-{commit[:10]}"
+    if not folder.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], cwd=repo, check=True,
+                       capture_output=True)
+    return folder
+
+
+def bench_memory(out: Path, urls: list[str], shards: int, baseline: str | None) -> list[tuple[str, str, str, str]]:
+    big = _big_shards(out, urls, shards, 10_000)
+    for url in big:  # warm the page cache
+        Path(url).read_bytes()
+    sample = sum(os.path.getsize(u) for u in big) / (shards * 10_000)
+    bound = 2 * 1000 * sample
+    roots = [("mmlit", Path(__file__).resolve().parents[1])]
+    if baseline:
+        roots.append((f"baseline {baseline}", _worktree(out, baseline)))
+    rows = []
+    for name, root in roots:
+        results = {}
+        for fraction in (0.0, 0.95):
+            _log(f"memory: {name} at {fraction:.0%}")
+            runs = [_reader_run(root, big, fraction) for _ in range(REPEATS)]
+            results[fraction] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        at0, at95 = results[0.0], results[0.95]
+        rows.append(("memory", f"{name}: one reader, {shards} shards of 10,000 JPEGs ({sample / 1e3:.0f} kB a sample), "
+                               f"shuffle_buffer 1000, first 3 batches of 64, at 0% / 95%",
+                     f"+{at0['rss'] / 2**20:.0f} / +{at95['rss'] / 2**20:.0f} MiB RSS, {at0['read'] / 1e6:.1f} / "
+                     f"{at95['read'] / 1e6:.1f} MB read, {at0['seconds']:.2f} / {at95['seconds']:.2f} s",
+                     f"RSS within 2x of 1,000 samples ({bound / 2**20:.0f} MiB): "
+                     f"{_met(max(at0['rss'], at95['rss']) <= bound)}" if name == "mmlit" else ""))
+    return rows
+
+
+def _fit_processes(root: Path, run: Path, steps: int) -> dict:
+    """``mmlit fit`` of the quickstart recipe for ``steps`` steps with the mmlit of ``root`` (the embedded data in
+    this checkout's ``data/``): the most child processes alive at once, their most RSS together, and the seconds."""
+    import subprocess
+
+    import psutil
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "mmlit.cli", "fit", "--config", str(repo / "recipes" / "quickstart.yaml"),
+               f"--trainer.max_steps={steps}", "--trainer.logger=false", f"--trainer.default_root_dir={run}",
+               "--trainer.limit_val_batches=4", f"--trainer.val_check_interval={steps // 2}"]
+    start = time.perf_counter()
+    if not (root / "data").exists():  # (a baseline worktree reads this checkout's embedded data)
+        (root / "data").symlink_to(repo / "data")
+    # cwd: `python -m` imports from it first
+    process = subprocess.Popen(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root), "WANDB_MODE": "offline"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    most, rss = 0, 0
+    parent = psutil.Process(process.pid)
+    while process.poll() is None:
+        try:
+            children = parent.children(recursive=True)
+            most = max(most, len(children))
+            rss = max(rss, sum(c.memory_info().rss for c in children))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    if process.returncode != 0:
+        raise RuntimeError(f"the fit of {root} failed: {process.stderr.read()[-2000:]}")
+    return {"processes": most, "rss": rss, "seconds": time.perf_counter() - start}
+
+
+def bench_workers(out: Path, baseline: str | None, steps: int = 60) -> list[tuple[str, str, str, str]]:
+    """Worker processes of a quickstart fit (5 tasks, data.num_workers 2), training and validation."""
+    if not (Path(__file__).resolve().parents[1] / "data" / "sort_of_clevr" / "train-000000.tar").exists():
+        raise SystemExit("workers: make the embedded data first: mmlit data sort-of-clevr --out data/sort_of_clevr")
+    roots = [("mmlit", Path(__file__).resolve().parents[1])]
+    if baseline:
+        roots.append((f"baseline {baseline}", _worktree(out, baseline)))
+    rows = []
+    for name, root in roots:
+        _log(f"workers: a {steps}-step quickstart fit with {name}")
+        result = _fit_processes(root, out / f"fit-{name.split()[0]}", steps)
+        rows.append(("workers", f"{name}: quickstart recipe (5 tasks, data.num_workers 2), {steps} steps with "
+                                f"validation, one rank",
+                     f"{result['processes']} child processes at most (workers, fork server, resource tracker), "
+                     f"{result['rss'] / 2**20:.0f} MiB RSS together, fit {result['seconds']:.0f} s", ""))
     return rows
 
 
@@ -293,14 +444,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="loader: numbers of workers")
     parser.add_argument("--batches", type=int, default=40, help="loader: batches of 64 timed per run")
     parser.add_argument("--markdown", action="store_true", help="print the table in Markdown")
-    parser.add_argument("--skip", nargs="+", choices=["setup", "resume", "loader"], default=[], help="parts not to run")
+    parser.add_argument("--skip", nargs="+", choices=["setup", "resume", "loader", "memory", "workers"], default=[],
+                        help="parts not to run")
+    parser.add_argument("--big-shards", type=int, default=2, help="memory: shards of 10,000 samples")
+    parser.add_argument("--baseline", help="memory: also measure the mmlit of this git revision (e.g. a commit)")
     args = parser.parse_args()
     if any(w < 1 for w in args.workers):
         parser.error("--workers: at least 1 (the rate is per worker process)")
     start, rows = time.perf_counter(), []
     if "setup" not in args.skip:
         rows += bench_setup(args.out, sorted(args.shards))
-    if not {"resume", "loader"} <= set(args.skip):
+    if not {"resume", "loader", "memory"} <= set(args.skip):
         urls = _jpeg_shards(args.out, args.images)
         sizes = [len(s["jpg"]) for s in iter_samples(urls[0])]
         _log(f"{len(urls)} JPEG shards, {sum(sizes) / len(sizes) / 1e3:.0f} kB an image on average")
@@ -308,6 +462,10 @@ def main() -> None:
             rows += bench_resume(urls)
         if "loader" not in args.skip:
             rows += bench_loader_rates(urls, args.workers, args.batches)
+        if "memory" not in args.skip:
+            rows += bench_memory(args.out, urls, args.big_shards, args.baseline)
+    if "workers" not in args.skip:
+        rows += bench_workers(args.out, args.baseline)
     print(_table(rows, args.markdown))
     _log(f"done in {time.perf_counter() - start:.0f} s")
 
