@@ -24,9 +24,9 @@ Measures, on shards it writes once under ``--out`` (and reuses on later runs):
   1,000) on shards of 10,000 JPEGs (``--big-shards``, the photos above repeated), started at 0% and 95% of an epoch,
   each in a fresh process; with ``--baseline REF`` also for the mmlit of git revision ``REF`` (a worktree under
   ``--out``). Target: within 2x of 1,000 samples' bytes, and flat in the position.
-* **workers**: DataLoader worker processes per rank for the quickstart recipe's 5 tasks (``recipes/quickstart.yaml``),
-  counted while a ``MultiTaskDataModule`` serves training and validation, beside the per-task loaders' count
-  (``num_workers`` per task and split).
+* **workers**: the child processes (DataLoader workers, fork server, resource tracker) of a 60-step ``mmlit fit`` of
+  ``recipes/quickstart.yaml`` (5 tasks, validation twice) at most at once, and their RSS together; with
+  ``--baseline REF`` also for the mmlit of ``REF`` (per-task loaders before the one pool).
 
 Each setup and resume number is the median of 3 runs; each loader rate the median of 3 rounds of ``--batches``
 batches, each round with the plain loop measured right before, and each ratio the median of the rounds' ratios.

@@ -1,4 +1,5 @@
-"""The DataModule: one loader per task and split, the task mixture, fault counting and the resume position."""
+"""The DataModule: one worker pool per rank for the training steps of every task (and one per evaluation), the task
+mixture, fault counting and the resume position."""
 
 from __future__ import annotations
 
