@@ -21,8 +21,8 @@ FIT_TIMEOUT = 300  # seconds (about 15 s here); tools/stress_workers.py sets its
 @pytest.mark.parametrize("tasks,workers", [(None, 1), (["vqa", "contrastive", "image_classification"], 2)],
                          ids=["all-tasks-1-worker", "3-tasks-2-workers"])
 def test_two_rank_fit_finishes_with_identical_weights(soc, tmp_path, tasks, workers):
-    """Every task's loader starts its workers (one set per task and split) in each rank, beside the gloo threads,
-    and again for each validation."""
+    """Each rank starts its pool of workers (one for the training steps of every task, one per validation) beside
+    the gloo threads."""
     run = tmp_path / "run"
     recipe = tiny_recipe(soc, run, tasks=tasks, strategy="ddp", devices=2, max_epochs=2)
     recipe["data"]["num_workers"] = workers  # 2 ranks x 1 or 2 workers = 2 or 4 readers of the 4 training shards
@@ -55,8 +55,8 @@ def test_two_rank_fit_finishes_with_identical_weights(soc, tmp_path, tasks, work
 @pytest.mark.multiprocess
 @pytest.mark.timeout(FIT_TIMEOUT + 60)
 def test_uneven_shards_two_ranks_two_workers_one_exact_epoch(soc, tmp_path):
-    """Shards of 10, 50 and 7 samples over 2 ranks x 2 workers: 67 samples in slices of 16-17 per reader,
-    5 batches of at most 4 per reader, so 10 steps on each rank and every sample exactly once."""
+    """Shards of 10, 50 and 7 samples over 2 ranks x 2 workers: 67 samples in global batches of 2 x 4, so 9 steps on
+    each rank (the last global batch's 3 samples split 1 + 2) and every sample exactly once."""
     from mmlit.data import iter_samples
 
     from ._ddp_helpers import read_keys
@@ -79,7 +79,7 @@ def test_uneven_shards_two_ranks_two_workers_one_exact_epoch(soc, tmp_path):
     result = run_cli("fit", "--config", str(write_recipe(recipe, tmp_path / "r.yaml")), timeout=FIT_TIMEOUT, ddp=True)
     assert result.returncode == 0, result.stderr[-4000:]
     steps = [read_keys(tmp_path / "keys", rank) for rank in range(2)]
-    assert [len(s) for s in steps] == [10, 10]
+    assert [len(s) for s in steps] == [9, 9]  # ceil(67 / (2 ranks x 4))
     keys = [k for rank in steps for step in rank for k in step["keys"]["vqa"]]
     assert sorted(keys) == sorted(s["__key__"] for s in samples)  # every sample once, none twice
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9

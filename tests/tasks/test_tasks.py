@@ -60,13 +60,17 @@ def test_task_trains_a_batch_down(name, soc):
     params = list(backbone.parameters()) + list(task.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     losses = []
-    for _ in range(60):  # (the 8 images' circle counts take ~45 steps to fit for image_classification)
+    # Up to 60 steps, until the loss is below 0.7 of the first: the steps after that would only repeat what the test
+    # asserts (every task got there in 6 to 41 steps here, multilabel_classification the slowest)
+    for _ in range(60):
         loss = task(backbone, batch)["loss"]
         assert loss.ndim == 0 and torch.isfinite(loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if losses[-1] < 0.7 * losses[0]:
+            break
     head_grads = [p.grad for p in task.parameters()]
     assert head_grads and all(g is not None for g in head_grads), "every head parameter takes part in the loss"
     assert losses[-1] < 0.7 * losses[0], losses
@@ -186,18 +190,28 @@ def test_captioner_learns_more_than_the_most_frequent_token_per_position(soc):
     guess = targets.mode(dim=0).values.expand_as(targets).clone()  # each position's most frequent token
     baseline = task.metrics()
     task.update_metrics(baseline, {"generated": guess}, batch)
+    chance = baseline.compute()
+
+    def greedy() -> dict:  # the captioner's own greedy decoding of the 8 images, scored
+        backbone.eval(), task.eval()
+        with torch.no_grad():
+            learned = task.metrics()
+            task.update_metrics(learned, task(backbone, batch), batch)
+        return learned.compute()
+
     optimizer = torch.optim.AdamW([*backbone.parameters(), *task.parameters()], lr=2e-3)
-    for _ in range(200):
+    # Up to 200 steps, scored every 20 (a greedy decoding costs about 4 steps) and stopped once it beats the guess
+    # (at 140 here): the steps after that would only repeat what the test asserts
+    for step in range(1, 201):
         backbone.train(), task.train()
         loss = task(backbone, batch)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    backbone.eval(), task.eval()
-    with torch.no_grad():
-        learned = task.metrics()
-        task.update_metrics(learned, task(backbone, batch), batch)
-    chance, reached = baseline.compute(), learned.compute()
+        if step % 20 == 0:
+            reached = greedy()
+            if reached["token_acc"] > chance["token_acc"] + 0.1 and reached["exact_match"] > chance["exact_match"]:
+                break
     assert chance["token_acc"] > 0.5, "the template makes the guess strong: the bar is not trivial"
     assert reached["token_acc"] > chance["token_acc"] + 0.1, (reached, chance)
     assert reached["exact_match"] > chance["exact_match"], (reached, chance)
