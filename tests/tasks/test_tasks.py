@@ -200,15 +200,15 @@ def test_captioner_learns_more_than_the_most_frequent_token_per_position(soc):
         return learned.compute()
 
     optimizer = torch.optim.AdamW([*backbone.parameters(), *task.parameters()], lr=2e-3)
-    # Up to 200 steps, scored every 20 (a greedy decoding costs about 4 steps) and stopped once it beats the guess
-    # (at 140 here): the steps after that would only repeat what the test asserts
+    # Up to 200 steps, stopped once it beats the guess: scored every 25 steps from step 100 (it got there between
+    # steps 130 and 175 in runs here; the steps after that would only repeat what the test asserts)
     for step in range(1, 201):
         backbone.train(), task.train()
         loss = task(backbone, batch)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 20 == 0:
+        if step >= 100 and step % 25 == 0:
             reached = greedy()
             if reached["token_acc"] > chance["token_acc"] + 0.1 and reached["exact_match"] > chance["exact_match"]:
                 break
