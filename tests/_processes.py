@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -204,3 +205,10 @@ def run_cli(*args: str, timeout: float, ddp: bool = False) -> subprocess.Complet
     """``python -m mmlit.cli ARGS`` from the repository (``tests._ddp_helpers`` importable; gloo for DDP)."""
     env = cli_env(ddp)
     return run([sys.executable, "-m", "mmlit.cli", *args], timeout=timeout, env=env)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a test's rendezvous: torchrun's master port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -15,7 +15,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -39,7 +38,7 @@ from mmlit.tasks.base import Shards
 from mmlit.transfer import read_backbone_state, upgrade_checkpoint
 
 from ._ddp_helpers import read_steps
-from ._processes import after_lines, cli_env, run as run_process, run_cli, run_until
+from ._processes import after_lines, cli_env, free_port, run as run_process, run_cli, run_until
 from ._soc import soc_task
 from .conftest import REPO, tiny_recipe, write_recipe
 
@@ -165,12 +164,6 @@ def _ranks_main() -> None:
         torch.save(_full(module), folder / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -185,7 +178,7 @@ def fixed_batch_runs(soc, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp-runs")
     urls = soc["shards"]["train"][:2]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "tests.test_fsdp", "--train", *urls, "--tokenizer", soc["tokenizer"],
+               str(free_port()), "-m", "tests.test_fsdp", "--train", *urls, "--tokenizer", soc["tokenizer"],
                "--out", str(out), "--runs", *RUNS]
     result = run_process(command, timeout=FIT_TIMEOUT, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr[-4000:]

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sys
 import traceback
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ from mmlit.callbacks import Preemption
 from mmlit.cli import main
 from mmlit.optim import fused_optimizer, skips_on_device
 
-from ._processes import run as run_process
+from ._processes import free_port, run as run_process
 from .conftest import REPO, tiny_recipe, write_recipe
 from .objectives._train import build_module, loader, trainer, weights
 from .test_fsdp import _batches, _full, _module as _fsdp_module, _poison
@@ -312,12 +311,6 @@ def _adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
@@ -328,7 +321,7 @@ def test_two_ranks_agree_without_reading_the_device(soc, tmp_path):
     in rank 0's shard alone skips step 1 on both ranks, which leaves the weights as they were, and step 2 trains."""
     urls = soc["shards"]["train"][:2]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "tests.test_host_sync", "--train", *urls, "--tokenizer", soc["tokenizer"],
+               str(free_port()), "-m", "tests.test_host_sync", "--train", *urls, "--tokenizer", soc["tokenizer"],
                "--out", str(tmp_path)]
     result = run_process(command, timeout=540, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr[-4000:]

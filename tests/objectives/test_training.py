@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from types import SimpleNamespace
 
@@ -19,7 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from mmlit.cli import main
 from mmlit.data import RoundRobin
 
-from .._processes import run as run_process
+from .._processes import free_port, run as run_process
 from ..conftest import REPO, tiny_recipe, write_recipe
 from ._train import build_module, interleave, loader, shared, step_batches, trainer, weights
 
@@ -150,12 +149,6 @@ def test_objective_by_registered_name_from_the_command_line(soc, tmp_path):
         main(["fit", "--config", str(tmp_path / "r.yaml"), "--model.objective", "pcgrd"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
@@ -168,7 +161,7 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(soc, batches, tmp_pat
     objective."""
     runs = ["static", "uncertainty", "dwa", "rlw", "famo", "gradnorm", "cagrad", "mgda", "pcgrad_absent", "static_inf",
             "pcgrad_fp16_inf", "static_imageonly", "pcgrad_imageonly", "static_shared", "pcgrad_shared"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "tests.objectives._ddp_run", "--train", *soc["shards"]["train"][:2], "--tokenizer", soc["tokenizer"],
                "--out", str(tmp_path), "--runs", *runs]
     env = dict(os.environ, PYTHONPATH=str(REPO))
