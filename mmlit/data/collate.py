@@ -8,6 +8,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch.utils.data import get_worker_info
 
+from mmlit.data.batch_memory import sendable, share_batch, shared_empty
 from mmlit.data.device_images import EncodedImage, EncodedImages
 from mmlit.text import PAD
 
@@ -58,9 +59,9 @@ def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
     Images made as (C, H, W) views of (H, W, C) pixels (the image pipeline's output) are stacked as they lie and
     viewed as (B, C, H, W) in channels-last memory order: 64 images of 224x224 in 3.0 ms instead of 7.2 ms for the
     strided copy into (B, C, H, W) order; normalising and the encoders take either layout. In a worker, a large batch
-    is stacked straight into shared memory, which the DataLoader would otherwise copy it into: 7.8 ms instead of
-    11.7 ms to stack and send those 64 images. Together ~6% of a loader worker's time (measured on the 2-core
-    machine, one thread, ``tools/bench_data.py``)."""
+    is stacked straight into one of the worker's shared buffers, which it reuses (``mmlit/data/batch_memory.py``):
+    0.45 ms for those 64 images instead of 8.9 ms into a new shared-memory segment, which the DataLoader would
+    otherwise copy them into (measured on the 2-core machine, one thread)."""
     first = tensors[0]
     if isinstance(first, EncodedImage):  # decoded on the training device (data.decode_images: device)
         return EncodedImages(tensors)
@@ -70,13 +71,15 @@ def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
         first = tensors[0]
     out = None
     if get_worker_info() is not None and first.numel() * first.element_size() * len(tensors) >= 1 << 16:
-        out = torch.empty((len(tensors), *first.shape), dtype=first.dtype).share_memory_()
+        out = shared_empty((len(tensors), *first.shape), first.dtype)
     batch = torch.stack(tensors, out=out)
-    return batch.permute(0, 3, 1, 2) if images else batch
+    batch = batch.permute(0, 3, 1, 2) if images else batch
+    return batch if out is None else sendable(batch)
 
 
 def collate_examples(examples: list[dict]) -> dict[str, Any]:
-    """Tensors are stacked, lists of token ids padded with ``PAD``, numbers and bools made tensors."""
+    """Tensors are stacked, lists of token ids padded with ``PAD``, numbers and bools made tensors (in a worker, in its
+    shared buffers: ``share_batch``)."""
     batch: dict[str, Any] = {}
     for key in examples[0]:
         values = [e[key] for e in examples]
@@ -89,7 +92,7 @@ def collate_examples(examples: list[dict]) -> dict[str, Any]:
             batch[key] = torch.tensor(values)
         else:
             batch[key] = values
-    return batch
+    return share_batch(batch)  # (in a worker: its tensors reach the training process through the worker's buffers)
 
 
 def flatten_items(examples: list[dict], items: str, index: str = "image_index") -> list[dict]:
