@@ -8,8 +8,9 @@ fork: a worker asleep on a futex before its loop started, its rank waiting for t
 ranks waiting for that rank in DDP's collectives.
 
 ``forkserver`` (the default) forks the workers from a server process instead. The server is started with exec by
-each rank at setup, so it has a single thread, and it imports torch, mmlit and the tasks' modules before
-it forks anything, so a worker starts as fast as a forked one. ``spawn`` starts a fresh interpreter per worker.
+each rank at setup, so it has a single thread, and it imports what a worker uses, the tasks' modules and what the main
+module imports (``_main_imports``) before it forks anything, so a worker starts as fast as a forked one. ``spawn``
+starts a fresh interpreter per worker.
 The stream is pickled to each worker with the tasks' data sides (``TaskData``: plain objects, no head or parameters).
 
 A worker ends with the training process, however that ends (``_end_with``): torch's workers watch their parent, and a
@@ -18,14 +19,17 @@ waiting for work: measured, they were all still there 15 s after the kill; forke
 
 Measured on the 2-core development machine. ``python tools/bench_loader.py --startup`` (5 task loaders of 2 workers
 started one after the other, seconds from ``iter()`` to each loader's first batch): fork 0.07-0.11 s a loader;
-forkserver 3.4 s for the first (the server starts and imports its modules) and 0.07-0.10 s for the others; spawn
-3.2-4.7 s for every loader. A whole 2-rank DDP fit (3 tasks x 2 workers, 2 epochs with validation): 11.1-11.5 s with
-fork, 14.1-15.0 s with forkserver (three runs each): about 3 s once per run, the server's imports, which overlap the
-rest of setup on a machine with cores to spare.
+forkserver 5.2-6.9 s for the first (the server starts and imports its modules) and 0.08-0.15 s for the others; spawn
+3.2-4.7 s for every loader. The server's imports are torch (1.4 s of CPU), the tasks' modules (torchmetrics) and what
+the main module imports; ``mmlit.data`` imports its modules on first use, so a worker's own modules do not bring
+Lightning (docs/benchmarks.md). A whole 2-rank DDP fit (3 tasks x 2 workers, 2 epochs with
+validation): 11.1-11.5 s with fork, 14.1-15.0 s with forkserver (three runs each): about 3 s once per run, the
+server's imports, which overlap the rest of setup on a machine with cores to spare.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import multiprocessing
 import multiprocessing.forkserver
@@ -43,19 +47,47 @@ __all__ = ["StartMethod", "start_fork_server", "task_loader"]
 
 StartMethod = Literal["forkserver", "spawn", "fork"]
 
-# Imported by the fork server before it forks a worker, with the tasks' modules and the main module's (below).
-# Every worker started by forkserver or spawn imports the main module again, as __mp_main__ (multiprocessing's
-# spawn.prepare): for `mmlit fit` that is mmlit.cli, with Lightning and timm, 1-2 s per worker when the server has
-# not imported them (measured: a 3-task, 2-worker fit took 17.7 s instead of 7.1 s). With them preloaded, the
-# re-import only runs the main module's own lines. '__main__' itself cannot be preloaded: CPython 3.11's forkserver
-# asks get_preparation_data for 'main_path', which that names 'init_main_from_path', and never gets it.
-_PRELOAD = ["torch", "numpy", "PIL.Image", "tokenizers", "webdataset", "mmlit.data.stream", "mmlit.cli"]
+# What a worker needs to unpickle its stream and run it: the fork server imports these before it forks a worker, with
+# the tasks' modules and what the main module imports (``_main_imports``).
+_PRELOAD = ["torch", "numpy", "PIL.Image", "tokenizers", "mmlit.data.stream"]
 
 
-def _main_module() -> list[str]:
-    """The main module's name when it was run with ``python -m NAME`` (a script run by path cannot be preloaded)."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return [spec.name] if spec is not None and spec.name and not spec.name.endswith("__main__") else []
+def _main_imports() -> list[str]:
+    """The modules the main module imports at its top level (run as ``python -m NAME``: NAME).
+
+    Every worker started by forkserver or spawn runs the main module again, as __mp_main__ (multiprocessing's
+    spawn.prepare): for `mmlit fit` that is the console script, which imports mmlit.cli with Lightning and timm, 1-2 s
+    per worker when the server has not imported them (measured: a 3-task, 2-worker fit took 17.7 s instead of 7.1 s).
+    With them imported by the server, the worker only runs the main module's own lines; a script that imports less
+    (``tools/bench_loader.py``) starts its server sooner. The main module itself cannot be preloaded: CPython 3.11's
+    forkserver asks get_preparation_data for 'main_path', which that names 'init_main_from_path', and never gets it.
+    """
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:  # spawn.prepare runs NAME again, except a package's __main__
+        return [] if name == "__main__" or name.endswith(".__main__") else [name]
+    path = getattr(main, "__file__", None)
+    try:
+        with open(path, "rb") as file:
+            tree = ast.parse(file.read())
+    except (TypeError, OSError, SyntaxError, ValueError):  # no file (an interactive session), or not Python source
+        return []
+    return list(dict.fromkeys(_imports(tree.body)))
+
+
+def _imports(body: list[ast.stmt]) -> Iterable[str]:
+    """Absolute imports run when these statements run: not those in functions, classes or ``if TYPE_CHECKING``. A
+    ``from X import Y`` names X and X.Y (Y may be a module; the server passes over names that are not)."""
+    for node in body:
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names if alias.name != "*")
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+            yield from _imports(node.body + node.orelse)
+        elif isinstance(node, ast.Try):
+            yield from _imports(node.body + node.orelse + node.finalbody)
 
 
 def _context(method: StartMethod, modules: Iterable[str]) -> multiprocessing.context.BaseContext:
@@ -64,7 +96,7 @@ def _context(method: StartMethod, modules: Iterable[str]) -> multiprocessing.con
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         # Takes effect when the server starts: at the first loader of this process that starts workers.
-        extra = set(modules) | set(_main_module())
+        extra = set(modules) | set(_main_imports())
         context.set_forkserver_preload([*_PRELOAD, *sorted(extra - set(_PRELOAD))])
     return context
 

@@ -5,6 +5,7 @@ they end when the training process is killed, and a task that cannot be sent to 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pickle
 import subprocess
@@ -204,3 +205,31 @@ def test_workers_end_when_the_training_process_is_killed(soc):
                 process.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_what_a_worker_imports_leaves_lightning_out_and_the_server_preloads_what_a_script_imports(tmp_path):
+    """A worker unpickles its stream from ``mmlit.data.stream``: importing that (and the ``mmlit.data`` package) does
+    not import Lightning, which only the training process uses. The fork server imports what the main script imports
+    at its top level, not what it imports inside functions or only for type checkers."""
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import json, sys\n"
+        "from typing import TYPE_CHECKING\n"
+        "import mmlit.data.stream\n"
+        "from mmlit.data import TaskStream\n"
+        "from mmlit.data.workers import _main_imports\n"
+        "if TYPE_CHECKING:\n"
+        "    import transformers\n"
+        "def later():\n"
+        "    import timm\n"
+        "try:\n"
+        "    import tomllib\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "print(json.dumps({'lightning': 'lightning' in sys.modules, 'imports': _main_imports()}))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["lightning"] is False
+    assert result["imports"] == ["json", "sys", "typing", "typing.TYPE_CHECKING", "mmlit.data.stream", "mmlit.data",
+                                 "mmlit.data.TaskStream", "mmlit.data.workers", "mmlit.data.workers._main_imports",
+                                 "tomllib"]
