@@ -60,8 +60,9 @@ class MultiTaskModule(pl.LightningModule):
         compile: ``torch.compile`` the backbone (block by block, by default) and the heads (see ``mmlit/compile.py``):
             ``true`` with the defaults, or the settings (``{backend: aot_eager}``); checkpoints keep their keys, so
             they load with or without it.
-        gradient_statistics: log each task's gradient norm on the backbone and the pairwise cosines at logging steps
-            (``GradientStatistics``; with a loss-based objective, one extra backward pass per task at those steps).
+        gradient_statistics: log each task's gradient norm on the backbone's top and the pairwise cosines at logging
+            steps (``GradientStatistics``; with a loss-based objective, a short backward pass per task through the
+            backbone's top at those steps).
         matmul_precision: ``torch.set_float32_matmul_precision`` for the run (``high`` lets float32 matrix products
             use TF32 on GPUs that have it); None leaves it as it is.
     """
@@ -84,7 +85,8 @@ class MultiTaskModule(pl.LightningModule):
             task.build(backbone)
         self.tasks = nn.ModuleDict(tasks)
         self.objective = build_objective(objective, list(tasks))
-        self.update = ObjectiveUpdate(self.objective, partial(_trainable, backbone))  # (picklable: ddp_spawn)
+        self.update = ObjectiveUpdate(self.objective, partial(_trainable, backbone),  # (picklable: ddp_spawn)
+                                      backbone.top_parameters)
         self.evaluation = TaskMetrics(tasks)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.tokenizer = None  # the data module's, once a stage is set up (decodes predictions)
@@ -131,10 +133,16 @@ class MultiTaskModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, dict], batch_idx: int) -> torch.Tensor:
         losses = {}
-        with self.backbone.shared_pass():  # tasks on one source: each input encoded once, every head reads it
+        probe = self.update.feature_probe()  # (at steps that measure a loss-based objective's gradient statistics)
+        # tasks on one source: each input encoded once, every head reads it
+        with self.backbone.shared_pass(), self.backbone.probing(probe):
             for name, task_batch in batch.items():
+                if probe is not None:
+                    probe.task = name
                 losses[name] = self.tasks[name](self.backbone, task_batch)["loss"]
                 self.log(f"train/{name}/loss", losses[name], batch_size=batch_size_of(task_batch))
+        if probe is not None:
+            probe.watch(losses)
         loss = self.objective(losses, self.global_step)
         self.log("train/loss", loss)  # (not prog_bar: Lightning would read it from the device every step; Progress)
         self.update.losses = losses  # (a gradient-based objective back-propagates them one task at a time)
@@ -149,6 +157,8 @@ class MultiTaskModule(pl.LightningModule):
         if self.update.task_gradients is None:
             super().backward(loss, *args, **kwargs)
             self.update.losses = None  # (their graphs are spent)
+            if self.update.probe is not None:  # (it measured the gradient statistics in that pass)
+                self.update.measure()
         else:
             self.update.backward(self.trainer)
 

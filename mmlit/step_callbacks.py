@@ -58,10 +58,18 @@ class NonFiniteLoss(pl.Callback):
 
 
 class GradientStatistics(pl.Callback):
-    """At each logging step (``trainer.log_every_n_steps``), each task's gradient norm on the backbone
-    (``train/objective/grad_norm/{task}``) and the cosine between two tasks' gradients
-    (``train/objective/cosine/{a}:{b}``; negative: they conflict), averaged over ranks and unscaled. A gradient-based
-    objective has the task gradients already; a loss-based one pays one extra backward pass per task at those steps.
+    """At each logging step (``trainer.log_every_n_steps``), each task's gradient norm on the backbone's top
+    (``train/objective/grad_norm/{task}``) and the cosine between two tasks' gradients there
+    (``train/objective/cosine/{a}:{b}``; negative: they conflict), averaged over ranks and unscaled.
+
+    The top is ``Backbone.top_parameters``: the last block of each encoder and of the fusion, with what follows it (a
+    final norm), or a part without repeated blocks whole. GradNorm measures task gradients on the last shared layer
+    for the same reason: they are what the heads pull on, and measuring them costs a fraction of a backward pass. A
+    gradient-based objective has every task's gradient already and the statistics take its top columns; a loss-based
+    one gets each task's gradient on the features its head reads from the step's own backward pass and back-propagates
+    it through the top alone (``FeatureGradients``): 1.4-1.6% of the training time at a logging interval of 10 steps
+    (``tools/bench_train.py``'s case e, docs/benchmarks.md), where one more backward pass per task through the whole
+    backbone had cost 12%.
     Off under FSDP: a rank holds shards of the parameters, and ``autograd.grad`` reaches only whole ones."""
 
     def __init__(self):
@@ -79,15 +87,10 @@ class GradientStatistics(pl.Callback):
             return
         every = trainer.log_every_n_steps
         logging = every > 0 and (trainer.global_step + 1) % every == 0
-        # A loss-based objective measures them on the step's first micro-batch (one extra backward pass per task);
-        # a gradient-based one when it steps, after the last: the flag holds for every micro-batch of that step.
+        # A loss-based objective measures them on the step's first micro-batch (from its backward pass); a
+        # gradient-based one when it steps, after the last: the flag holds for every micro-batch of that step.
         once = pl_module.update.task_gradients is not None or batch_idx % trainer.accumulate_grad_batches == 0
         pl_module.update.want_statistics = logging and once
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        update = pl_module.update
-        if update.want_statistics and update.task_gradients is None:
-            log_objective(pl_module, update.loss_statistics(trainer))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         update = pl_module.update

@@ -27,6 +27,9 @@ at both ends), so loader start-up, compilation and Lightning's set-up are outsid
 * ``d  shared pass``: ``MultiTaskModule`` in memory with the two tasks' batches holding one image tensor (c's run)
   against the image tensor cloned for captioning (encoded twice); the ratio is of step times.
   Target: shared <= 0.6x separate (which assumes the image encoder dominates the step).
+* ``e  statistics``: with gradient statistics on (the default), c's module again with them off, and their share of
+  the training time from step times within each run (``statistics_share``), which the machine's drift between runs
+  does not move as it moves the ratios. Target: <= 2%.
 
 The GPU preset runs every case eagerly and with ``model.compile: {}`` (the plain loop compiles the same blocks with
 ``mmlit.compile.compile_modules``). Shards, the tokenizer and run folders go to ``--out`` (reused when present).
@@ -42,6 +45,7 @@ import json
 import logging
 import os
 import random
+from statistics import median
 import subprocess
 import sys
 import time
@@ -307,22 +311,33 @@ def plain_loop(preset: Preset, device: torch.device, steps_iter, backbone, tasks
 
 class StepTimer(pl.Callback):
     """Times the steps after ``warmup`` (from the end of step ``warmup`` to the end of step ``warmup + steps``) and
-    writes ``{"seconds", "samples", "steps"}`` to ``out`` as JSON."""
+    writes ``{"seconds", "samples", "steps", "logging", "others"}`` to ``out`` as JSON: the last two are the seconds
+    of each measured logging step (``trainer.log_every_n_steps``, where mmlit measures gradient statistics) and of
+    each other step, from one step's end to the next's (CUDA synchronised at each on a GPU)."""
 
     def __init__(self, out: str, warmup: int, steps: int):
         self.out, self.warmup, self.steps = out, warmup, steps
-        self._start, self._samples = None, 0
+        self._start, self._samples, self._last = None, 0, None
+        self._logging: list[float] = []
+        self._others: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step  # steps done, this one included
-        if self.warmup < step <= self.warmup + self.steps:
+        measured = self.warmup < step <= self.warmup + self.steps
+        if measured:
             self._samples += _samples(batch)
+        if step >= self.warmup:
+            _sync(pl_module.device)
+            now = time.perf_counter()
+            if measured:
+                every = trainer.log_every_n_steps
+                (self._logging if every > 0 and step % every == 0 else self._others).append(now - self._last)
+            self._last = now
         if step == self.warmup:
-            _sync(pl_module.device)
-            self._start = time.perf_counter()
+            self._start = self._last
         elif step == self.warmup + self.steps:
-            _sync(pl_module.device)
-            result = {"seconds": time.perf_counter() - self._start, "samples": self._samples, "steps": self.steps}
+            result = {"seconds": self._last - self._start, "samples": self._samples, "steps": self.steps,
+                      "logging": self._logging, "others": self._others}
             Path(self.out).write_text(json.dumps(result))
 
 
@@ -367,10 +382,12 @@ def _brace(shards: list[str]) -> str:
 
 
 def mmlit_in_memory(preset: Preset, device: torch.device, steps: list[dict], backbone, tasks: dict, root: Path,
-                    compiled: bool) -> dict:
-    """``MultiTaskModule`` fitted by a ``lightning.Trainer`` on a DataLoader over ``steps`` (already on the device)."""
+                    compiled: bool, statistics: bool | None = None) -> dict:
+    """``MultiTaskModule`` fitted by a ``lightning.Trainer`` on a DataLoader over ``steps`` (already on the device),
+    with gradient statistics as ``statistics`` says (default: ``GRADIENT_STATISTICS``)."""
+    statistics = GRADIENT_STATISTICS if statistics is None else statistics
     module = MultiTaskModule(backbone, tasks, optimizer=_adamw, compile=Compile() if compiled else None,
-                             gradient_statistics=GRADIENT_STATISTICS)
+                             gradient_statistics=statistics)
     timing = root / "timing.json"
     root.mkdir(parents=True, exist_ok=True)
     timing.unlink(missing_ok=True)
@@ -429,6 +446,11 @@ def run(preset: Preset, out: Path, device: torch.device, variants: list[bool]) -
         backbone, tasks = build_model(preset, _brace(shards))
         d_sep = mmlit_in_memory(preset, device, separate(steps), backbone, tasks, out / "run_memory_separate", compiled)
         print(f"d separate{tag}: {step_s(d_sep) * 1e3:.0f} ms/step", flush=True)
+        if GRADIENT_STATISTICS:
+            backbone, tasks = build_model(preset, _brace(shards))
+            e_off = mmlit_in_memory(preset, device, steps, backbone, tasks, out / "run_memory_no_statistics", compiled,
+                                    statistics=False)
+            print(f"e statistics off{tag}: {rate(e_off):.1f} samples/s", flush=True)
 
         rows += [
             (f"a  plain loop, DataLoader{tag}", f"{rate(a):.1f}", "", ""),
@@ -440,7 +462,21 @@ def run(preset: Preset, out: Path, device: torch.device, variants: list[bool]) -
             (f"d  separate passes, in memory{tag}", f"{rate(d_sep):.1f}", f"{step_s(d_sep) * 1e3:.0f} ms/step", ""),
             (f"d  shared / separate step time{tag}", "", f"{step_s(c_mmlit) / step_s(d_sep):.3f}", "<= 0.6"),
         ]
+        if GRADIENT_STATISTICS:
+            rows += [
+                (f"e  mmlit module, statistics off{tag}", f"{rate(e_off):.1f}",
+                 f"{rate(e_off) / rate(c_plain):.3f} (mmlit/plain)", ""),
+                (f"e  statistics' share of step time{tag}", "", f"{statistics_share(c_mmlit, e_off):.4f}", "<= 0.02"),
+            ]
     return rows
+
+
+def statistics_share(on: dict, off: dict) -> float:
+    """What gradient statistics add to the training time, from step times within each run (so that the machine's
+    drift between runs cancels): a logging step's excess over the median other step with statistics on, less that
+    excess with them off (logging itself), over a logging interval of median steps."""
+    excess = lambda r: median(r["logging"]) - median(r["others"])  # noqa: E731
+    return (excess(on) - excess(off)) / (LOG_EVERY * median(on["others"]))
 
 
 def main() -> None:
@@ -452,7 +488,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="warm-up steps per case, not measured (default: the preset's)")
     parser.add_argument("--no-compile", action="store_true", help="GPU preset: eager only")
     parser.add_argument("--no-gradient-statistics", action="store_true",
-                        help="model.gradient_statistics: false (one backward pass per task less at logging steps)")
+                        help="model.gradient_statistics: false (no task gradients measured at logging steps; no case e)")
     args = parser.parse_args()
     if args.preset == "vlm":  # its own model, data and cases: tools/bench_vlm.py
         from bench_vlm import main as bench_vlm

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
+
+from mmlit.compile import repeated_blocks
 
 __all__ = ["Backbone", "Encoded", "Features"]
 
@@ -88,6 +90,7 @@ class Backbone(nn.Module):
         self.vocab_size = getattr(text, "vocab_size", vocab_size)
         self.max_length = getattr(text, "max_length", max_length)
         self._passes: dict | None = None  # (modality, tensor id) -> (tensor, encoder output), inside shared_pass()
+        self._probe: Callable[[Features], Features] | None = None  # sees what each forward returns, inside probing()
 
     def spec(self, modality: str) -> Any:
         """The encoder of ``modality``, or for ``text`` without one (a captioning decoder's targets) the backbone's
@@ -121,6 +124,31 @@ class Backbone(nn.Module):
         finally:
             self._passes = None
 
+    @contextlib.contextmanager
+    def probing(self, probe: Callable[[Features], Features] | None) -> Iterator[None]:
+        """Within it, what ``forward`` returns goes through ``probe`` (None: nothing changes). The gradient statistics
+        use it to see each task's gradient on the features its head reads (``FeatureGradients``)."""
+        self._probe = probe
+        try:
+            yield
+        finally:
+            self._probe = None
+
+    def top_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters at the top of each part (each encoder, and the fusion): the last of its repeated
+        blocks and what the part registers after it (a final norm, a pooler); a part without repeated blocks (a small
+        CNN, an MLP fusion) whole. The gradient statistics measure the tasks' gradients on these (GradNorm measures
+        them on the last shared layer)."""
+        top = []
+        for part in [*self.encoders.values(), *filter(None, [self.fusion])]:
+            params = list(part.parameters())
+            blocks = repeated_blocks(part)
+            if blocks:
+                last = {id(p) for p in blocks[-1].parameters()}
+                params = params[next((i for i, p in enumerate(params) if id(p) in last), 0):]
+            top.extend(p for p in params if p.requires_grad)
+        return top
+
     def encode(self, modality: str, x: torch.Tensor) -> Encoded:
         """``x`` through the encoder of ``modality`` (once per tensor inside ``shared_pass``)."""
         if modality not in self.encoders:
@@ -149,7 +177,7 @@ class Backbone(nn.Module):
             if self.fusion is None:
                 raise ValueError("model.backbone: a task asked for fused features, but the backbone has no fusion")
             out.fused = self.fusion(out.encoded, index or {})
-        return out
+        return out if self._probe is None else self._probe(out)
 
 
 def _default_encoder(modality: str, dim: int) -> nn.Module:

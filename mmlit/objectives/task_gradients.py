@@ -17,6 +17,8 @@ sees them and multiplies again when writing, so that the precision plugin's own 
 
 from __future__ import annotations
 
+import weakref
+from functools import partial
 from typing import Callable
 
 import torch
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from mmlit.compat.torch import reduce_gradients_manually
 from mmlit.objectives.base import Objective, mean_over_ranks
 
-__all__ = ["TaskGradients", "flat_task_gradients", "gradient_statistics"]
+__all__ = ["FeatureGradients", "TaskGradients", "gradient_statistics", "parameter_columns"]
 
 
 def _flat(params: list[nn.Parameter], grads: list[Tensor | None]) -> Tensor:
@@ -98,11 +100,11 @@ class TaskGradients:
         reduce_gradients_manually(wrapper)
 
     def step(self, objective: Objective, others: list[nn.Parameter], loss_scale: float, step: int,
-             statistics: Callable[[dict[str, Tensor]], None] | None = None) -> bool:
+             statistics: Callable[[Tensor, list[str]], None] | None = None) -> bool:
         """The gradient step, just before the optimizer steps: gather over ranks, unscale, check, let ``objective``
         combine the task gradients and write its update (scaled again, for the precision plugin) into ``.grad``.
         Returns False, having written nothing, when a gradient is not finite (the same on every rank: they were
-        averaged). ``statistics`` gets the per-task gradient norms and cosines (at logging steps)."""
+        averaged). ``statistics`` gets the unscaled task gradients and their tasks (at logging steps)."""
         if not self.grads:
             raise RuntimeError("no per-task gradients reached the objective: the strategy back-propagated without "
                                "LightningModule.backward")
@@ -115,7 +117,7 @@ class TaskGradients:
         if not finite:
             return False
         if statistics is not None:
-            statistics(gradient_statistics(grads, tasks))
+            statistics(grads, tasks)
         self.write(objective.combine(grads, losses, tasks, step) * loss_scale)
         return True
 
@@ -129,13 +131,81 @@ class TaskGradients:
             offset += p.numel()
 
 
-def flat_task_gradients(losses: dict[str, Tensor], params: list[nn.Parameter],
-                        scale: Callable[[Tensor], Tensor]) -> Tensor:
-    """Each task's gradient on ``params`` (T, P) by ``torch.autograd.grad``, which leaves ``.grad`` and DDP's
-    reducer untouched (for the statistics of loss-based objectives); averaged over ranks, still scaled."""
-    rows = [_flat(params, torch.autograd.grad(scale(loss), params, retain_graph=True, allow_unused=True))
-            for loss in losses.values()]
-    return mean_over_ranks(torch.stack(rows))
+class FeatureGradients:
+    """Each task's gradient on the backbone's top parameters, measured inside the training step's own backward pass
+    (for the statistics of loss-based objectives).
+
+    Inside ``Backbone.probing``, each task's view of the features its head reads is an alias of its own (the pass
+    itself stays shared). The step's backward pass reaches each task loss ``L_t`` first, with the factor ``dL/dL_t``
+    that the objective (and the loss scale and the accumulation) gives it, then each alias with that task's gradient
+    on the features. There, divided by the factor (the gradient of ``L_t`` alone), it is back-propagated to ``params``
+    right away (``torch.autograd.grad``, which leaves ``.grad`` and DDP's reducer alone): through the fusion and each
+    encoder's top only, while their saved tensors are still there, so the step's pass keeps no graph for it (kept, it
+    cost as much as the measurement, in allocations). Each task's rows sum over its aliases."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        self.task: str | None = None  # the task whose head asks the backbone now
+        self.tasks: list[str] = []  # the step's tasks, in the order of its losses (the same on every rank)
+        self.aliases: list[Tensor] = []  # the aliased tensors, alive for the backward pass (hooks hold weak references)
+        self.factors: dict[str, Tensor] = {}
+        self.sums: dict[str, Tensor] = {}
+
+    def __call__(self, features):
+        """``Backbone.probing``'s probe: ``features`` with each tensor that trains replaced by an alias of the task's."""
+        encoded = {name: self._watched(e) for name, e in features.encoded.items()}
+        return type(features)(encoded, self._watched(features.fused) if features.fused is not None else None)
+
+    def _watched(self, encoded):
+        return type(encoded)(*(self._alias(t) for t in encoded[:2]), *encoded[2:])
+
+    def _alias(self, tensor: Tensor | None) -> Tensor | None:
+        if tensor is None or not tensor.requires_grad or self.task is None:
+            return tensor
+        alias = tensor.view_as(tensor)
+        # (the pass back starts from the aliased tensor: from the alias, it would run this hook again)
+        alias.register_hook(partial(_measure, weakref.ref(tensor), self.task, self.params, self.factors, self.sums))
+        self.aliases.append(tensor)
+        return alias
+
+    def watch(self, losses: dict[str, Tensor]) -> None:
+        """Keep ``dL/dL_t`` of each task loss when the step's backward pass reaches it."""
+        self.tasks = list(losses)
+        for name, loss in losses.items():
+            if loss.requires_grad:
+                loss.register_hook(partial(_keep, self.factors, name))
+
+    def rows(self) -> Tensor:
+        """(T, P): each task's gradient on ``params`` (zeros where it has none), this rank's, after the backward pass."""
+        zeros = _flat(self.params, [None] * len(self.params))
+        return torch.stack([self.sums.get(name, zeros) for name in self.tasks])
+
+
+def _keep(store: dict, key, grad: Tensor) -> None:
+    store[key] = grad.detach()
+
+
+def _measure(aliased: weakref.ref, task: str, params: list[nn.Parameter], factors: dict[str, Tensor],
+             sums: dict[str, Tensor], grad: Tensor) -> None:
+    """A task's gradient on an alias: its part of the task's gradient on ``params``, back-propagated now from the
+    aliased tensor."""
+    tensor, factor = aliased(), factors.get(task)
+    if tensor is None or factor is None:
+        return
+    factor = torch.where(factor == 0, torch.inf, factor)  # (a task weighted 0 shows no gradient: zeros)
+    grads = torch.autograd.grad(tensor, params, grad.detach() / factor, retain_graph=True, allow_unused=True)
+    flat = _flat(params, list(grads))
+    sums[task] = sums[task] + flat if task in sums else flat
+
+
+def parameter_columns(params: list[nn.Parameter], chosen: list[nn.Parameter]) -> Tensor:
+    """The positions of ``chosen``'s values in a flat vector of ``params`` (``_flat``'s order)."""
+    wanted, offset, columns = {id(p) for p in chosen}, 0, []
+    for p in params:
+        if id(p) in wanted:
+            columns.append(torch.arange(offset, offset + p.numel()))
+        offset += p.numel()
+    return torch.cat(columns) if columns else torch.zeros(0, dtype=torch.long)
 
 
 def gradient_statistics(grads: Tensor, tasks: list[str]) -> dict[str, Tensor]:

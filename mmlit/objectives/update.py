@@ -32,8 +32,10 @@ from mmlit.compat.lightning import ddp_finds_unused_parameters, grad_scaler
 from mmlit.data.mixing import AllTasks
 from mmlit.distributed import reduce_over_ranks
 from mmlit.fsdp import shards_parameters
-from mmlit.objectives.base import Objective
-from mmlit.objectives.task_gradients import TaskGradients, flat_task_gradients, gradient_statistics
+from mmlit.objectives.base import Objective, mean_over_ranks
+from mmlit.objectives.task_gradients import (
+    FeatureGradients, TaskGradients, gradient_statistics, parameter_columns,
+)
 from mmlit.optim import skips_on_device
 from mmlit.registry import get_objective, list_objectives
 
@@ -59,10 +61,12 @@ class ObjectiveUpdate:
     Args:
         objective: the bound objective.
         shared: returns the shared (backbone) parameters that train, asked anew each step.
+        top: returns those of them that the gradient statistics measure (``Backbone.top_parameters``).
     """
 
-    def __init__(self, objective: Objective, shared: Callable[[], list[nn.Parameter]]):
-        self.objective, self.shared = objective, shared
+    def __init__(self, objective: Objective, shared: Callable[[], list[nn.Parameter]],
+                 top: Callable[[], list[nn.Parameter]]):
+        self.objective, self.shared, self.top = objective, shared, top
         self.task_gradients = TaskGradients(shared) if objective.uses_gradients else None
         self._skipped = 0  # steps skipped and counted on the host (by the fp16 scaler; after reading the verdict)
         self._found: Tensor | None = None  # (2,) on the device: steps the optimizer skipped itself, and the last one
@@ -71,6 +75,7 @@ class ObjectiveUpdate:
         self.losses: dict[str, Tensor] | None = None  # this micro-batch's task losses (their graphs alive)
         self.want_statistics = False  # set by the GradientStatistics callback at logging steps
         self.statistics: dict[str, Tensor] | None = None  # the task gradients' norms and cosines, when wanted
+        self.probe: FeatureGradients | None = None  # a loss-based objective's step that measures them
 
     @property
     def skipped_steps(self) -> int:
@@ -139,6 +144,18 @@ class ObjectiveUpdate:
         if self.task_gradients is not None:
             self.task_gradients.reduce_instead_of_ddp(trainer.strategy.model)
 
+    def feature_probe(self) -> FeatureGradients | None:
+        """At a step whose statistics a loss-based objective measures: the probe that the backbone's features go
+        through (``Backbone.probing``); None otherwise."""
+        top = self.top() if self.want_statistics and self.task_gradients is None else []
+        self.probe = FeatureGradients(top) if top else None
+        return self.probe
+
+    def measure(self) -> None:
+        """After the step's backward pass, in which ``probe`` measured them: the statistics, averaged over ranks."""
+        probe, self.probe = self.probe, None
+        self.statistics = gradient_statistics(mean_over_ranks(probe.rows()), probe.tasks)
+
     def backward(self, trainer) -> None:
         """A gradient-based objective's backward: each task's loss on its own (divided by the accumulation, as
         Lightning divides the loss)."""
@@ -198,10 +215,15 @@ class ObjectiveUpdate:
     def _combine(self, module) -> None:
         shared = {id(p) for p in self.task_gradients.params}
         others = [p for p in module.parameters() if p.requires_grad and id(p) not in shared]
-        wanted = (lambda stats: setattr(self, "statistics", stats)) if self.want_statistics else None
+        wanted = self._on_top if self.want_statistics else None
         if not self.task_gradients.step(self.objective, others, self.loss_scale(module.trainer), module.global_step,
                                         wanted):
             self._skip(module)
+
+    def _on_top(self, grads: Tensor, tasks: list[str]) -> None:
+        """The statistics of a gradient-based objective's task gradients (T, P), on the top parameters."""
+        columns = parameter_columns(self.task_gradients.params, self.top()).to(grads.device)
+        self.statistics = gradient_statistics(grads[:, columns], tasks)
 
     def _skip(self, module) -> None:
         if grad_scaler(module.trainer) is not None:
@@ -212,12 +234,3 @@ class ObjectiveUpdate:
             p.grad = None  # the optimizer leaves parameters without a gradient alone
         rank_zero_warn(f"non-finite gradients at step {module.global_step}: the step is skipped on every rank "
                        f"({self.skipped_steps} skipped so far)")
-
-    def loss_statistics(self, trainer) -> dict[str, Tensor]:
-        """For a loss-based objective: the task gradients' norms and cosines on the shared parameters, from this
-        micro-batch's losses (one ``autograd.grad`` per task; the graphs stay for the backward pass)."""
-        shared = self.shared()
-        if not shared:  # a frozen backbone (a vision-language model's align stage): no task gradient to compare
-            return {}
-        grads = flat_task_gradients(self.losses, shared, lambda loss: self.scale(trainer, loss))
-        return gradient_statistics(grads / self.loss_scale(trainer), list(self.losses))

@@ -20,7 +20,7 @@ from mmlit.data import RoundRobin
 
 from .._processes import free_port, run as run_process
 from ..conftest import REPO, tiny_recipe, write_recipe
-from ._train import build_module, interleave, loader, shared, step_batches, trainer, weights
+from ._train import TASKS, build_module, interleave, loader, shared, step_batches, trainer, weights
 
 STEPS = 3
 
@@ -204,3 +204,32 @@ def test_gradient_statistics_can_be_turned_off(method, accumulate, batches, tmp_
         logged[on] = set(fit.logged_metrics)
     assert "train/objective/grad_norm/vqa" in logged[True] and "train/objective/cosine/vqa:image_classification" in logged[True]
     assert not any("grad_norm" in key or "cosine" in key for key in logged[False])
+
+
+@pytest.mark.parametrize("method", ["static", "uncertainty", "pcgrad"])
+def test_gradient_statistics_are_each_tasks_own_gradient_on_the_backbones_top(method, batches, tmp_path):
+    """The logged norms and cosine are those of each task's loss alone, back-propagated to ``top_parameters`` (the
+    fusion's and each encoder's last block and what follows it), whatever weights the objective gives the tasks:
+    measured from the step's own backward pass for a loss-based objective, from the task gradients for a
+    gradient-based one."""
+    settings = {"static": {"weights": {"vqa": 3.0, "image_classification": 0.25}}}.get(method, {})
+    reference = build_module(method, **settings)
+    step = batches["whole"][0]
+    with reference.backbone.shared_pass():
+        losses = {name: reference.tasks[name](reference.backbone, task_batch)["loss"] for name, task_batch in step.items()}
+    top = reference.backbone.top_parameters()
+    image = reference.backbone.encoders["image"]
+    assert 0 < sum(p.numel() for p in top if any(p is q for q in image.parameters())) < sum(p.numel() for p in image.parameters())
+    assert all(any(p is q for q in top) for p in reference.backbone.fusion.parameters())  # (depth 1: no repeated blocks)
+    grads = {name: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for p, g in zip(
+        top, torch.autograd.grad(loss, top, retain_graph=True, allow_unused=True))]) for name, loss in losses.items()}
+    norms = {name: g.norm().item() for name, g in grads.items()}
+    cosine = torch.nn.functional.cosine_similarity(grads["vqa"], grads["image_classification"], dim=0).item()
+
+    module = build_module(method, **settings)
+    fit = trainer(tmp_path, 1)
+    fit.fit(module, loader(batches["whole"][:1]))
+    logged = {k.removeprefix("train/objective/"): v.item() for k, v in fit.logged_metrics.items()}
+    for name in TASKS:
+        assert logged[f"grad_norm/{name}"] == pytest.approx(norms[name], rel=1e-4), name
+    assert logged["cosine/vqa:image_classification"] == pytest.approx(cosine, abs=1e-4)
