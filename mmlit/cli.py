@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from mmlit.callbacks import PredictionWriter, Preemption, Progress, Throughput, parameter_counts, peak_memory_mib
 from mmlit.checkpoints import AtomicCheckpointIO, checkpoint_file, resolve_checkpoint
+from mmlit.compat.notices import quiet_library_notices
 from mmlit.data import DataMonitor, MultiTaskDataModule
 from mmlit.heartbeat import Heartbeat
 from mmlit.loggers import WandbContinuity, WandbLogger, wandb_run_of
@@ -224,6 +225,8 @@ def _export_run_command(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_notices()
+    command_line = argv is None  # (LightningCLI reads sys.argv itself then: given both, it warns)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _LISTS:
         return _list_command(argv[0], argv[1:])
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         from mmlit.data.tools import main as data_main
 
         return data_main(argv[1:])
-    MMLitCLI(args=argv)
+    MMLitCLI(args=None if command_line else argv)
     _close_process_group()  # (after a failure, mmlit.distributed's failure watch ends the ranks instead)
     return 0
 

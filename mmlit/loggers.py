@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
-from mmlit.compat.lightning import wandb_continue, wandb_run
+from mmlit.compat.lightning import wandb_continue, wandb_run, wandb_without_unset_settings
 
 __all__ = ["WandbContinuity", "WandbLogger", "wandb_run_of", "wandb_should_run_offline"]
 
@@ -85,6 +85,7 @@ class WandbLogger(_LightningWandbLogger):
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(project=project, name=name, save_dir=save_dir, offline=offline,
                          log_model=log_model and not offline, tags=tags, group=group)
+        wandb_without_unset_settings(self)
         self.is_offline = offline
 
     def finalize(self, status: str) -> None:

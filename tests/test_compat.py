@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
 from mmlit.compat.lightning import (ddp_finds_unused_parameters, grad_scaler, one_data_parallel_dimension,
-                                    steps_processed, wandb_continue, wandb_run)
+                                    steps_processed, wandb_continue, wandb_run, wandb_without_unset_settings)
 from mmlit.compat.torch import (DCP_INDEX, SafeFileSystemReader, allow_retained_compiled_backward, default_store,
                                 read_dcp_index, reduce_gradients_manually)
 from mmlit.loggers import WandbLogger
@@ -72,6 +72,19 @@ def test_a_wandb_logger_continues_a_run_before_it_starts(tmp_path, monkeypatch):
     logger.experiment.finish()
 
 
+def test_lightnings_wandb_logger_still_passes_an_unset_anonymous_setting_and_mmlits_does_not(tmp_path, capsys):
+    from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
+    plain = LightningWandbLogger(save_dir=str(tmp_path), offline=True)
+    assert plain._wandb_init["anonymous"] is None  # (else wandb_without_unset_settings can go)
+    wandb_without_unset_settings(plain)
+    assert "anonymous" not in plain._wandb_init
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True)
+    assert "anonymous" not in logger._wandb_init
+    logger.experiment.finish()
+    assert "anonymous setting" not in capsys.readouterr().err
+
+
 @pytest.fixture
 def process_group():
     with socket.socket() as s:
@@ -118,3 +131,50 @@ def test_a_checkpoint_index_that_torch_writes_reads_without_pickle(tmp_path):
         loaded = {"state_dict": {k: torch.empty_like(v) for k, v in weights.items()}}
         dcp.load(loaded, storage_reader=SafeFileSystemReader(tmp_path), no_dist=True)
     assert all(torch.equal(loaded["state_dict"][k], v) for k, v in weights.items())
+
+
+def test_the_library_notices_mmlit_filters_are_still_emitted_and_only_they_are_filtered(tmp_path):
+    """Lightning still emits each notice that ``quiet_library_notices`` filters (else its filter should go), and
+    after it the notices are gone while another FutureWarning and another Lightning info line still show."""
+    import logging
+
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.utilities import rank_zero_info
+    from lightning.pytorch.utilities._pytree import _tree_flatten
+
+    from mmlit.compat import notices
+
+    class Records(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    def notices_seen() -> tuple[bool, bool, bool, bool, bool]:
+        lines.clear()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            if filtered:
+                notices.quiet_library_notices()
+            _tree_flatten(1)
+            warnings.warn("another notice", FutureWarning)
+            pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       default_root_dir=str(tmp_path)).fit(BoringModel())  # (its default ModelCheckpoint: the tip)
+            rank_zero_info("another info line")
+        messages = [str(w.message) for w in seen]
+        return (notices.LEAF_SPEC in messages, "another notice" in messages,
+                any(line.startswith(notices.LITLOGGER_TIP) for line in lines),
+                any(line.startswith(notices.LITMODELS_TIP) for line in lines), "another info line" in lines)
+
+    lines: list[str] = []
+    logger, handler = logging.getLogger(notices._LIGHTNING_INFO), Records()
+    before, level = list(logger.filters), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        filtered = False
+        assert notices_seen() == (True, True, True, True, True)
+        filtered = True
+        assert notices_seen() == (False, True, False, False, True)
+    finally:
+        logger.filters[:] = before
+        logger.removeHandler(handler)
+        logger.setLevel(level)

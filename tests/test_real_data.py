@@ -154,6 +154,8 @@ def test_runs_print_a_line_per_epoch_off_a_terminal_and_plot_their_curves(soc, t
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("epoch 0/1"))
     assert "step 3" in line and "val/vqa/acc_rel" in line and "train/loss" in line
+    for notice in ("LightningCLI's args parameter", "LeafSpec", "litmodels", "litlogger"):  # (mmlit's cause; libraries' adverts)
+        assert notice not in result.stdout + result.stderr, notice
 
     assert main(["plot", str(tmp_path / "run")]) == 0
     for name in ("losses.png", "metrics.png", "objective.png", "gradients.png"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["ddp_finds_unused_parameters", "grad_scaler", "one_data_parallel_dimension", "steps_processed",
-           "wandb_continue", "wandb_run"]
+           "wandb_continue", "wandb_run", "wandb_without_unset_settings"]
 
 
 def ddp_finds_unused_parameters(strategy: Any) -> bool:
@@ -36,6 +36,13 @@ def steps_processed(trainer: Any) -> int:
 def wandb_run(logger: Any):
     """The W&B run of Lightning's ``WandbLogger`` if it has started (its ``experiment`` property would start one)."""
     return logger._experiment
+
+
+def wandb_without_unset_settings(logger: Any) -> None:
+    """Leave out of a ``WandbLogger``'s ``wandb.init`` arguments the ``anonymous`` setting that Lightning passes even
+    when unset (None): wandb 0.31 warns that the setting "has no effect and will be removed" whenever it is given."""
+    if logger._wandb_init.get("anonymous", False) is None:
+        del logger._wandb_init["anonymous"]
 
 
 def wandb_continue(logger: Any, run_id: str) -> None:
