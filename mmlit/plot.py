@@ -6,7 +6,9 @@ later version's value of a step wins) and draws, into ``RUN_DIR/plots/``:
 * ``losses.png``: each task's training loss (raw and a moving average) and validation loss, against the step;
 * ``metrics.png``: each task's validation metrics;
 * ``objective.png``: the objective's weight per task, and the total loss;
-* ``gradients.png``: the cosines between the tasks' gradients, and each task's gradient norm;
+* ``gradients.png``: a task-by-task matrix: each task's gradient norm on its diagonal, the cosine between two tasks'
+  gradients over training below it (red where they conflict), and that cosine's mean over the last quarter of the
+  run above it;
 * ``throughput.png``: examples per second.
 
 A figure whose values the run did not log is not drawn.
@@ -20,7 +22,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["figure", "main", "plot_run", "read_metrics"]
+__all__ = ["figure", "gradient_matrix", "main", "plot_run", "read_metrics"]
 
 Series = dict[str, list[tuple[int, float]]]  # key -> [(step, value)] sorted by step
 
@@ -101,11 +103,74 @@ def figure(panels: dict[str, dict[str, list[tuple[float, float]]]], title: str, 
     return True
 
 
+def gradient_matrix(norms: Series, cosines: dict[tuple[str, str], list[tuple[int, float]]], title: str,
+                    path: Path) -> bool:
+    """The task-by-task picture of the gradient statistics, readable for 2 to 10 tasks: row ``a``, column ``b`` holds
+    the cosine between tasks ``a`` and ``b`` over training below the diagonal, its mean over the last quarter of the
+    logged steps above it (a number on a red-to-blue cell), and task ``a``'s gradient norm on the diagonal. False
+    (nothing written) without values."""
+    tasks = sorted(set(norms) | {task for pair in cosines for task in pair})
+    if not tasks:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    n = len(tasks)
+    cell = 2.2 if n <= 4 else 1.7
+    fig, axes = plt.subplots(n, n, figsize=(max(cell * n, 6.5), max(cell * n * 0.8, 3.6) + 0.8), squeeze=False)
+    colours = plt.get_cmap("RdBu")
+    for i, a in enumerate(tasks):
+        for j, b in enumerate(tasks):
+            ax = axes[i][j]
+            ax.tick_params(labelsize=6)
+            points = cosines.get((a, b)) or cosines.get((b, a))
+            if i == j:
+                if norms.get(a):
+                    steps, values = zip(*norms[a])
+                    ax.plot(steps, values, color="black", linewidth=1)
+                    if min(values) > 0 and max(values) > 4 * min(values):
+                        ax.set_yscale("log")
+                        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                ax.set_title(f"{a}: gradient norm", fontsize=7)
+            elif not points:
+                ax.axis("off")
+            elif i > j:
+                steps, values = zip(*points)
+                ax.plot(steps, values, color="black", linewidth=0.8)
+                ax.fill_between(steps, values, 0, where=[v < 0 for v in values], color="tab:red", alpha=0.4,
+                                interpolate=True)
+                ax.axhline(0, color="grey", linewidth=0.6)
+                ax.set_ylim(-1.05, 1.05)
+            else:
+                late = [v for _, v in points[len(points) * 3 // 4:]]
+                mean = sum(late) / len(late)
+                ax.set_facecolor(colours((mean + 1) / 2))
+                ax.text(0.5, 0.5, f"{mean:+.2f}", ha="center", va="center", fontsize=11 if n <= 6 else 8,
+                        color="white" if abs(mean) > 0.6 else "black", transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(a, fontsize=8)
+            if i == n - 1:
+                ax.set_xlabel(b if i != j else f"{b}\nstep", fontsize=8)
+    fig.suptitle(f"{title}\nbelow the diagonal: cosine of two tasks' gradients by step (red: they conflict)\n"
+                 f"above: its mean over the last quarter of the run; on it: each task's gradient norm", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Draw the run's figures into ``out`` (default ``RUN_DIR/plots``); returns the files written."""
     series = read_metrics(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "plots"
-    losses, metrics, objective, gradients = defaultdict(dict), defaultdict(dict), defaultdict(dict), defaultdict(dict)
+    losses, metrics, objective = defaultdict(dict), defaultdict(dict), defaultdict(dict)
+    norms, cosines = {}, {}
     for key, points in series.items():
         parts = key.split("/")
         if len(parts) == 3 and parts[0] in ("train", "val", "test") and parts[2] == "loss":
@@ -116,22 +181,25 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
             objective["weight per task"][parts[-1]] = points
         elif key == "train/loss":
             objective["objective's total loss"]["train/loss"] = points
-        elif key.startswith("train/objective/cosine/"):
-            gradients["gradient cosine between tasks"][parts[-1]] = points
+        elif key.startswith("train/objective/cosine/") and ":" in parts[-1]:
+            a, b = parts[-1].split(":", 1)
+            cosines[(a, b)] = points
         elif key.startswith("train/objective/grad_norm/"):
-            gradients["gradient norm on the backbone"][parts[-1]] = points
+            norms[parts[-1]] = points
     name = Path(run_dir).resolve().name
     figures = {
         "losses.png": (losses, f"{name}: losses", True),
         "metrics.png": (metrics, f"{name}: evaluation metrics", False),
         "objective.png": (objective, f"{name}: multi-task objective", True),
-        "gradients.png": (gradients, f"{name}: task gradients", False),
         "throughput.png": ({"examples per second": {k: v for k, v in series.items() if k.startswith("train/")
                                                      and k.endswith("samples_per_sec")}},
                            f"{name}: throughput", False),
     }
-    return [out / file for file, (panels, title, smooth) in figures.items()
-            if figure(panels, title, out / file, smooth)]
+    written = [out / file for file, (panels, title, smooth) in figures.items()
+               if figure(panels, title, out / file, smooth)]
+    if gradient_matrix(norms, cosines, f"{name}: task gradients on the backbone's top", out / "gradients.png"):
+        written.append(out / "gradients.png")
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
