@@ -138,7 +138,7 @@ class MultiTaskModule(pl.LightningModule):
         with self.backbone.shared_pass(), self.backbone.probing(probe):
             for name, task_batch in batch.items():
                 if probe is not None:
-                    probe.task = name
+                    probe.task = name if self.tasks[name].reads_backbone_outputs else None
                 losses[name] = self.tasks[name](self.backbone, task_batch)["loss"]
                 self.log(f"train/{name}/loss", losses[name], batch_size=batch_size_of(task_batch))
         if probe is not None:
@@ -155,6 +155,9 @@ class MultiTaskModule(pl.LightningModule):
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         if self.update.task_gradients is None:
+            if self.update.probe is not None:
+                self.update.measure_direct(self.trainer, {name: value for name, value in self.update.losses.items()
+                                                          if not self.tasks[name].reads_backbone_outputs})
             super().backward(loss, *args, **kwargs)
             self.update.losses = None  # (their graphs are spent)
             if self.update.probe is not None:  # (it measured the gradient statistics in that pass)

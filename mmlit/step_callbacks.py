@@ -62,14 +62,15 @@ class GradientStatistics(pl.Callback):
     (``train/objective/grad_norm/{task}``) and the cosine between two tasks' gradients there
     (``train/objective/cosine/{a}:{b}``; negative: they conflict), averaged over ranks and unscaled.
 
-    The top is ``Backbone.top_parameters``: the last block of each encoder and of the fusion, with what follows it (a
-    final norm), or a part without repeated blocks whole. GradNorm measures task gradients on the last shared layer
+    The top is ``Backbone.top_parameters``: each encoder's last block with what follows it (a final norm), or an
+    encoder without repeated blocks whole, and the fusion. GradNorm measures task gradients on the last shared layer
     for the same reason: they are what the heads pull on, and measuring them costs a fraction of a backward pass. A
     gradient-based objective has every task's gradient already and the statistics take its top columns; a loss-based
     one gets each task's gradient on the features its head reads from the step's own backward pass and back-propagates
     it through the top alone (``FeatureGradients``): 1.4-1.6% of the training time at a logging interval of 10 steps
     (``tools/bench_train.py``'s case e, docs/benchmarks.md), where one more backward pass per task through the whole
-    backbone had cost 12%.
+    backbone had cost 12%. A head that runs an encoder's layers itself (``Task.reads_backbone_outputs`` False: prefix
+    LM, VLM) has its loss back-propagated to the top on its own instead. A task weighted 0 at a step: NaN.
     Off under FSDP: a rank holds shards of the parameters, and ``autograd.grad`` reaches only whole ones."""
 
     def __init__(self):

@@ -72,11 +72,13 @@ def _main_imports() -> list[str]:
             tree = ast.parse(file.read())
     except (TypeError, OSError, SyntaxError, ValueError):  # no file (an interactive session), or not Python source
         return []
-    return list(dict.fromkeys(_imports(tree.body)))
+    # (only what imported cleanly here: the server stops at an import that raises anything but ImportError)
+    return [name for name in dict.fromkeys(_imports(tree.body)) if name in sys.modules]
 
 
 def _imports(body: list[ast.stmt]) -> Iterable[str]:
-    """Absolute imports run when these statements run: not those in functions, classes or ``if TYPE_CHECKING``. A
+    """Absolute imports run when these statements run as ``__mp_main__``: not those in functions, classes, ``if
+    TYPE_CHECKING`` or ``if __name__ == "__main__"``. A
     ``from X import Y`` names X and X.Y (Y may be a module; the server passes over names that are not)."""
     for node in body:
         if isinstance(node, ast.Import):
@@ -84,7 +86,8 @@ def _imports(body: list[ast.stmt]) -> Iterable[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             yield node.module
             yield from (f"{node.module}.{alias.name}" for alias in node.names if alias.name != "*")
-        elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+        elif isinstance(node, ast.If) and not any(word in ast.unparse(node.test) for word in ("TYPE_CHECKING",
+                                                                                                "__main__")):
             yield from _imports(node.body + node.orelse)
         elif isinstance(node, ast.Try):
             yield from _imports(node.body + node.orelse + node.finalbody)

@@ -135,18 +135,20 @@ class Backbone(nn.Module):
             self._probe = None
 
     def top_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters at the top of each part (each encoder, and the fusion): the last of its repeated
-        blocks and what the part registers after it (a final norm, a pooler); a part without repeated blocks (a small
-        CNN, an MLP fusion) whole. The gradient statistics measure the tasks' gradients on these (GradNorm measures
-        them on the last shared layer)."""
+        """The trainable parameters at the top of the backbone: each encoder's last repeated block and the modules it
+        registers after it (a final norm, a pooler), an encoder without repeated blocks (a small CNN) whole, and the
+        fusion whole (its lists of modules may be side by side, one per modality, not stacked). The gradient
+        statistics measure the tasks' gradients on these (GradNorm measures them on the last shared layer)."""
         top = []
-        for part in [*self.encoders.values(), *filter(None, [self.fusion])]:
+        for part in self.encoders.values():
             params = list(part.parameters())
             blocks = repeated_blocks(part)
             if blocks:
                 last = {id(p) for p in blocks[-1].parameters()}
                 params = params[next((i for i, p in enumerate(params) if id(p) in last), 0):]
             top.extend(p for p in params if p.requires_grad)
+        if self.fusion is not None:
+            top.extend(p for p in self.fusion.parameters() if p.requires_grad)
         return top
 
     def encode(self, modality: str, x: torch.Tensor) -> Encoded:

@@ -160,7 +160,7 @@ class FeatureGradients:
         return type(encoded)(*(self._alias(t) for t in encoded[:2]), *encoded[2:])
 
     def _alias(self, tensor: Tensor | None) -> Tensor | None:
-        if tensor is None or not tensor.requires_grad or self.task is None:
+        if tensor is None or not tensor.requires_grad or self.task is None:  # (None: a task measured ``direct``ly)
             return tensor
         alias = tensor.view_as(tensor)
         # (the pass back starts from the aliased tensor: from the alias, it would run this hook again)
@@ -174,6 +174,14 @@ class FeatureGradients:
         for name, loss in losses.items():
             if loss.requires_grad:
                 loss.register_hook(partial(_keep, self.factors, name))
+
+    def direct(self, losses: dict[str, Tensor], scale: Callable[[Tensor], Tensor], loss_scale: float) -> None:
+        """The rows of tasks whose heads run an encoder's layers themselves (``Task.reads_backbone_outputs`` False),
+        before the step's backward pass: each loss, scaled as it will be, back to ``params`` (``autograd.grad``)."""
+        for name, loss in losses.items():
+            if loss.requires_grad:
+                grads = torch.autograd.grad(scale(loss), self.params, retain_graph=True, allow_unused=True)
+                self.sums[name] = _flat(self.params, list(grads)) / loss_scale
 
     def rows(self) -> Tensor:
         """(T, P): each task's gradient on ``params`` (zeros where it has none), this rank's, after the backward pass."""
@@ -192,9 +200,10 @@ def _measure(aliased: weakref.ref, task: str, params: list[nn.Parameter], factor
     tensor, factor = aliased(), factors.get(task)
     if tensor is None or factor is None:
         return
-    factor = torch.where(factor == 0, torch.inf, factor)  # (a task weighted 0 shows no gradient: zeros)
-    grads = torch.autograd.grad(tensor, params, grad.detach() / factor, retain_graph=True, allow_unused=True)
-    flat = _flat(params, list(grads))
+    # Back-propagated as it came (an fp16 loss scale keeps small values from underflowing), divided afterwards in
+    # float32; a task weighted 0 at this step has no gradient here to measure: NaN, not a zero that reads as one.
+    grads = torch.autograd.grad(tensor, params, grad.detach(), retain_graph=True, allow_unused=True)
+    flat = _flat(params, list(grads)) / torch.where(factor == 0, torch.nan, factor.float())
     sums[task] = sums[task] + flat if task in sums else flat
 
 

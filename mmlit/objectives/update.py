@@ -151,6 +151,11 @@ class ObjectiveUpdate:
         self.probe = FeatureGradients(top) if top else None
         return self.probe
 
+    def measure_direct(self, trainer, losses: dict[str, Tensor]) -> None:
+        """Before the step's backward pass: the statistics' rows of tasks whose heads run an encoder's layers."""
+        if losses:
+            self.probe.direct(losses, lambda loss: self.scale(trainer, loss), self.loss_scale(trainer))
+
     def measure(self) -> None:
         """After the step's backward pass, in which ``probe`` measured them: the statistics, averaged over ranks."""
         probe, self.probe = self.probe, None

@@ -38,6 +38,10 @@ class Task(nn.Module):
     task_name: ClassVar[str]  # set by @register_task
     modalities: ClassVar[tuple[str, ...]] = ()  # the backbone encoders the head reads, e.g. ("image", "text")
     fuses: ClassVar[bool] = False  # the head reads the backbone's fusion
+    # The head reads the backbone only through ``backbone(...)``: the gradient statistics then take its gradient on
+    # those features from the step's backward pass. False for a head that runs an encoder's layers itself (a text
+    # decoder, a language model): its statistics take one pass of its loss back to the backbone's top instead.
+    reads_backbone_outputs: ClassVar[bool] = True
 
     def __init__(self, data: TaskData):
         super().__init__()

@@ -103,6 +103,8 @@ class PrefixLM(Task):
         transform: the image pipeline (crops without flips or colour changes by default).
     """
 
+    reads_backbone_outputs = False  # (it runs the text encoder's layers itself)
+
     modalities = ("image", "text")
 
     def __init__(self, shards: Shards, batch_size: int = 8, target: Literal["answer", "caption"] = "answer",

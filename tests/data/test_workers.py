@@ -210,7 +210,7 @@ def test_workers_end_when_the_training_process_is_killed(soc):
 def test_what_a_worker_imports_leaves_lightning_out_and_the_server_preloads_what_a_script_imports(tmp_path):
     """A worker unpickles its stream from ``mmlit.data.stream``: importing that (and the ``mmlit.data`` package) does
     not import Lightning, which only the training process uses. The fork server imports what the main script imports
-    at its top level, not what it imports inside functions or only for type checkers."""
+    at its top level, not what it imports inside functions, only for type checkers or only when run as a script."""
     script = tmp_path / "main.py"
     script.write_text(
         "import json, sys\n"
@@ -226,10 +226,12 @@ def test_what_a_worker_imports_leaves_lightning_out_and_the_server_preloads_what
         "    import tomllib\n"
         "except ImportError:\n"
         "    pass\n"
+        "if __name__ == '__main__':\n"
+        "    import wave\n"
         "print(json.dumps({'lightning': 'lightning' in sys.modules, 'imports': _main_imports()}))\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, timeout=120)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["lightning"] is False
-    assert result["imports"] == ["json", "sys", "typing", "typing.TYPE_CHECKING", "mmlit.data.stream", "mmlit.data",
-                                 "mmlit.data.TaskStream", "mmlit.data.workers", "mmlit.data.workers._main_imports",
+    # (names that are not modules, or were not imported here, are left out: the server would stop at a failing one)
+    assert result["imports"] == ["json", "sys", "typing", "mmlit.data.stream", "mmlit.data", "mmlit.data.workers",
                                  "tomllib"]

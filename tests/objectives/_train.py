@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from mmlit.data import iter_samples
 from mmlit.data.decode import decode_sample
 from mmlit.data.stream import _share_equal
-from mmlit.models import Backbone, CrossAttentionFusion, TimmImageEncoder, TransformerTextEncoder
+from mmlit.models import Backbone, CausalTextDecoder, CrossAttentionFusion, TimmImageEncoder, TransformerTextEncoder
 from mmlit.module import MultiTaskModule
 from mmlit.registry import get_objective
 from mmlit.tasks.base import Shards
@@ -29,8 +29,10 @@ SETTINGS = {"dwa": {"period": 1}}  # so that DWA's weights change within the few
 
 def build_module(method: str, seed: int = 0, tasks=TASKS, **objective) -> MultiTaskModule:
     pl.seed_everything(seed, verbose=False)
+    # (prefix_lm's decoder is the text encoder; 2 layers: its top is its last block)
+    text, depth = (CausalTextDecoder, 2) if "prefix_lm" in tasks else (TransformerTextEncoder, 1)
     backbone = Backbone({"image": TimmImageEncoder("test_convnext", dim=32, image_size=75, feature_index=2),
-                         "text": TransformerTextEncoder(vocab_size=256, dim=32, depth=1, heads=2, max_length=40)},
+                         "text": text(vocab_size=256, dim=32, depth=depth, heads=2, max_length=40)},
                         CrossAttentionFusion(dim=32, depth=1, heads=2))
     heads = {name: soc_task(name, Shards(train="unused")) for name in tasks}
     return MultiTaskModule(backbone, heads, get_objective(method)(**{**SETTINGS.get(method, {}), **objective}),
@@ -39,7 +41,7 @@ def build_module(method: str, seed: int = 0, tasks=TASKS, **objective) -> MultiT
 
 def step_batches(train_urls: list[str], tokenizer: str, steps: int, part: str | int, tasks=TASKS) -> list[dict]:
     """``steps`` batches ``{task: batch}``: the whole global batch (``part="whole"``) or half 0 / 1 of it."""
-    module = build_module("static")
+    module = build_module("static", tasks=tasks)
     tok = Tokenizer.from_file(tokenizer)
     samples = [decode_sample(s) for url in train_urls for s in iter_samples(url)]
     out = []
