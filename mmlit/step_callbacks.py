@@ -70,7 +70,7 @@ class GradientStatistics(pl.Callback):
     it through the top alone (``FeatureGradients``): 1.4-1.6% of the training time at a logging interval of 10 steps
     (``tools/bench_train.py``'s case e, docs/benchmarks.md), where one more backward pass per task through the whole
     backbone had cost 12%. A head that runs an encoder's layers itself (``Task.reads_backbone_outputs`` False: prefix
-    LM, VLM) has its loss back-propagated to the top on its own instead. A task weighted 0 at a step: NaN.
+    LM, VLM) has its loss back-propagated to the top on its own instead. Another task weighted 0 at a step: NaN.
     Off under FSDP: a rank holds shards of the parameters, and ``autograd.grad`` reaches only whole ones."""
 
     def __init__(self):
