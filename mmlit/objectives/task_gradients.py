@@ -138,10 +138,10 @@ class FeatureGradients:
     Inside ``Backbone.probing``, each task's view of the features its head reads is an alias of its own (the pass
     itself stays shared). The step's backward pass reaches each task loss ``L_t`` first, with the factor ``dL/dL_t``
     that the objective (and the loss scale and the accumulation) gives it, then each alias with that task's gradient
-    on the features. There, divided by the factor (the gradient of ``L_t`` alone), it is back-propagated to ``params``
-    right away (``torch.autograd.grad``, which leaves ``.grad`` and DDP's reducer alone): through the fusion and each
-    encoder's top only, while their saved tensors are still there, so the step's pass keeps no graph for it (kept, it
-    cost as much as the measurement, in allocations). Each task's rows sum over its aliases."""
+    on the features. There it is back-propagated to ``params`` right away (``torch.autograd.grad``, which leaves
+    ``.grad`` and DDP's reducer alone) and divided by the factor afterwards (the gradient of ``L_t`` alone): through
+    the fusion and each encoder's top only, while their saved tensors are still there, so the step's pass keeps no
+    graph for it (kept, it cost as much as the measurement, in allocations). Each task's row sums over its aliases."""
 
     def __init__(self, params: list[nn.Parameter]):
         self.params = params
