@@ -53,19 +53,21 @@ _PRELOAD = ["torch", "numpy", "PIL.Image", "tokenizers", "mmlit.data.stream"]
 
 
 def _main_imports() -> list[str]:
-    """The modules the main module imports at its top level (run as ``python -m NAME``: NAME).
+    """The modules the main module imports at its top level, whether it runs as a script or as ``python -m NAME``.
 
     Every worker started by forkserver or spawn runs the main module again, as __mp_main__ (multiprocessing's
     spawn.prepare): for `mmlit fit` that is the console script, which imports mmlit.cli with Lightning and timm, 1-2 s
     per worker when the server has not imported them (measured: a 3-task, 2-worker fit took 17.7 s instead of 7.1 s).
     With them imported by the server, the worker only runs the main module's own lines; a script that imports less
-    (``tools/bench_loader.py``) starts its server sooner. The main module itself cannot be preloaded: CPython 3.11's
-    forkserver asks get_preparation_data for 'main_path', which that names 'init_main_from_path', and never gets it.
+    (``tools/bench_loader.py``) starts its server sooner. The main module itself is not preloaded: CPython 3.11's
+    forkserver asks get_preparation_data for 'main_path', which that names 'init_main_from_path', and never gets it;
+    and a module run as ``-m NAME`` that the server had imported as NAME would make runpy warn in every worker
+    ("found in sys.modules ... prior to execution"), where importing what NAME imports saves the same time.
     """
     main = sys.modules.get("__main__")
     name = getattr(getattr(main, "__spec__", None), "name", None)
-    if name is not None:  # spawn.prepare runs NAME again, except a package's __main__
-        return [] if name == "__main__" or name.endswith(".__main__") else [name]
+    if name is not None and (name == "__main__" or name.endswith(".__main__")):
+        return []  # (spawn.prepare does not run a package's __main__ again)
     path = getattr(main, "__file__", None)
     try:
         with open(path, "rb") as file:

@@ -229,9 +229,13 @@ def test_what_a_worker_imports_leaves_lightning_out_and_the_server_preloads_what
         "if __name__ == '__main__':\n"
         "    import wave\n"
         "print(json.dumps({'lightning': 'lightning' in sys.modules, 'imports': _main_imports()}))\n")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, timeout=120)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["lightning"] is False
-    # (names that are not modules, or were not imported here, are left out: the server would stop at a failing one)
-    assert result["imports"] == ["json", "sys", "typing", "mmlit.data.stream", "mmlit.data", "mmlit.data.workers",
-                                 "tomllib"]
+    expected = ["json", "sys", "typing", "mmlit.data.stream", "mmlit.data", "mmlit.data.workers", "tomllib"]
+    # run as a script, and as ``python -m main``: its imports, never the module itself (runpy would warn in a worker)
+    for command in ([str(script)], ["-m", "main"]):
+        out = subprocess.run([sys.executable, *command], capture_output=True, text=True, check=True, timeout=120,
+                             cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+                                 str(tmp_path), os.environ.get("PYTHONPATH")]))))
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["lightning"] is False
+        # (names that are not modules, or were not imported here, are left out: the server would stop at a failing one)
+        assert result["imports"] == expected, command
