@@ -5,4 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 export WANDB_MODE=offline
+# One intra-op thread per process unless the caller says otherwise: the two pytest workers, and the ranks and data
+# workers their tests start, share the cores, and torch's default (a thread per core in every process) oversubscribes
+# them. Measured on 2 cores under load: tests/tasks/test_tasks.py took 116-123 s with the default, 47-50 s with 1.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 .venv/bin/python -m pytest -ra -n 2 --dist loadfile "$@"
