@@ -119,13 +119,24 @@ class VQAData(TaskData):
     def collate(self, examples: list[dict]) -> dict[str, Any]:
         """Images (B, 3, H, W) (or clips, under ``video``); questions flattened over images: question (Q, T) token ids
         (or spoken: a ``Padded`` batch of spectrograms), answers (Q, K) human answer ids, target_index / target_score
-        (Q, J) the soft target, question_id, answer_type, relational, image_index (Q,), key (Q)."""
+        (Q, J) the soft target, question_id, answer_type, relational, image_index (Q,), key (Q).
+
+        Written questions come once each: ``question`` holds the batch's distinct questions (U, T) and
+        ``question_index`` (Q,) each question's row in it, so a question asked of several images (Sort-of-CLEVR asks 36
+        distinct questions in all: a batch of 16 images and 320 questions has at most 36) goes through the text encoder
+        once, as an image asked several questions does through the image encoder."""
         flat = flatten_items(examples, "questions")
         padded = {"answers": (_NO_ANSWER, torch.long), "target_index": (-1, torch.long), "target_score": (0.0, torch.float)}
         batch = collate_examples([{k: v for k, v in q.items() if k not in padded and k != "question"} for q in flat])
         for name, (value, dtype) in padded.items():
             batch[name] = pad([q[name] for q in flat], value, dtype)
-        batch["question"] = self.collate_input(self.asked, [q["question"] for q in flat])
+        questions = [q["question"] for q in flat]
+        if self.asked == "text":
+            distinct: dict[tuple[int, ...], int] = {}
+            batch["question_index"] = torch.tensor([distinct.setdefault(tuple(q), len(distinct)) for q in questions],
+                                                   dtype=torch.long)
+            questions = [list(q) for q in distinct]
+        batch["question"] = self.collate_input(self.asked, questions)
         return {self.visual: self.collate_input(self.visual, [e[self.visual] for e in examples]), **batch}
 
 
@@ -174,7 +185,10 @@ class VQA(Task):
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         visual, asked = self.data.visual, self.data.asked
-        features = backbone(**{visual: batch[visual], asked: batch["question"]}, index={visual: batch["image_index"]})
+        index = {visual: batch["image_index"]}
+        if "question_index" in batch:  # (written questions: each distinct one once)
+            index[asked] = batch["question_index"]
+        features = backbone(**{visual: batch[visual], asked: batch["question"]}, index=index)
         logits = self.head(features.fused.pooled)  # (Q, A)
         index = batch["target_index"]  # (Q, J): each question's answers in the vocabulary and their scores
         target = logits.new_zeros(logits.shape, dtype=torch.float32).scatter_add_(

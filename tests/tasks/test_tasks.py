@@ -159,6 +159,22 @@ def test_vqa_splits_relational_accuracy(soc):
     assert values["acc"] == pytest.approx((~batch["relational"]).float().mean().item())
 
 
+def test_vqa_encodes_each_distinct_question_once_with_the_answers_of_every_question(soc):
+    """A batch's written questions come once each, with each question's row (``question_index``): Sort-of-CLEVR's 8
+    images x 20 questions ask far fewer distinct ones. The logits and loss are those of every question encoded."""
+    backbone, task, batch = _task_and_batch("vqa", soc)
+    distinct, row = batch["question"], batch["question_index"]
+    assert len(row) == len(batch["image_index"]) and len(distinct) < len(row)
+    assert len(torch.unique(distinct, dim=0)) == len(distinct)
+    every = {**batch, "question": distinct[row]}
+    del every["question_index"]
+    backbone.eval(), task.eval()
+    with torch.no_grad():
+        once, each = task(backbone, batch), task(backbone, every)
+    torch.testing.assert_close(once["logits"], each["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(once["loss"], each["loss"], rtol=1e-5, atol=1e-6)
+
+
 def test_retrieval_recall_is_one_for_matching_embeddings():
     from mmlit.metrics.retrieval import RetrievalRecall
 
