@@ -3,6 +3,7 @@ results and chance.
 
     python tools/recipes_report.py                               # every run below, in order
     python tools/recipes_report.py --runs vqa_relation_network vqa_lstm_cnn --minutes 5
+    python tools/recipes_report.py --runs sort_of_clevr_fast --seeds 3  # seeds 0, 1, 2: mean, min and max
 
 Each run is ``mmlit fit`` on a recipe as shipped, with ``--trainer.max_time`` set to the run's minutes and CSV logging
 into ``runs/report/<run>``, then ``mmlit test`` of its last checkpoint on the test split. The data: the full
@@ -14,6 +15,12 @@ the relational accuracy), the captions per attribute (every object's shape, side
 Written for each run: ``runs/report/<run>/curves.png``, every validation metric against wall minutes; and
 ``runs/report/vqa_relational.png``, the relational accuracy of the VQA runs against minutes, with the paper's 94% (RN)
 and 63% (CNN+MLP). ``--reuse`` tests a run whose folder already holds a finished fit instead of training it again.
+
+With ``--seeds N`` each run trains N times, with ``--seed_everything S --data.seed S`` for S in 0..N-1 (from
+``--first-seed``), into ``runs/report/<run>/seed<S>``; the report gives each seed's test metrics and their mean, min and
+max, and, for a run with a target (the VQA runs: validation relational accuracy 0.94, the paper's RN), the minutes and
+the steps at which validation first reached it. Steps do not depend on the machine; minutes do (a run's time limit is
+``--minutes`` or its own: raise it to let a slower machine finish the recipe's steps).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class Run:
     extra: list[str] = field(default_factory=list)
     full_data: bool = False  # the VQA runs: the full Sort-of-CLEVR instead of the quickstart's shards
     published: dict[str, tuple[float, str]] = field(default_factory=dict)
+    target: tuple[str, float] | None = None  # a validation metric and the value whose first crossing is reported
 
 
 def _steps(total: int) -> list[str]:
@@ -58,11 +66,13 @@ def _steps(total: int) -> list[str]:
     return ["--model.scheduler.init_args.total_steps", str(total), "--trainer.max_steps", str(total)]
 
 
+RN_TARGET = ("val/vqa/acc_rel", 0.94)
+
 RUNS = {
-    "sort_of_clevr_fast": Run("sort_of_clevr_fast", 60, full_data=True, published=RN_PAPER),
+    "sort_of_clevr_fast": Run("sort_of_clevr_fast", 60, full_data=True, published=RN_PAPER, target=RN_TARGET),
     "vqa_relation_network": Run("vqa_relation_network", 8, ["--model.tasks.vqa.init_args.shards", FULL_SHARDS,
                                                             "--trainer.max_epochs", "-1", *_steps(600)],
-                                full_data=True, published=RN_PAPER),
+                                full_data=True, published=RN_PAPER, target=RN_TARGET),
     "vqa_lstm_cnn": Run("vqa_lstm_cnn", 8, ["--model.tasks.vqa.init_args.shards", FULL_SHARDS],  # its 3,000 steps
                         full_data=True, published=MLP_PAPER),
     "captioning": Run("captioning", 8),
@@ -132,9 +142,17 @@ def _vqa_types(predictions: Path, test_shard: str) -> dict[str, float]:
     return {f"test/vqa/type_{t}": sum(h) / len(h) for t, h in sorted(hits.items())}
 
 
-def run(name: str, spec: Run, minutes: float | None, reuse: bool = False) -> dict:
+def _first_reach(points: list[tuple[int, float]], value: float) -> int | None:
+    """The first step at which a metric logged as (step, value) points reached ``value`` (none: never)."""
+    return next((step for step, v in points if v >= value), None)
+
+
+def run(name: str, spec: Run, minutes: float | None, reuse: bool = False, seed: int | None = None) -> dict:
     root = REPO / "runs" / "report" / name
     config = ["--config", f"recipes/{spec.recipe}.yaml", *spec.extra]
+    if seed is not None:  # (the model's initialisation and the data's order both follow the seed)
+        root = root / f"seed{seed}"
+        config += ["--seed_everything", str(seed), "--data.seed", str(seed)]
     limit = minutes if minutes is not None else spec.minutes
     hours, rest = divmod(int(limit * 60), 3600)
     checkpoint = str(root / "checkpoints" / "last.ckpt")
@@ -162,6 +180,10 @@ def run(name: str, spec: Run, minutes: float | None, reuse: bool = False) -> dic
               if k.startswith("val/") and not k.endswith("/loss")}
     figure({k[4:]: {name: points} for k, points in curves.items()}, name, root / "curves.png", xlabel="minutes")
     result["curve"] = curves.get("val/vqa/acc_rel", [])
+    if spec.target is not None:
+        step = _first_reach(series.get(spec.target[0], []), spec.target[1])
+        result["target"] = {"metric": spec.target[0], "value": spec.target[1], "step": step,
+                            "minutes": None if step is None else minutes(step)}
     (root / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -175,13 +197,49 @@ def _relational_figure(results: dict) -> None:
                REPO / "runs" / "report" / "vqa_relational.png", xlabel="minutes of training (2-core CPU)")
 
 
+def _spread(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.3f} | {min(values):.3f} | {max(values):.3f}"
+
+
+def _seed_table(name: str, spec: Run, seeds: dict[int, dict], chance: dict) -> None:
+    """One row per test metric: each seed's value, then the mean, min and max over seeds; then the time, the steps and
+    the first crossing of the run's target."""
+    columns = " | ".join(f"seed {s}" for s in seeds)
+    print(f"\n{name}\n\n| | {columns} | mean | min | max | published | chance |\n|---|"
+          + "---|" * (len(seeds) + 5))
+    level = chance.get(FULL if spec.full_data else QUICK, {})
+    for key in sorted(next(iter(seeds.values()))["test"]):
+        values = [r["test"].get(key, float("nan")) for r in seeds.values()]
+        published = spec.published.get(key)
+        print(f"| {re.sub('^test/[^/]+/', '', key)} | {' | '.join(f'{v:.3f}' for v in values)} | {_spread(values)} | "
+              f"{f'{published[0]:.2f}' if published else '-'} | "
+              f"{f'{level[key]:.3f}' if key in level else '-'} |")
+    rows = {"minutes": [r["seconds"] / 60 for r in seeds.values()], "steps": [r["steps"] for r in seeds.values()]}
+    if spec.target is not None:
+        metric, value = spec.target
+        reached = [r["target"] for r in seeds.values()]
+        rows[f"steps to {metric} {value}"] = [t["step"] for t in reached]
+        rows[f"minutes to {metric} {value}"] = [t["minutes"] for t in reached]
+    for label, values in rows.items():
+        known = [v for v in values if v is not None]
+        shown = " | ".join("not reached" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+                           for v in values)
+        spread = (f"{sum(known) / len(known):.1f} | {min(known):.1f} | {max(known):.1f}" if len(known) == len(values)
+                  else f"{len(known)} of {len(values)} seeds | | ")
+        print(f"| {label} | {shown} | {spread} | | |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--minutes", type=float, help="each run's time limit instead of its own")
     parser.add_argument("--reuse", action="store_true",
                         help="a run whose folder holds a finished fit (checkpoints/last.ckpt) is tested, not trained again")
+    parser.add_argument("--seeds", type=int, help="train each run on this many seeds and report their spread")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first of the --seeds seeds")
     args = parser.parse_args()
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     chance = {}
     for data in (QUICK, FULL):
         shards = f"{data}/train-{{000000..{19 if data == FULL else 7:06d}}}.tar"
@@ -189,6 +247,13 @@ def main() -> None:
             levels = chance_levels(str(REPO / shards), str(REPO / data / "test-000000.tar"),
                                    str(REPO / QUICK / "tokenizer.json"))
             chance[data] = {"test/" + k[4:]: v for k, v in levels.items()}
+    if args.seeds is not None:
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        results = {name: {s: run(name, RUNS[name], args.minutes, args.reuse, seed=s) for s in seeds} for name in args.runs}
+        _relational_figure({f"{name}, seed {s}": r for name, by_seed in results.items() for s, r in by_seed.items()})
+        for name, by_seed in results.items():
+            _seed_table(name, RUNS[name], by_seed, chance)
+        return
     results = {}
     for name in args.runs:
         results[name] = run(name, RUNS[name], args.minutes, args.reuse)
