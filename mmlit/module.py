@@ -139,6 +139,7 @@ class MultiTaskModule(pl.LightningModule):
             for name, task_batch in batch.items():
                 if probe is not None:
                     probe.task = name if self.tasks[name].reads_backbone_outputs else None
+                self.tasks[name].global_step = self.global_step
                 losses[name] = self.tasks[name](self.backbone, task_batch)["loss"]
                 self.log(f"train/{name}/loss", losses[name], batch_size=batch_size_of(task_batch))
         if probe is not None:

@@ -48,6 +48,7 @@ class Task(nn.Module):
         self.data = data
         self.name = getattr(self, "task_name", type(self).__name__.lower())
         self.max_length: int | None = None  # the backbone's text length, for generation (set by build)
+        self.global_step = 0  # optimizer steps taken (set by the module before each training step): for schedules
 
     @property
     def name(self) -> str:

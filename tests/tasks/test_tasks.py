@@ -175,6 +175,33 @@ def test_vqa_encodes_each_distinct_question_once_with_the_answers_of_every_quest
     torch.testing.assert_close(once["loss"], each["loss"], rtol=1e-5, atol=1e-6)
 
 
+def test_vqa_curriculum_leaves_relational_questions_out_of_the_loss_until_its_step(soc):
+    """``relational_after``: before that many optimizer steps, training learns from the non-relational questions only
+    (no gradient reaches a relational question's logits); from that step on, and in evaluation, from all of them."""
+    backbone, _, batch = _task_and_batch("vqa", soc)
+    task = soc_task("vqa", Shards(train=soc["train"], val=soc["val"]), batch_size=8, relational_after=3)
+    task.build(backbone)
+    rel = batch["relational"]
+    assert rel.any() and (~rel).any()
+
+    def logit_gradients(step: int, training: bool = True) -> torch.Tensor:
+        task.train(training)
+        task.global_step = step
+        out = task(backbone, batch)
+        out["logits"].retain_grad()
+        out["loss"].backward()
+        return out["logits"].grad.abs().sum(-1)
+
+    for step in (0, 2):
+        grads = logit_gradients(step)
+        assert torch.all(grads[rel] == 0) and torch.all(grads[~rel] > 0)
+    for step, training in ((3, True), (10, True), (0, False)):
+        grads = logit_gradients(step, training)
+        assert torch.all(grads > 0), (step, training)
+    with pytest.raises(ValueError, match="relational_after must be >= 0"):
+        soc_task("vqa", Shards(train=soc["train"]), relational_after=-1)
+
+
 def test_retrieval_recall_is_one_for_matching_embeddings():
     from mmlit.metrics.retrieval import RetrievalRecall
 
