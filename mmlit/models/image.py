@@ -40,11 +40,15 @@ class TimmImageEncoder(nn.Module):
             cores and on recent CPUs; batches from ``collate_examples`` arrive in that order already).
         checkpointing: activation checkpointing per block of the timm model (timm's ``set_grad_checkpointing``):
             blocks' activations are recomputed in the backward pass instead of kept, for larger batches.
+        coordinates: append each cell's (x, y), from -1 to 1, to its features before the projection, as the
+            relation network of Santoro et al. 2017 does to its CNN's cells (CoordConv, Liu et al. 2018): where a
+            token is, as two numbers that a linear map reads (a question about left and right, or distances).
     """
 
     def __init__(self, model_name: str = "resnet10t", dim: int = 128, image_size: int = 75, feature_index: int = -1,
                  pretrained: str | None = None, model_kwargs: dict | None = None,
-                 pooling: Literal["mean", "flatten"] = "mean", channels_last: bool = False, checkpointing: bool = False):
+                 pooling: Literal["mean", "flatten"] = "mean", channels_last: bool = False, checkpointing: bool = False,
+                 coordinates: bool = False):
         super().__init__()
         kwargs = dict(model_kwargs or {})
         if pretrained is not None:
@@ -79,7 +83,11 @@ class TimmImageEncoder(nn.Module):
                              "with a fixed input size takes it in model_kwargs (ViT: {img_size: ..., patch_size: ...})"
                              ) from None
         self.dim, self.image_size, self.grid = dim, image_size, (height, width)
-        self.proj = nn.Linear(channels, dim)
+        self.proj = nn.Linear(channels + 2 * coordinates, dim)
+        self.coordinates = coordinates
+        if coordinates:  # (1, H*W, 2): x, y of each cell's centre, row by row as the tokens come
+            ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+            self.register_buffer("coords", torch.stack([xs.flatten(), ys.flatten()], dim=1)[None], persistent=False)
         self.norm = nn.LayerNorm(dim)
         # Fixed 2-D sine-cosine positions (as in MAE, He et al. 2022): where a token is, is readable
         # from the first step, which questions like "is the red object on the left?" need.
@@ -123,7 +131,10 @@ class TimmImageEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> Encoded:
         """``image`` (B, 3, H, W), uint8 pixels or normalised floats -> tokens (B, N, D) and pooled (B, D)."""
         fmap = self._feature_map(image)  # (B, C, h, w)
-        tokens = self.norm(self.proj(fmap.flatten(2).transpose(1, 2))) + self.pos  # (B, N, D)
+        cells = fmap.flatten(2).transpose(1, 2)  # (B, N, C)
+        if self.coordinates:
+            cells = torch.cat([cells, self.coords.to(cells.dtype).expand(len(cells), -1, -1)], dim=-1)
+        tokens = self.norm(self.proj(cells)) + self.pos  # (B, N, D)
         tokens = tokens + self.mix(tokens)
         return Encoded(tokens, self.pool(tokens) if self.pooling == "flatten" else tokens.mean(dim=1))
 

@@ -24,6 +24,7 @@ from .._soc import soc_task
 D = 32
 IMAGE = {
     "cnn": lambda: TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3),
+    "cnn_coordinates": lambda: TimmImageEncoder("test_resnet", dim=D, image_size=75, feature_index=2, coordinates=True),
     "vit": lambda: TimmImageEncoder("vit_tiny_patch16_224", dim=D, image_size=75, model_kwargs={
         "img_size": 75, "patch_size": 15, "embed_dim": 32, "depth": 2, "num_heads": 2}),
 }
@@ -98,6 +99,22 @@ def test_text_encoder_trains(text, soc):
 def test_image_encoder_trains(image, soc):
     torch.manual_seed(0)
     _trains_down(_backbone(image=image, fusion=LateFusion(D, "concat")), soc)
+
+
+def test_image_encoder_appends_each_cells_coordinates_before_the_projection():
+    """``coordinates``: each cell's (x, y) from -1 to 1 joins its CNN features, in the tokens' row-by-row order."""
+    encoder = IMAGE["cnn_coordinates"]()
+    plain = TimmImageEncoder("test_resnet", dim=D, image_size=75, feature_index=2)
+    seen = []
+    encoder.proj.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    tokens = encoder(torch.randint(0, 256, (2, 3, 75, 75), dtype=torch.uint8)).tokens
+    (cells,) = seen
+    assert encoder.grid == (10, 10) and tokens.shape == (2, 100, D)
+    assert cells.shape == (2, 100, plain.proj.in_features + 2)
+    xy = cells[:, :, -2:].view(2, 10, 10, 2)
+    steps = torch.linspace(-1, 1, 10)
+    assert torch.allclose(xy[..., 0], steps.expand(2, 10, 10))  # x grows along a row
+    assert torch.allclose(xy[..., 1], steps[:, None].expand(2, 10, 10))  # y down the rows
 
 
 def _ids(rows: int = 3, length: int = 7, real: tuple[int, ...] = (7, 4, 1)) -> torch.Tensor:
