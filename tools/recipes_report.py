@@ -4,6 +4,7 @@ results and chance.
     python tools/recipes_report.py                               # every run below, in order
     python tools/recipes_report.py --runs vqa_relation_network vqa_lstm_cnn --minutes 5
     python tools/recipes_report.py --runs sort_of_clevr_fast --seeds 3  # seeds 0, 1, 2: mean, min and max
+    python tools/recipes_report.py --runs sort_of_clevr_fast --seeds 3 --set model.tasks.vqa.init_args.relational_after=1200
 
 Each run is ``mmlit fit`` on a recipe as shipped, with ``--trainer.max_time`` set to the run's minutes and CSV logging
 into ``runs/report/<run>``, then ``mmlit test`` of its last checkpoint on the test split. The data: the full
@@ -147,9 +148,10 @@ def _first_reach(points: list[tuple[int, float]], value: float) -> int | None:
     return next((step for step, v in points if v >= value), None)
 
 
-def run(name: str, spec: Run, minutes: float | None, reuse: bool = False, seed: int | None = None) -> dict:
+def run(name: str, spec: Run, minutes: float | None, reuse: bool = False, seed: int | None = None,
+        overrides: list[str] = ()) -> dict:
     root = REPO / "runs" / "report" / name
-    config = ["--config", f"recipes/{spec.recipe}.yaml", *spec.extra]
+    config = ["--config", f"recipes/{spec.recipe}.yaml", *spec.extra, *overrides]
     if seed is not None:  # (the model's initialisation and the data's order both follow the seed)
         root = root / f"seed{seed}"
         config += ["--seed_everything", str(seed), "--data.seed", str(seed)]
@@ -224,7 +226,8 @@ def _seed_table(name: str, spec: Run, seeds: dict[int, dict], chance: dict) -> N
         known = [v for v in values if v is not None]
         shown = " | ".join("not reached" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
                            for v in values)
-        spread = (f"{sum(known) / len(known):.1f} | {min(known):.1f} | {max(known):.1f}" if len(known) == len(values)
+        show = (lambda v: f"{v:.1f}") if any(isinstance(v, float) for v in known) else str  # noqa: E731
+        spread = (f"{sum(known) / len(known):.1f} | {show(min(known))} | {show(max(known))}" if len(known) == len(values)
                   else f"{len(known)} of {len(values)} seeds | | ")
         print(f"| {label} | {shown} | {spread} | | |")
 
@@ -237,9 +240,18 @@ def main() -> None:
                         help="a run whose folder holds a finished fit (checkpoints/last.ckpt) is tested, not trained again")
     parser.add_argument("--seeds", type=int, help="train each run on this many seeds and report their spread")
     parser.add_argument("--first-seed", type=int, default=0, help="the first of the --seeds seeds")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe value for every fit, test and predict of the runs (repeatable), e.g. "
+                             "model.tasks.vqa.init_args.relational_after=1200")
     args = parser.parse_args()
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    overrides = []
+    for item in args.set:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        overrides += [f"--{key}", value]
     chance = {}
     for data in (QUICK, FULL):
         shards = f"{data}/train-{{000000..{19 if data == FULL else 7:06d}}}.tar"
@@ -249,14 +261,15 @@ def main() -> None:
             chance[data] = {"test/" + k[4:]: v for k, v in levels.items()}
     if args.seeds is not None:
         seeds = range(args.first_seed, args.first_seed + args.seeds)
-        results = {name: {s: run(name, RUNS[name], args.minutes, args.reuse, seed=s) for s in seeds} for name in args.runs}
+        results = {name: {s: run(name, RUNS[name], args.minutes, args.reuse, seed=s, overrides=overrides) for s in seeds}
+                   for name in args.runs}
         _relational_figure({f"{name}, seed {s}": r for name, by_seed in results.items() for s, r in by_seed.items()})
         for name, by_seed in results.items():
             _seed_table(name, RUNS[name], by_seed, chance)
         return
     results = {}
     for name in args.runs:
-        results[name] = run(name, RUNS[name], args.minutes, args.reuse)
+        results[name] = run(name, RUNS[name], args.minutes, args.reuse, overrides=overrides)
     _relational_figure(results)
     print("\n| recipe | data | time | steps | test metric | reached | published | chance |\n|---|---|---|---|---|---|---|---|")
     for name, result in results.items():
