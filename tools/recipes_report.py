@@ -149,7 +149,7 @@ def _first_reach(points: list[tuple[int, float]], value: float) -> int | None:
 
 
 def run(name: str, spec: Run, minutes: float | None, reuse: bool = False, seed: int | None = None,
-        overrides: list[str] = ()) -> dict:
+        overrides: tuple[str, ...] = ()) -> dict:
     root = REPO / "runs" / "report" / name
     config = ["--config", f"recipes/{spec.recipe}.yaml", *spec.extra, *overrides]
     if seed is not None:  # (the model's initialisation and the data's order both follow the seed)
@@ -159,7 +159,11 @@ def run(name: str, spec: Run, minutes: float | None, reuse: bool = False, seed: 
     hours, rest = divmod(int(limit * 60), 3600)
     checkpoint = str(root / "checkpoints" / "last.ckpt")
     if not (reuse and Path(checkpoint).exists()):
-        shutil.rmtree(root, ignore_errors=True)  # (an earlier run's logs would mix into the curves)
+        for old in root.iterdir() if root.is_dir() else ():  # (an earlier run's logs would mix into the curves)
+            if old.is_dir() and (seed is not None or not old.name.startswith("seed")):  # (keeps the --seeds runs)
+                shutil.rmtree(old)
+            elif not old.is_dir():
+                old.unlink()
         _mmlit("fit", *config, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
                "--trainer.max_time", f"00:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}", *_logger(root, "csv"))
     _mmlit("test", *config, "--ckpt_path", checkpoint, "--trainer.default_root_dir", str(root),
@@ -246,6 +250,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.seeds is None and args.first_seed != 0:
+        parser.error("--first-seed needs --seeds")
     overrides = []
     for item in args.set:
         key, equals, value = item.partition("=")
@@ -261,15 +267,15 @@ def main() -> None:
             chance[data] = {"test/" + k[4:]: v for k, v in levels.items()}
     if args.seeds is not None:
         seeds = range(args.first_seed, args.first_seed + args.seeds)
-        results = {name: {s: run(name, RUNS[name], args.minutes, args.reuse, seed=s, overrides=overrides) for s in seeds}
-                   for name in args.runs}
+        results = {name: {s: run(name, RUNS[name], args.minutes, args.reuse, seed=s, overrides=tuple(overrides))
+                          for s in seeds} for name in args.runs}
         _relational_figure({f"{name}, seed {s}": r for name, by_seed in results.items() for s, r in by_seed.items()})
         for name, by_seed in results.items():
             _seed_table(name, RUNS[name], by_seed, chance)
         return
     results = {}
     for name in args.runs:
-        results[name] = run(name, RUNS[name], args.minutes, args.reuse, overrides=overrides)
+        results[name] = run(name, RUNS[name], args.minutes, args.reuse, overrides=tuple(overrides))
     _relational_figure(results)
     print("\n| recipe | data | time | steps | test metric | reached | published | chance |\n|---|---|---|---|---|---|---|---|")
     for name, result in results.items():

@@ -171,7 +171,7 @@ class Backbone(nn.Module):
         """Each input by its modality (``image=`` (B, 3, H, W), ``text=`` ids (Q, T), ...); with two or more and
         ``fuse``, the fusion's features too.
 
-        ``index`` pairs the rows: ``index["image"]`` (Q,) says which image each of the Q texts goes with, so an image
+        ``index`` pairs the rows: ``index["image"]`` (Q,) says which image each of the Q outputs goes with, so an image
         asked several questions is encoded once; a modality without an index has one row per output row.
         """
         out = Features({name: self.encode(name, x) for name, x in inputs.items() if x is not None})

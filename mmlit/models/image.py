@@ -41,8 +41,8 @@ class TimmImageEncoder(nn.Module):
         checkpointing: activation checkpointing per block of the timm model (timm's ``set_grad_checkpointing``):
             blocks' activations are recomputed in the backward pass instead of kept, for larger batches.
         coordinates: append each cell's (x, y), from -1 to 1, to its features before the projection, as the
-            relation network of Santoro et al. 2017 does to its CNN's cells (CoordConv, Liu et al. 2018): where a
-            token is, as two numbers that a linear map reads (a question about left and right, or distances).
+            relation network of Santoro et al. 2017 does to its CNN's cells (CoordConv's coordinate channels, Liu et
+            al. 2018, given to the projection): where a token is, as two numbers that a linear map reads.
     """
 
     def __init__(self, model_name: str = "resnet10t", dim: int = 128, image_size: int = 75, feature_index: int = -1,

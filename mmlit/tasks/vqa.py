@@ -124,7 +124,8 @@ class VQAData(TaskData):
         Written questions come once each: ``question`` holds the batch's distinct questions (U, T) and
         ``question_index`` (Q,) each question's row in it, so a question asked of several images (Sort-of-CLEVR asks 36
         distinct questions in all: a batch of 16 images and 320 questions has at most 36) goes through the text encoder
-        once, as an image asked several questions does through the image encoder."""
+        once, as an image asked several questions does through the image encoder. (Another task reading the same
+        shards with the same batch size no longer shares its question tensor with this one: each encodes its own.)"""
         flat = flatten_items(examples, "questions")
         padded = {"answers": (_NO_ANSWER, torch.long), "target_index": (-1, torch.long), "target_score": (0.0, torch.float)}
         batch = collate_examples([{k: v for k, v in q.items() if k not in padded and k != "question"} for q in flat])
@@ -163,9 +164,9 @@ class VQA(Task):
             which the audio encoder reads instead of the text (``question`` is then only its transcript).
         audio_transform: the augmentation of spoken questions in training (SpecAugment masks, gain, time shift).
         relational_after: a curriculum: for this many optimizer steps only the non-relational questions
-            (``relational: false``) take part in the training loss, so that a question first learns to find the object
-            it names; relational questions join after it. On Sort-of-CLEVR their early, easy gains (counting) otherwise
-            hold that binding back (``docs/results.md``). They are still encoded and scored meanwhile.
+            (``relational: false``; a question without the key is one) take part in the training loss, so that a
+            question first learns to find the object it names; relational questions join after it. They are still
+            encoded and scored meanwhile. What it did on Sort-of-CLEVR: ``docs/results.md#seeds``.
     """
 
     fuses = True
@@ -192,10 +193,10 @@ class VQA(Task):
 
     def forward(self, backbone, batch: dict) -> dict[str, torch.Tensor]:
         visual, asked = self.data.visual, self.data.asked
-        index = {visual: batch["image_index"]}
+        rows = {visual: batch["image_index"]}
         if "question_index" in batch:  # (written questions: each distinct one once)
-            index[asked] = batch["question_index"]
-        features = backbone(**{visual: batch[visual], asked: batch["question"]}, index=index)
+            rows[asked] = batch["question_index"]
+        features = backbone(**{visual: batch[visual], asked: batch["question"]}, index=rows)
         logits = self.head(features.fused.pooled)  # (Q, A)
         index = batch["target_index"]  # (Q, J): each question's answers in the vocabulary and their scores
         target = logits.new_zeros(logits.shape, dtype=torch.float32).scatter_add_(
