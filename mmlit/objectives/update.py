@@ -66,7 +66,7 @@ class ObjectiveUpdate:
 
     def __init__(self, objective: Objective, shared: Callable[[], list[nn.Parameter]],
                  top: Callable[[], list[nn.Parameter]]):
-        self.objective, self.shared, self.top = objective, shared, top
+        self.objective, self.top = objective, top
         self.task_gradients = TaskGradients(shared) if objective.uses_gradients else None
         self._skipped = 0  # steps skipped and counted on the host (by the fp16 scaler; after reading the verdict)
         self._found: Tensor | None = None  # (2,) on the device: steps the optimizer skipped itself, and the last one
