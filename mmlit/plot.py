@@ -72,11 +72,7 @@ def figure(panels: dict[str, dict[str, list[tuple[float, float]]]], title: str, 
     panels = {name: lines for name, lines in panels.items() if lines}
     if not panels:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
@@ -96,10 +92,7 @@ def figure(panels: dict[str, dict[str, list[tuple[float, float]]]], title: str, 
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -112,10 +105,7 @@ def gradient_matrix(norms: Series, cosines: dict[tuple[str, str], list[tuple[int
     tasks = sorted(set(norms) | {task for pair in cosines for task in pair})
     if not tasks:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import matplotlib.ticker
 
     n = len(tasks)
@@ -158,11 +148,26 @@ def gradient_matrix(norms: Series, cosines: dict[tuple[str, str], list[tuple[int
                 ax.set_xlabel(b if i != j else f"{b}\nstep", fontsize=8)
     fig.suptitle(f"{title}\nbelow the diagonal: cosine of two tasks' gradients by step (red: they conflict)\n"
                  f"above: its mean over the last quarter of the run; on it: each task's gradient norm", fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` (its folder made) and free it."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    _pyplot().close(fig)
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
