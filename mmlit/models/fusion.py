@@ -20,7 +20,7 @@ features from the first step, so the model learns while the attention sharpens.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -71,10 +71,16 @@ class CrossAttentionFusion(Fusion):
         dropout: dropout inside the layers.
         query: the modality whose tokens ask (and whose rows the output has): ``text``.
         context: the modality they read: ``image``.
+        context_depth: transformer encoder layers over the context tokens before the queries read them, so that each
+            context token can carry what it relates to (on Sort-of-CLEVR: an object's nearest and furthest object).
+        readout: ``mean``: the pooled output is the mean of the fused query tokens; ``token``: a learned token joins
+            the query tokens and its fused output is the pooled output (BERT's ``[CLS]`` read after fusion), so the
+            answer need not share one average with everything the other tokens read.
     """
 
     def __init__(self, dim: int = 128, depth: int = 2, heads: int = 4, bilinear: bool = True, dropout: float = 0.0,
-                 query: str = "text", context: str = "image"):
+                 query: str = "text", context: str = "image", context_depth: int = 0,
+                 readout: Literal["mean", "token"] = "mean"):
         super().__init__()
         if query == context:
             raise ValueError(f"fusion: query and context are one modality ({query!r}); use EarlyFusion for one stream")
@@ -83,6 +89,13 @@ class CrossAttentionFusion(Fusion):
         self.layers = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(dim))
         self.text_gate = nn.Linear(dim, dim) if bilinear else None
         self.image_gate = nn.Linear(dim, dim) if bilinear else None
+        self.context_layers = None
+        if context_depth:
+            own = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True)
+            self.context_layers = nn.TransformerEncoder(own, context_depth, enable_nested_tensor=False)
+        if readout not in ("mean", "token"):
+            raise ValueError(f"fusion.init_args.readout: 'mean' or 'token', got {readout!r}")
+        self.readout = nn.Parameter(torch.randn(1, 1, dim) * 0.02) if readout == "token" else None
 
     def forward(self, encoded: dict[str, Encoded], index: dict[str, torch.Tensor]) -> Encoded:
         """Query tokens (Q, T, D), pooled (Q, D), mask (Q, T); context tokens (B, N, D) and pooled (B, D), with
@@ -101,7 +114,13 @@ class CrossAttentionFusion(Fusion):
             owner = torch.arange(len(query.pooled), device=query.pooled.device)
         slot, per_context = _slots(owner, len(context.pooled))
         context_pad = None if context.mask is None else ~context.mask
+        if self.context_layers is not None:
+            context = Encoded(self.context_layers(context.tokens, src_key_padding_mask=context_pad), context.pooled,
+                              context.mask)
         x, pad = query.tokens, ~_mask(query)
+        if self.readout is not None:
+            x = torch.cat([self.readout.expand(len(x), -1, -1).to(x.dtype), x], dim=1)
+            pad = torch.cat([pad.new_zeros(len(pad), 1), pad], dim=1)
         for layer in self.layers.layers:
             h = layer.norm1(x)
             x = x + layer.dropout1(layer.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
@@ -113,7 +132,10 @@ class CrossAttentionFusion(Fusion):
             x = x + layer.dropout2(h.reshape(-1, t, d)[slot])
             x = x + layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))))
         fused = self.layers.norm(x)
-        pooled = masked_mean(fused, ~pad)
+        if self.readout is not None:
+            pooled, fused, pad = fused[:, 0], fused[:, 1:], pad[:, 1:]
+        else:
+            pooled = masked_mean(fused, ~pad)
         if self.text_gate is not None:
             pooled = pooled + torch.tanh(self.text_gate(query.pooled)) * torch.tanh(self.image_gate(context.pooled[owner]))
         return Encoded(fused, pooled, ~pad)

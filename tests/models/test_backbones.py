@@ -83,6 +83,12 @@ def test_fusion_trains(fusion, soc):
     _trains_down(_backbone(fusion=tiny_fusion(fusion)), soc)
 
 
+def test_cross_attention_trains_with_context_layers_and_a_token_readout(soc):
+    """Every parameter of both options gets a gradient (the readout token included) and the loss falls."""
+    torch.manual_seed(0)
+    _trains_down(_backbone(fusion=CrossAttentionFusion(D, depth=1, heads=2, context_depth=1, readout="token")), soc)
+
+
 @pytest.mark.parametrize("mode", ["sum", "gated"])
 def test_late_fusion_trains_in_each_mode(mode, soc):
     torch.manual_seed(0)
@@ -299,3 +305,45 @@ def test_cross_attention_reads_each_image_once_and_equals_the_decoder_per_text()
     one_each, _, _ = fusion({"image": Encoded(images[image_index], images.mean(1)[image_index]), "text": text}, {})
     torch.testing.assert_close(one_each, reference, rtol=1e-5, atol=1e-5)
     assert pooled.shape == (7, D)
+
+
+def test_cross_attention_context_layers_run_over_each_image_before_its_texts_read_it():
+    """``context_depth``: the image tokens pass through their own encoder layers first, one image at a time; what the
+    texts then read equals the plain decoder over those encoded tokens."""
+    torch.manual_seed(0)
+    fusion = CrossAttentionFusion(D, depth=2, heads=2, context_depth=1).eval()
+    images, texts = torch.randn(3, 9, D), torch.randn(5, 4, D)
+    image_index = torch.tensor([1, 0, 1, 2, 1])
+    text = Encoded(texts, texts.mean(1), torch.ones(5, 4, dtype=torch.bool))
+    tokens, _, _ = fusion({"image": Encoded(images, images.mean(1)), "text": text}, {"image": image_index})
+    encoded = fusion.context_layers(images)
+    reference = fusion.layers(texts, encoded[image_index])
+    torch.testing.assert_close(tokens, reference, rtol=1e-5, atol=1e-5)
+    # one image's tokens see each other: changing one token of image 0 moves what image 0's text reads, and only it
+    moved = images.clone()
+    moved[0, 0] += 1.0
+    again, _, _ = fusion({"image": Encoded(moved, moved.mean(1)), "text": text}, {"image": image_index})
+    assert not torch.allclose(again[1], tokens[1]) and torch.allclose(again[[0, 2, 3, 4]], tokens[[0, 2, 3, 4]])
+
+
+def test_cross_attention_token_readout_pools_a_learned_token_and_returns_only_the_texts_tokens():
+    """``readout: token``: a learned token goes through the layers with the text's tokens; the pooled output is its
+    fused vector, which reads the text through self-attention (padding excluded), and the tokens are the text's."""
+    torch.manual_seed(0)
+    fusion = CrossAttentionFusion(D, depth=2, heads=2, bilinear=False, readout="token").eval()
+    images, texts = torch.randn(2, 9, D), torch.randn(2, 4, D)
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    encoded = {"image": Encoded(images, images.mean(1)), "text": Encoded(texts, texts.mean(1), mask)}
+    tokens, pooled, out_mask = fusion(encoded, {})
+    joined = torch.cat([fusion.readout.expand(2, -1, -1), texts], dim=1)
+    reference = fusion.layers(joined, images, tgt_key_padding_mask=~torch.cat([torch.ones(2, 1, dtype=torch.bool),
+                                                                              mask], dim=1))
+    torch.testing.assert_close(pooled, reference[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens, reference[:, 1:], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out_mask, mask)
+    padded = texts.clone()
+    padded[1, 2:] = 100.0  # what padding holds does not reach the readout
+    _, same, _ = fusion({**encoded, "text": Encoded(padded, texts.mean(1), mask)}, {})
+    torch.testing.assert_close(same[1], pooled[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="readout"):
+        CrossAttentionFusion(D, readout="cls")
