@@ -25,6 +25,8 @@ D = 32
 IMAGE = {
     "cnn": lambda: TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3),
     "cnn_coordinates": lambda: TimmImageEncoder("test_resnet", dim=D, image_size=75, feature_index=2, coordinates=True),
+    "cnn_relative": lambda: TimmImageEncoder("test_resnet", dim=D, image_size=75, feature_index=2, relative_layers=1,
+                                             relative_heads=2),
     "vit": lambda: TimmImageEncoder("vit_tiny_patch16_224", dim=D, image_size=75, model_kwargs={
         "img_size": 75, "patch_size": 15, "embed_dim": 32, "depth": 2, "num_heads": 2}),
 }
@@ -347,3 +349,31 @@ def test_cross_attention_token_readout_pools_a_learned_token_and_returns_only_th
     torch.testing.assert_close(same[1], pooled[1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="readout"):
         CrossAttentionFusion(D, readout="cls")
+
+
+def test_image_encoder_relative_layers_attend_by_offset_between_cells():
+    """``relative_layers``: a head's bias for one (dy, dx) offset decides where a token reads, with no content in the
+    attention; the bias tables take no weight decay."""
+    torch.manual_seed(0)
+    encoder = TimmImageEncoder("test_resnet", dim=D, image_size=75, feature_index=2, relative_layers=1,
+                               relative_heads=2)
+    block = encoder.relative[0]
+    with torch.no_grad():
+        block.attn.qkv.weight[: 2 * D] = 0  # queries and keys: no content, the bias alone places the attention
+        block.attn.qkv.weight[2 * D:] = torch.eye(D)
+        block.attn.proj.weight.copy_(torch.eye(D))
+        block.attn.proj.bias.zero_()
+        block.mlp.fc2.weight.zero_()
+        block.mlp.fc2.bias.zero_()
+        table, index = block.attn.rel_pos.relative_position_bias_table, block.attn.rel_pos.relative_position_index
+        table.fill_(-1e4)
+        table[index.view(100, 100)[0, 1]] = 0.0  # the offset from a cell to its right-hand neighbour
+    x = torch.randn(2, 100, D)
+    out = block(x)
+    normed = block.norm1(x).view(2, 10, 10, D)
+    read = (out - x).view(2, 10, 10, D)
+    torch.testing.assert_close(read[:, :, :-1], normed[:, :, 1:], rtol=1e-4, atol=1e-4)  # each cell read its right one
+    assert encoder(torch.randint(0, 256, (2, 3, 75, 75), dtype=torch.uint8)).tokens.shape == (2, 100, D)
+    named = dict(encoder.named_parameters())
+    assert encoder.no_weight_decay() == {"relative.0.attn.rel_pos.relative_position_bias_table"}
+    assert all(name in named for name in encoder.no_weight_decay())
