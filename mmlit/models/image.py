@@ -103,7 +103,11 @@ class TimmImageEncoder(nn.Module):
         # A per-token MLP over (feature + position) makes conjunctions such as "red AND left" that
         # survive pooling; a plain sum of feature and position would lose them in any average.
         self.mix = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        blocks = [RelPosBlock(dim, relative_heads, rel_pos_cls=partial(RelPosBias, window_size=(height, width)))
+        # LayerScale at 1e-4 (CaiT's): the blocks start as the identity, so the tokens a question first binds to (by
+        # colour) are the encoder's own. At full scale one block kept seed 2 of recipes/sort_of_clevr_fast.yaml from
+        # binding: non-relational validation accuracy 0.584 after 1,800 steps, against 0.999 without the block.
+        blocks = [RelPosBlock(dim, relative_heads, init_values=1e-4,
+                              rel_pos_cls=partial(RelPosBias, window_size=(height, width)))
                   for _ in range(relative_layers)]
         self.relative = nn.Sequential(*blocks) if blocks else None
         self.pooling = pooling

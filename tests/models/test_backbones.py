@@ -358,7 +358,10 @@ def test_image_encoder_relative_layers_attend_by_offset_between_cells():
     encoder = TimmImageEncoder("test_resnet", dim=D, image_size=75, feature_index=2, relative_layers=1,
                                relative_heads=2)
     block = encoder.relative[0]
+    x = torch.randn(2, 100, D)
+    torch.testing.assert_close(block(x), x, rtol=0, atol=0.05)  # LayerScale: the blocks start near the identity
     with torch.no_grad():
+        block.ls1.gamma.fill_(1.0)
         block.attn.qkv.weight[: 2 * D] = 0  # queries and keys: no content, the bias alone places the attention
         block.attn.qkv.weight[2 * D:] = torch.eye(D)
         block.attn.proj.weight.copy_(torch.eye(D))
@@ -368,7 +371,6 @@ def test_image_encoder_relative_layers_attend_by_offset_between_cells():
         table, index = block.attn.rel_pos.relative_position_bias_table, block.attn.rel_pos.relative_position_index
         table.fill_(-1e4)
         table[index.view(100, 100)[0, 1]] = 0.0  # the offset from a cell to its right-hand neighbour
-    x = torch.randn(2, 100, D)
     out = block(x)
     normed = block.norm1(x).view(2, 10, 10, D)
     read = (out - x).view(2, 10, 10, D)
