@@ -379,3 +379,32 @@ def test_image_encoder_relative_layers_attend_by_offset_between_cells():
     named = dict(encoder.named_parameters())
     assert encoder.no_weight_decay() == {"relative.0.attn.rel_pos.relative_position_bias_table"}
     assert all(name in named for name in encoder.no_weight_decay())
+
+
+def test_cross_attention_grid_shifts_start_at_zero_and_move_attention_by_offset_from_the_last_focus():
+    """``grid``: with its tables at zero the fusion is the plain one; a table entry for one offset raises, in the next
+    layer, the score of the cell at that offset from wherever the token attended, anywhere on the grid."""
+    torch.manual_seed(0)
+    plain = CrossAttentionFusion(D, depth=2, heads=2).eval()
+    torch.manual_seed(0)
+    fusion = CrossAttentionFusion(D, depth=2, heads=2, grid=(3, 3)).eval()
+    images, texts = torch.randn(2, 9, D), torch.randn(3, 4, D)
+    encoded = {"image": Encoded(images, images.mean(1)), "text": Encoded(texts, texts.mean(1))}
+    index = {"image": torch.tensor([0, 1, 1])}
+    torch.testing.assert_close(fusion(encoded, index), plain(encoded, index))
+    with torch.no_grad():
+        fusion.shifts[0, fusion.offset[4, 5], 1] = 3.0  # head 1: one cell to the right of the focus
+    focus = torch.zeros(1, 2, 9)
+    focus[0, 0, 4] = focus[0, 1, 0] = 1.0  # token 0 attended the centre, token 1 the top-left cell
+    bias = fusion._shifted(focus, 0).view(2, 2, 9)  # (heads, tokens, cells)
+    assert torch.equal(bias[0], torch.zeros(2, 9))
+    assert bias[1, 0, 5] == 3.0 and bias[1, 1, 1] == 3.0 and bias[1].sum() == 6.0
+    moved = fusion(encoded, index)
+    assert not torch.allclose(moved.pooled, plain(encoded, index).pooled)
+
+
+def test_cross_attention_trains_with_grid_shifts(soc):
+    """The shift tables get a gradient through the attention of the layer they bias."""
+    torch.manual_seed(0)
+    _trains_down(_backbone(image="cnn_coordinates", fusion=CrossAttentionFusion(D, depth=2, heads=2, grid=(10, 10))),
+                 soc)
