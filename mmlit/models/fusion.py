@@ -20,7 +20,7 @@ features from the first step, so the model learns while the attention sharpens.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from timm.layers import gen_relative_position_index
@@ -72,22 +72,19 @@ class CrossAttentionFusion(Fusion):
         dropout: dropout inside the layers.
         query: the modality whose tokens ask (and whose rows the output has): ``text``.
         context: the modality they read: ``image``.
-        context_depth: transformer encoder layers over the context tokens before the queries read them, so that each
-            context token can carry what it relates to (on Sort-of-CLEVR: an object's nearest and furthest object).
+        context_depth: transformer encoder layers over the context tokens (each attending to the others) before the
+            queries read them.
         grid: the context tokens' (height, width) when they are a grid, row by row (an image encoder's cells). From
             the second layer on, each head then adds to its attention scores a learned bias for the offset of every
             cell from where the query token attended in the layer before (that layer's attention, averaged over heads,
             spread by a per-head table of offsets: the Neural Turing Machine's location-based shift, Graves et al.
             2014). "The object nearest to the red one" is then the red object's place, shifted by the table. The
             tables start at zero, so the layers start as without them.
-        readout: ``mean``: the pooled output is the mean of the fused query tokens; ``token``: a learned token joins
-            the query tokens and its fused output is the pooled output (BERT's ``[CLS]`` read after fusion), so the
-            answer need not share one average with everything the other tokens read.
     """
 
     def __init__(self, dim: int = 128, depth: int = 2, heads: int = 4, bilinear: bool = True, dropout: float = 0.0,
                  query: str = "text", context: str = "image", context_depth: int = 0,
-                 readout: Literal["mean", "token"] = "mean", grid: tuple[int, int] | None = None):
+                 grid: tuple[int, int] | None = None):
         super().__init__()
         if query == context:
             raise ValueError(f"fusion: query and context are one modality ({query!r}); use EarlyFusion for one stream")
@@ -100,10 +97,7 @@ class CrossAttentionFusion(Fusion):
         if context_depth:
             own = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True)
             self.context_layers = nn.TransformerEncoder(own, context_depth, enable_nested_tensor=False)
-        if readout not in ("mean", "token"):
-            raise ValueError(f"fusion.init_args.readout: 'mean' or 'token', got {readout!r}")
-        self.readout = nn.Parameter(torch.randn(1, 1, dim) * 0.02) if readout == "token" else None
-        self.heads, self.shifts = heads, None
+        self.shifts = None
         if grid is not None:
             height, width = grid
             self.shifts = nn.Parameter(torch.zeros(depth - 1, (2 * height - 1) * (2 * width - 1), heads))
@@ -130,9 +124,6 @@ class CrossAttentionFusion(Fusion):
             context = Encoded(self.context_layers(context.tokens, src_key_padding_mask=context_pad), context.pooled,
                               context.mask)
         x, pad = query.tokens, ~_mask(query)
-        if self.readout is not None:
-            x = torch.cat([self.readout.expand(len(x), -1, -1).to(x.dtype), x], dim=1)
-            pad = torch.cat([pad.new_zeros(len(pad), 1), pad], dim=1)
         focus = None  # (B, M * T, N): where each query token attended in the layer before (with ``grid``)
         for i, layer in enumerate(self.layers.layers):
             h = layer.norm1(x)
@@ -147,10 +138,7 @@ class CrossAttentionFusion(Fusion):
             x = x + layer.dropout2(h.reshape(-1, t, d)[slot])
             x = x + layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))))
         fused = self.layers.norm(x)
-        if self.readout is not None:
-            pooled, fused, pad = fused[:, 0], fused[:, 1:], pad[:, 1:]
-        else:
-            pooled = masked_mean(fused, ~pad)
+        pooled = masked_mean(fused, ~pad)
         if self.text_gate is not None:
             pooled = pooled + torch.tanh(self.text_gate(query.pooled)) * torch.tanh(self.image_gate(context.pooled[owner]))
         return Encoded(fused, pooled, ~pad)

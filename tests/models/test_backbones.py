@@ -85,10 +85,10 @@ def test_fusion_trains(fusion, soc):
     _trains_down(_backbone(fusion=tiny_fusion(fusion)), soc)
 
 
-def test_cross_attention_trains_with_context_layers_and_a_token_readout(soc):
-    """Every parameter of both options gets a gradient (the readout token included) and the loss falls."""
+def test_cross_attention_trains_with_context_layers(soc):
+    """Every parameter of the context layers gets a gradient and the loss falls."""
     torch.manual_seed(0)
-    _trains_down(_backbone(fusion=CrossAttentionFusion(D, depth=1, heads=2, context_depth=1, readout="token")), soc)
+    _trains_down(_backbone(fusion=CrossAttentionFusion(D, depth=1, heads=2, context_depth=1)), soc)
 
 
 @pytest.mark.parametrize("mode", ["sum", "gated"])
@@ -326,29 +326,6 @@ def test_cross_attention_context_layers_run_over_each_image_before_its_texts_rea
     moved[0, 0] += 1.0
     again, _, _ = fusion({"image": Encoded(moved, moved.mean(1)), "text": text}, {"image": image_index})
     assert not torch.allclose(again[1], tokens[1]) and torch.allclose(again[[0, 2, 3, 4]], tokens[[0, 2, 3, 4]])
-
-
-def test_cross_attention_token_readout_pools_a_learned_token_and_returns_only_the_texts_tokens():
-    """``readout: token``: a learned token goes through the layers with the text's tokens; the pooled output is its
-    fused vector, which reads the text through self-attention (padding excluded), and the tokens are the text's."""
-    torch.manual_seed(0)
-    fusion = CrossAttentionFusion(D, depth=2, heads=2, bilinear=False, readout="token").eval()
-    images, texts = torch.randn(2, 9, D), torch.randn(2, 4, D)
-    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
-    encoded = {"image": Encoded(images, images.mean(1)), "text": Encoded(texts, texts.mean(1), mask)}
-    tokens, pooled, out_mask = fusion(encoded, {})
-    joined = torch.cat([fusion.readout.expand(2, -1, -1), texts], dim=1)
-    reference = fusion.layers(joined, images, tgt_key_padding_mask=~torch.cat([torch.ones(2, 1, dtype=torch.bool),
-                                                                              mask], dim=1))
-    torch.testing.assert_close(pooled, reference[:, 0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(tokens, reference[:, 1:], rtol=1e-5, atol=1e-5)
-    assert torch.equal(out_mask, mask)
-    padded = texts.clone()
-    padded[1, 2:] = 100.0  # what padding holds does not reach the readout
-    _, same, _ = fusion({**encoded, "text": Encoded(padded, texts.mean(1), mask)}, {})
-    torch.testing.assert_close(same[1], pooled[1], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="readout"):
-        CrossAttentionFusion(D, readout="cls")
 
 
 def test_image_encoder_relative_layers_attend_by_offset_between_cells():
