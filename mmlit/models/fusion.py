@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from timm.layers import gen_relative_position_index
 from torch import nn
 
 from mmlit.models.backbone import Encoded
@@ -72,19 +71,10 @@ class CrossAttentionFusion(Fusion):
         dropout: dropout inside the layers.
         query: the modality whose tokens ask (and whose rows the output has): ``text``.
         context: the modality they read: ``image``.
-        context_depth: transformer encoder layers over the context tokens (each attending to the others) before the
-            queries read them.
-        grid: the context tokens' (height, width) when they are a grid, row by row (an image encoder's cells). From
-            the second layer on, each head then adds to its attention scores a learned bias for the offset of every
-            cell from where the query token attended in the layer before (that layer's attention, averaged over heads,
-            spread by a per-head table of offsets: the Neural Turing Machine's location-based shift, Graves et al.
-            2014). "The object nearest to the red one" is then the red object's place, shifted by the table. The
-            tables start at zero, so the layers start as without them.
     """
 
     def __init__(self, dim: int = 128, depth: int = 2, heads: int = 4, bilinear: bool = True, dropout: float = 0.0,
-                 query: str = "text", context: str = "image", context_depth: int = 0,
-                 grid: tuple[int, int] | None = None):
+                 query: str = "text", context: str = "image"):
         super().__init__()
         if query == context:
             raise ValueError(f"fusion: query and context are one modality ({query!r}); use EarlyFusion for one stream")
@@ -93,15 +83,6 @@ class CrossAttentionFusion(Fusion):
         self.layers = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(dim))
         self.text_gate = nn.Linear(dim, dim) if bilinear else None
         self.image_gate = nn.Linear(dim, dim) if bilinear else None
-        self.context_layers = None
-        if context_depth:
-            own = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True)
-            self.context_layers = nn.TransformerEncoder(own, context_depth, enable_nested_tensor=False)
-        self.shifts = None
-        if grid is not None:
-            height, width = grid
-            self.shifts = nn.Parameter(torch.zeros(depth - 1, (2 * height - 1) * (2 * width - 1), heads))
-            self.register_buffer("offset", gen_relative_position_index((height, width)), persistent=False)  # (N, N)
 
     def forward(self, encoded: dict[str, Encoded], index: dict[str, torch.Tensor]) -> Encoded:
         """Query tokens (Q, T, D), pooled (Q, D), mask (Q, T); context tokens (B, N, D) and pooled (B, D), with
@@ -120,21 +101,15 @@ class CrossAttentionFusion(Fusion):
             owner = torch.arange(len(query.pooled), device=query.pooled.device)
         slot, per_context = _slots(owner, len(context.pooled))
         context_pad = None if context.mask is None else ~context.mask
-        if self.context_layers is not None:
-            context = Encoded(self.context_layers(context.tokens, src_key_padding_mask=context_pad), context.pooled,
-                              context.mask)
         x, pad = query.tokens, ~_mask(query)
-        focus = None  # (B, M * T, N): where each query token attended in the layer before (with ``grid``)
-        for i, layer in enumerate(self.layers.layers):
+        for layer in self.layers.layers:
             h = layer.norm1(x)
             x = x + layer.dropout1(layer.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
             h = layer.norm2(x)
             t, d = h.shape[1:]
             h = h.new_zeros(len(context.pooled) * per_context, t, d).index_copy(0, slot, h)
-            bias = None if focus is None else self._shifted(focus, i - 1)
-            h, focus = layer.multihead_attn(h.view(len(context.pooled), per_context * t, d), context.tokens,
-                                            context.tokens, key_padding_mask=context_pad, attn_mask=bias,
-                                            need_weights=self.shifts is not None)  # (B, M * T, D)
+            h = layer.multihead_attn(h.view(len(context.pooled), per_context * t, d), context.tokens, context.tokens,
+                                     key_padding_mask=context_pad, need_weights=False)[0]  # (B, M * T, D)
             x = x + layer.dropout2(h.reshape(-1, t, d)[slot])
             x = x + layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))))
         fused = self.layers.norm(x)
@@ -142,14 +117,6 @@ class CrossAttentionFusion(Fusion):
         if self.text_gate is not None:
             pooled = pooled + torch.tanh(self.text_gate(query.pooled)) * torch.tanh(self.image_gate(context.pooled[owner]))
         return Encoded(fused, pooled, ~pad)
-
-
-    def _shifted(self, focus: torch.Tensor, table: int) -> torch.Tensor:
-        """Attention weights (B, L, N) -> each head's bias on every cell (B * heads, L, N): the weights spread by the
-        head's learned bias for the offset between the cell attended and the cell scored."""
-        by_offset = self.shifts[table][self.offset].permute(2, 0, 1)  # (heads, N attended, N scored)
-        bias = torch.matmul(focus[:, None], by_offset.to(focus.dtype))  # (B, heads, L, N)
-        return bias.flatten(0, 1)
 
 
 def _slots(owner: torch.Tensor, contexts: int) -> tuple[torch.Tensor, int]:

@@ -10,14 +10,11 @@ the heads see *where* things are. Weights come only from a local file, through t
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import timm
 import torch
-from timm.layers import RelPosBias
-from timm.models.vision_transformer_relpos import RelPosBlock
 from torch import nn
 
 from mmlit.models.backbone import Encoded
@@ -46,17 +43,12 @@ class TimmImageEncoder(nn.Module):
         coordinates: append each cell's (x, y), from -1 to 1, to its features before the projection, as the
             relation network of Santoro et al. 2017 does to its CNN's cells (CoordConv's coordinate channels, Liu et
             al. 2018, given to the projection): where a token is, as two numbers that a linear map reads.
-        relative_layers: transformer blocks over the grid's tokens, each head with a learned bias for every (dy, dx)
-            offset between two cells (timm's ``RelPosBlock`` with ``RelPosBias``, Swin's relative position bias), so a
-            token attends to others by where they are from it: "the object nearest to this one" is the offset table
-            plus what the token holds.
-        relative_heads: attention heads of those blocks.
     """
 
     def __init__(self, model_name: str = "resnet10t", dim: int = 128, image_size: int = 75, feature_index: int = -1,
                  pretrained: str | None = None, model_kwargs: dict | None = None,
                  pooling: Literal["mean", "flatten"] = "mean", channels_last: bool = False, checkpointing: bool = False,
-                 coordinates: bool = False, relative_layers: int = 0, relative_heads: int = 4):
+                 coordinates: bool = False):
         super().__init__()
         kwargs = dict(model_kwargs or {})
         if pretrained is not None:
@@ -103,13 +95,6 @@ class TimmImageEncoder(nn.Module):
         # A per-token MLP over (feature + position) makes conjunctions such as "red AND left" that
         # survive pooling; a plain sum of feature and position would lose them in any average.
         self.mix = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        # LayerScale at 1e-4 (CaiT's): the blocks start as the identity, so the tokens a question first binds to (by
-        # colour) are the encoder's own. At full scale one block kept seed 2 of recipes/sort_of_clevr_fast.yaml from
-        # binding: non-relational validation accuracy 0.584 after 1,800 steps, against 0.999 without the block.
-        blocks = [RelPosBlock(dim, relative_heads, init_values=1e-4,
-                              rel_pos_cls=partial(RelPosBias, window_size=(height, width)))
-                  for _ in range(relative_layers)]
-        self.relative = nn.Sequential(*blocks) if blocks else None
         self.pooling = pooling
         if pooling == "flatten":
             self.pool = nn.Sequential(nn.Flatten(1), nn.Linear(height * width * dim, dim), nn.LayerNorm(dim))
@@ -125,11 +110,9 @@ class TimmImageEncoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """The timm model's parameters that take no weight decay (a ViT's ``pos_embed``, ``cls_token``), by their
-        names here (``model.pos_embed``), and the relative-position bias tables (as timm's own relative-position
-        ViTs leave them): what ``mmlit.optim.parameter_groups`` leaves out of weight decay."""
+        names here (``model.pos_embed``): what ``mmlit.optim.parameter_groups`` leaves out of weight decay."""
         names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
-        tables = {f"relative.{i}.attn.rel_pos.relative_position_bias_table" for i in range(len(self.relative or ()))}
-        return {f"model.{name}" for name in names} | tables
+        return {f"model.{name}" for name in names}
 
     def data_config(self) -> dict:
         """The timm model's preprocessing (``interpolation``, ``crop_pct``, ``mean``, ``std``) from its pretrained
@@ -153,8 +136,6 @@ class TimmImageEncoder(nn.Module):
             cells = torch.cat([cells, self.coords.to(cells.dtype).expand(len(cells), -1, -1)], dim=-1)
         tokens = self.norm(self.proj(cells)) + self.pos  # (B, N, D)
         tokens = tokens + self.mix(tokens)
-        if self.relative is not None:
-            tokens = self.relative(tokens)
         return Encoded(tokens, self.pool(tokens) if self.pooling == "flatten" else tokens.mean(dim=1))
 
 

@@ -25,8 +25,6 @@ D = 32
 IMAGE = {
     "cnn": lambda: TimmImageEncoder("test_efficientnet", dim=D, image_size=75, feature_index=3),
     "cnn_coordinates": lambda: TimmImageEncoder("test_resnet", dim=D, image_size=75, feature_index=2, coordinates=True),
-    "cnn_relative": lambda: TimmImageEncoder("test_resnet", dim=D, image_size=75, feature_index=2, relative_layers=1,
-                                             relative_heads=2),
     "vit": lambda: TimmImageEncoder("vit_tiny_patch16_224", dim=D, image_size=75, model_kwargs={
         "img_size": 75, "patch_size": 15, "embed_dim": 32, "depth": 2, "num_heads": 2}),
 }
@@ -83,12 +81,6 @@ def _trains_down(backbone: Backbone, soc: dict, steps: int = 15) -> list[float]:
 def test_fusion_trains(fusion, soc):
     torch.manual_seed(0)
     _trains_down(_backbone(fusion=tiny_fusion(fusion)), soc)
-
-
-def test_cross_attention_trains_with_context_layers(soc):
-    """Every parameter of the context layers gets a gradient and the loss falls."""
-    torch.manual_seed(0)
-    _trains_down(_backbone(fusion=CrossAttentionFusion(D, depth=1, heads=2, context_depth=1)), soc)
 
 
 @pytest.mark.parametrize("mode", ["sum", "gated"])
@@ -307,81 +299,3 @@ def test_cross_attention_reads_each_image_once_and_equals_the_decoder_per_text()
     one_each, _, _ = fusion({"image": Encoded(images[image_index], images.mean(1)[image_index]), "text": text}, {})
     torch.testing.assert_close(one_each, reference, rtol=1e-5, atol=1e-5)
     assert pooled.shape == (7, D)
-
-
-def test_cross_attention_context_layers_run_over_each_image_before_its_texts_read_it():
-    """``context_depth``: the image tokens pass through their own encoder layers first, one image at a time; what the
-    texts then read equals the plain decoder over those encoded tokens."""
-    torch.manual_seed(0)
-    fusion = CrossAttentionFusion(D, depth=2, heads=2, context_depth=1).eval()
-    images, texts = torch.randn(3, 9, D), torch.randn(5, 4, D)
-    image_index = torch.tensor([1, 0, 1, 2, 1])
-    text = Encoded(texts, texts.mean(1), torch.ones(5, 4, dtype=torch.bool))
-    tokens, _, _ = fusion({"image": Encoded(images, images.mean(1)), "text": text}, {"image": image_index})
-    encoded = fusion.context_layers(images)
-    reference = fusion.layers(texts, encoded[image_index])
-    torch.testing.assert_close(tokens, reference, rtol=1e-5, atol=1e-5)
-    # one image's tokens see each other: changing one token of image 0 moves what image 0's text reads, and only it
-    moved = images.clone()
-    moved[0, 0] += 1.0
-    again, _, _ = fusion({"image": Encoded(moved, moved.mean(1)), "text": text}, {"image": image_index})
-    assert not torch.allclose(again[1], tokens[1]) and torch.allclose(again[[0, 2, 3, 4]], tokens[[0, 2, 3, 4]])
-
-
-def test_image_encoder_relative_layers_attend_by_offset_between_cells():
-    """``relative_layers``: a head's bias for one (dy, dx) offset decides where a token reads, with no content in the
-    attention; the bias tables take no weight decay."""
-    torch.manual_seed(0)
-    encoder = TimmImageEncoder("test_resnet", dim=D, image_size=75, feature_index=2, relative_layers=1,
-                               relative_heads=2)
-    block = encoder.relative[0]
-    x = torch.randn(2, 100, D)
-    torch.testing.assert_close(block(x), x, rtol=0, atol=0.05)  # LayerScale: the blocks start near the identity
-    with torch.no_grad():
-        block.ls1.gamma.fill_(1.0)
-        block.attn.qkv.weight[: 2 * D] = 0  # queries and keys: no content, the bias alone places the attention
-        block.attn.qkv.weight[2 * D:] = torch.eye(D)
-        block.attn.proj.weight.copy_(torch.eye(D))
-        block.attn.proj.bias.zero_()
-        block.mlp.fc2.weight.zero_()
-        block.mlp.fc2.bias.zero_()
-        table, index = block.attn.rel_pos.relative_position_bias_table, block.attn.rel_pos.relative_position_index
-        table.fill_(-1e4)
-        table[index.view(100, 100)[0, 1]] = 0.0  # the offset from a cell to its right-hand neighbour
-    out = block(x)
-    normed = block.norm1(x).view(2, 10, 10, D)
-    read = (out - x).view(2, 10, 10, D)
-    torch.testing.assert_close(read[:, :, :-1], normed[:, :, 1:], rtol=1e-4, atol=1e-4)  # each cell read its right one
-    assert encoder(torch.randint(0, 256, (2, 3, 75, 75), dtype=torch.uint8)).tokens.shape == (2, 100, D)
-    named = dict(encoder.named_parameters())
-    assert encoder.no_weight_decay() == {"relative.0.attn.rel_pos.relative_position_bias_table"}
-    assert all(name in named for name in encoder.no_weight_decay())
-
-
-def test_cross_attention_grid_shifts_start_at_zero_and_move_attention_by_offset_from_the_last_focus():
-    """``grid``: with its tables at zero the fusion is the plain one; a table entry for one offset raises, in the next
-    layer, the score of the cell at that offset from wherever the token attended, anywhere on the grid."""
-    torch.manual_seed(0)
-    plain = CrossAttentionFusion(D, depth=2, heads=2).eval()
-    torch.manual_seed(0)
-    fusion = CrossAttentionFusion(D, depth=2, heads=2, grid=(3, 3)).eval()
-    images, texts = torch.randn(2, 9, D), torch.randn(3, 4, D)
-    encoded = {"image": Encoded(images, images.mean(1)), "text": Encoded(texts, texts.mean(1))}
-    index = {"image": torch.tensor([0, 1, 1])}
-    torch.testing.assert_close(fusion(encoded, index), plain(encoded, index))
-    with torch.no_grad():
-        fusion.shifts[0, fusion.offset[4, 5], 1] = 3.0  # head 1: one cell to the right of the focus
-    focus = torch.zeros(1, 2, 9)
-    focus[0, 0, 4] = focus[0, 1, 0] = 1.0  # token 0 attended the centre, token 1 the top-left cell
-    bias = fusion._shifted(focus, 0).view(2, 2, 9)  # (heads, tokens, cells)
-    assert torch.equal(bias[0], torch.zeros(2, 9))
-    assert bias[1, 0, 5] == 3.0 and bias[1, 1, 1] == 3.0 and bias[1].sum() == 6.0
-    moved = fusion(encoded, index)
-    assert not torch.allclose(moved.pooled, plain(encoded, index).pooled)
-
-
-def test_cross_attention_trains_with_grid_shifts(soc):
-    """The shift tables get a gradient through the attention of the layer they bias."""
-    torch.manual_seed(0)
-    _trains_down(_backbone(image="cnn_coordinates", fusion=CrossAttentionFusion(D, depth=2, heads=2, grid=(10, 10))),
-                 soc)
