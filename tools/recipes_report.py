@@ -15,7 +15,8 @@ the relational accuracy), the captions per attribute (every object's shape, side
 
 Written for each run: ``runs/report/<run>/curves.png``, every validation metric against wall minutes; and
 ``runs/report/vqa_relational.png``, the relational accuracy of the VQA runs against minutes, with the paper's 94% (RN)
-and 63% (CNN+MLP). ``--reuse`` tests a run whose folder already holds a finished fit instead of training it again.
+and 63% (CNN+MLP). ``--reuse`` tests a run whose folder already holds a finished fit instead of training it again;
+it refuses a fit trained with other ``--set`` values (recorded in the folder's ``report_set.json``).
 
 With ``--seeds N`` each run trains N times, with ``--seed_everything S --data.seed S`` for S in 0..N-1 (from
 ``--first-seed``), into ``runs/report/<run>/seed<S>``; the report gives each seed's test metrics and their mean, min and
@@ -148,6 +149,12 @@ def _first_reach(points: list[tuple[int, float]], value: float) -> int | None:
     return next((step for step, v in points if v >= value), None)
 
 
+def _as_set(overrides) -> str:
+    """``--key value`` pairs as the ``--set key=value`` arguments that gave them."""
+    pairs = list(overrides)
+    return " ".join(f"{key[2:]}={value}" for key, value in zip(pairs[::2], pairs[1::2]))
+
+
 def run(name: str, spec: Run, minutes: float | None, reuse: bool = False, seed: int | None = None,
         overrides: tuple[str, ...] = ()) -> dict:
     root = REPO / "runs" / "report" / name
@@ -158,12 +165,20 @@ def run(name: str, spec: Run, minutes: float | None, reuse: bool = False, seed: 
     limit = minutes if minutes is not None else spec.minutes
     hours, rest = divmod(int(limit * 60), 3600)
     checkpoint = str(root / "checkpoints" / "last.ckpt")
-    if not (reuse and Path(checkpoint).exists()):
+    recorded = root / "report_set.json"  # the --set values the fit in this folder was trained with
+    if reuse and Path(checkpoint).exists():
+        trained = json.loads(recorded.read_text()) if recorded.exists() else []
+        if trained != list(overrides):
+            raise SystemExit(f"--reuse: {root} was trained with --set {_as_set(trained) or '(none)'}, not "
+                             f"{_as_set(overrides) or '(none)'}: train it again without --reuse, or pass its --set")
+    else:
         for old in root.iterdir() if root.is_dir() else ():  # (an earlier run's logs would mix into the curves)
             if old.is_dir() and (seed is not None or not old.name.startswith("seed")):  # (keeps the --seeds runs)
                 shutil.rmtree(old)
             elif not old.is_dir():
                 old.unlink()
+        root.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(json.dumps(list(overrides)))
         _mmlit("fit", *config, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
                "--trainer.max_time", f"00:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}", *_logger(root, "csv"))
     _mmlit("test", *config, "--ckpt_path", checkpoint, "--trainer.default_root_dir", str(root),
@@ -241,7 +256,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--minutes", type=float, help="each run's time limit instead of its own")
     parser.add_argument("--reuse", action="store_true",
-                        help="a run whose folder holds a finished fit (checkpoints/last.ckpt) is tested, not trained again")
+                        help="a run whose folder holds a finished fit (checkpoints/last.ckpt) trained with the same "
+                             "--set values is tested, not trained again")
     parser.add_argument("--seeds", type=int, help="train each run on this many seeds and report their spread")
     parser.add_argument("--first-seed", type=int, default=0, help="the first of the --seeds seeds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
