@@ -71,10 +71,16 @@ class CrossAttentionFusion(Fusion):
         dropout: dropout inside the layers.
         query: the modality whose tokens ask (and whose rows the output has): ``text``.
         context: the modality they read: ``image``.
+        grid: the context tokens' (height, width) when they are a grid, row by row (an image encoder's cells). From the
+            second layer on, each head then adds to a cell's attention score its distance (in cells) from where each
+            head of the layer before attended (that head's attention-weighted mean cell), times a scale that the query
+            token sets (a learned linear map of it, per pair of heads). "The object nearest to the red one" is then one
+            attention: the red object's place from the layer before, and a negative scale. The scales' maps start at
+            zero, so the layers start as without them.
     """
 
     def __init__(self, dim: int = 128, depth: int = 2, heads: int = 4, bilinear: bool = True, dropout: float = 0.0,
-                 query: str = "text", context: str = "image"):
+                 query: str = "text", context: str = "image", grid: tuple[int, int] | None = None):
         super().__init__()
         if query == context:
             raise ValueError(f"fusion: query and context are one modality ({query!r}); use EarlyFusion for one stream")
@@ -83,6 +89,14 @@ class CrossAttentionFusion(Fusion):
         self.layers = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(dim))
         self.text_gate = nn.Linear(dim, dim) if bilinear else None
         self.image_gate = nn.Linear(dim, dim) if bilinear else None
+        self.grid, self.scales = None if grid is None else tuple(grid), None
+        if grid is not None:
+            height, width = self.grid
+            ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+            self.register_buffer("cells", torch.stack([ys.flatten(), xs.flatten()], 1).float(), persistent=False)
+            # (layer, head, head before, dim); zeros, not nn.Linear, so that adding them draws nothing from the random
+            # generator: the other modules' initialisation stays as without ``grid``.
+            self.scales = nn.Parameter(torch.zeros(depth - 1, heads, heads, dim))
 
     def forward(self, encoded: dict[str, Encoded], index: dict[str, torch.Tensor]) -> Encoded:
         """Query tokens (Q, T, D), pooled (Q, D), mask (Q, T); context tokens (B, N, D) and pooled (B, D), with
@@ -102,14 +116,21 @@ class CrossAttentionFusion(Fusion):
         slot, per_context = _slots(owner, len(context.pooled))
         context_pad = None if context.mask is None else ~context.mask
         x, pad = query.tokens, ~_mask(query)
-        for layer in self.layers.layers:
+        if self.grid is not None and context.tokens.shape[1] != len(self.cells):
+            raise ValueError(f"fusion.init_args.grid: {self.grid} is {len(self.cells)} cells, but the {self.context} "
+                             f"encoder gives {context.tokens.shape[1]} tokens")
+        focus = None  # (B, heads, M * T, N): where each head attended in the layer before (with ``grid``)
+        for i, layer in enumerate(self.layers.layers):
             h = layer.norm1(x)
             x = x + layer.dropout1(layer.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
             h = layer.norm2(x)
             t, d = h.shape[1:]
             h = h.new_zeros(len(context.pooled) * per_context, t, d).index_copy(0, slot, h)
-            h = layer.multihead_attn(h.view(len(context.pooled), per_context * t, d), context.tokens, context.tokens,
-                                     key_padding_mask=context_pad, need_weights=False)[0]  # (B, M * T, D)
+            h = h.view(len(context.pooled), per_context * t, d)
+            bias = None if focus is None else self._distance_bias(h, focus, i - 1)
+            h, focus = layer.multihead_attn(h, context.tokens, context.tokens, key_padding_mask=context_pad,
+                                            attn_mask=bias, need_weights=self.grid is not None,
+                                            average_attn_weights=False)  # (B, M * T, D)
             x = x + layer.dropout2(h.reshape(-1, t, d)[slot])
             x = x + layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))))
         fused = self.layers.norm(x)
@@ -117,6 +138,17 @@ class CrossAttentionFusion(Fusion):
         if self.text_gate is not None:
             pooled = pooled + torch.tanh(self.text_gate(query.pooled)) * torch.tanh(self.image_gate(context.pooled[owner]))
         return Encoded(fused, pooled, ~pad)
+
+    def _distance_bias(self, h: torch.Tensor, focus: torch.Tensor, layer: int) -> torch.Tensor:
+        """Normed query tokens (B, L, D) and the layer before's attention (B, heads, L, N) -> each head's score bias
+        (B * heads, L, N): the sum over the heads before of (the cell's distance from that head's mean cell) x (a scale
+        linear in the query token)."""
+        cells = self.cells.to(h.dtype)
+        centre = torch.matmul(focus, cells)  # (B, heads before, L, 2)
+        gap = centre[:, :, :, None, :] - cells  # (B, heads before, L, N, 2)
+        distance = gap.square().sum(-1).add(1e-6).sqrt()  # eps: a finite gradient where the centre is on a cell
+        scale = torch.einsum("bld,hgd->bhgl", h, self.scales[layer].to(h.dtype))  # (B, heads, heads before, L)
+        return torch.einsum("bhgl,bgln->bhln", scale, distance).flatten(0, 1)
 
 
 def _slots(owner: torch.Tensor, contexts: int) -> tuple[torch.Tensor, int]:

@@ -299,3 +299,40 @@ def test_cross_attention_reads_each_image_once_and_equals_the_decoder_per_text()
     one_each, _, _ = fusion({"image": Encoded(images[image_index], images.mean(1)[image_index]), "text": text}, {})
     torch.testing.assert_close(one_each, reference, rtol=1e-5, atol=1e-5)
     assert pooled.shape == (7, D)
+
+
+def test_cross_attention_grid_starts_as_plain_and_biases_by_distance_from_the_last_focus():
+    """``grid``: with its scales at zero the fusion is the plain one, initialisation included; a scale biases each
+    cell by its distance in cells from where a head of the layer before attended, by as much as the query token says."""
+    torch.manual_seed(0)
+    plain = CrossAttentionFusion(D, depth=2, heads=2).eval()
+    torch.manual_seed(0)
+    fusion = CrossAttentionFusion(D, depth=2, heads=2, grid=(3, 3)).eval()
+    images, texts = torch.randn(2, 9, D), torch.randn(3, 4, D)
+    encoded = {"image": Encoded(images, images.mean(1)), "text": Encoded(texts, texts.mean(1))}
+    index = {"image": torch.tensor([0, 1, 1])}
+    torch.testing.assert_close(fusion(encoded, index), plain(encoded, index))
+    with torch.no_grad():
+        fusion.scales[0, 1, 0, 0] = -2.0  # head 1: minus twice the distance from head 0's focus, times query feature 0
+    focus = torch.zeros(1, 2, 2, 9)  # (image, heads before, tokens, cells)
+    focus[0, 0, 0, 0] = 1.0  # token 0: head 0 attended the top-left cell
+    focus[0, 0, 1, 4] = focus[0, 0, 1, 5] = 0.5  # token 1: halfway between the centre and the cell to its right
+    focus[0, 1] = 1 / 9  # head 1's focus has no scale
+    query = torch.zeros(1, 2, D)
+    query[0, :, 0] = torch.tensor([1.0, 0.5])
+    bias = fusion._distance_bias(query, focus, 0).view(2, 2, 3, 3)  # (heads, tokens, rows, columns)
+    assert torch.equal(bias[0], torch.zeros(2, 3, 3))
+    torch.testing.assert_close(bias[1, 0], -2.0 * torch.tensor([[0.0, 1, 2], [1, 2 ** 0.5, 5 ** 0.5],
+                                                                [2, 5 ** 0.5, 8 ** 0.5]]), atol=2e-3, rtol=0)
+    torch.testing.assert_close(bias[1, 1, 1], -1.0 * torch.tensor([1.5, 0.5, 0.5]), atol=2e-3, rtol=0)
+    assert not torch.allclose(fusion(encoded, index).pooled, plain(encoded, index).pooled)
+    with pytest.raises(ValueError, match="grid"):
+        fusion({"image": Encoded(images[:, :8], images.mean(1)), "text": encoded["text"]}, index)
+
+
+def test_cross_attention_trains_with_grid_distance(soc):
+    """The distance scales get a gradient through the attention of the layer they bias, and the model learns."""
+    torch.manual_seed(0)
+    fusion = CrossAttentionFusion(D, depth=2, heads=2, grid=(10, 10))
+    _trains_down(_backbone(image="cnn_coordinates", fusion=fusion), soc)
+    assert fusion.scales.abs().sum() > 0
