@@ -86,6 +86,11 @@ class Backbone(nn.Module):
                 raise ValueError(f"model.backbone.init_args.fusion: it fuses {', '.join(missing)}, but "
                                  f"model.backbone.init_args.encoders has no {', '.join(missing)} (it has "
                                  f"{', '.join(self.encoders)})")
+            grid, context = getattr(fusion, "grid", None), getattr(fusion, "context", None)
+            cells = getattr(self.encoders[context], "grid", None) if context in self.encoders else None
+            if grid is not None and cells is not None and tuple(grid) != tuple(cells):
+                raise ValueError(f"model.backbone.init_args.fusion.init_args.grid: {list(grid)}, but the {context} "
+                                 f"encoder's grid is {list(cells)}")
         text = self.encoders["text"] if "text" in self.encoders else None
         self.vocab_size = getattr(text, "vocab_size", vocab_size)
         self.max_length = getattr(text, "max_length", max_length)

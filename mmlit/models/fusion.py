@@ -91,6 +91,9 @@ class CrossAttentionFusion(Fusion):
         self.image_gate = nn.Linear(dim, dim) if bilinear else None
         self.grid, self.scales = None if grid is None else tuple(grid), None
         if grid is not None:
+            if depth < 2:
+                raise ValueError(f"fusion.init_args.grid: biases the layers after the first, so it needs depth >= 2, "
+                                 f"got {depth}")
             height, width = self.grid
             ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
             self.register_buffer("cells", torch.stack([ys.flatten(), xs.flatten()], 1).float(), persistent=False)
@@ -115,6 +118,8 @@ class CrossAttentionFusion(Fusion):
             owner = torch.arange(len(query.pooled), device=query.pooled.device)
         slot, per_context = _slots(owner, len(context.pooled))
         context_pad = None if context.mask is None else ~context.mask
+        if self.grid is not None and context_pad is not None:  # float, as the distance bias is: one kind of mask
+            context_pad = context.tokens.new_zeros(context_pad.shape).masked_fill(context_pad, float("-inf"))
         x, pad = query.tokens, ~_mask(query)
         if self.grid is not None and context.tokens.shape[1] != len(self.cells):
             raise ValueError(f"fusion.init_args.grid: {self.grid} is {len(self.cells)} cells, but the {self.context} "
@@ -144,6 +149,8 @@ class CrossAttentionFusion(Fusion):
         (B * heads, L, N): the sum over the heads before of (the cell's distance from that head's mean cell) x (a scale
         linear in the query token)."""
         cells = self.cells.to(h.dtype)
+        if self.training and self.layers.layers[layer].multihead_attn.dropout > 0:  # dropped weights: rows sum != 1
+            focus = focus / focus.sum(-1, keepdim=True).clamp_min(torch.finfo(focus.dtype).tiny)
         centre = torch.matmul(focus, cells)  # (B, heads before, L, 2)
         gap = centre[:, :, :, None, :] - cells  # (B, heads before, L, N, 2)
         distance = gap.square().sum(-1).add(1e-6).sqrt()  # eps: a finite gradient where the centre is on a cell

@@ -302,32 +302,51 @@ def test_cross_attention_reads_each_image_once_and_equals_the_decoder_per_text()
 
 
 def test_cross_attention_grid_starts_as_plain_and_biases_by_distance_from_the_last_focus():
-    """``grid``: with its scales at zero the fusion is the plain one, initialisation included; a scale biases each
-    cell by its distance in cells from where a head of the layer before attended, by as much as the query token says."""
+    """``grid``: with its scales at zero the fusion is the plain one, initialisation and padded cells included; a scale
+    biases each cell by its distance in cells from where a head of the layer before attended, by as much as the query
+    token says, for each image of the batch and each head on its own."""
     torch.manual_seed(0)
     plain = CrossAttentionFusion(D, depth=2, heads=2).eval()
     torch.manual_seed(0)
     fusion = CrossAttentionFusion(D, depth=2, heads=2, grid=(3, 3)).eval()
     images, texts = torch.randn(2, 9, D), torch.randn(3, 4, D)
-    encoded = {"image": Encoded(images, images.mean(1)), "text": Encoded(texts, texts.mean(1))}
+    cells = torch.ones(2, 9, dtype=torch.bool)
+    cells[1, 6:] = False  # image 1's last row is padding
+    encoded = {"image": Encoded(images, images.mean(1), cells), "text": Encoded(texts, texts.mean(1))}
     index = {"image": torch.tensor([0, 1, 1])}
     torch.testing.assert_close(fusion(encoded, index), plain(encoded, index))
     with torch.no_grad():
         fusion.scales[0, 1, 0, 0] = -2.0  # head 1: minus twice the distance from head 0's focus, times query feature 0
-    focus = torch.zeros(1, 2, 2, 9)  # (image, heads before, tokens, cells)
-    focus[0, 0, 0, 0] = 1.0  # token 0: head 0 attended the top-left cell
+    focus = torch.full((2, 2, 2, 9), 1 / 9)  # (images, heads before, tokens, cells); head 1's focus has no scale
+    focus[:, 0] = 0.0
+    focus[0, 0, 0, 0] = 1.0  # image 0, token 0: head 0 attended the top-left cell
     focus[0, 0, 1, 4] = focus[0, 0, 1, 5] = 0.5  # token 1: halfway between the centre and the cell to its right
-    focus[0, 1] = 1 / 9  # head 1's focus has no scale
-    query = torch.zeros(1, 2, D)
-    query[0, :, 0] = torch.tensor([1.0, 0.5])
-    bias = fusion._distance_bias(query, focus, 0).view(2, 2, 3, 3)  # (heads, tokens, rows, columns)
-    assert torch.equal(bias[0], torch.zeros(2, 3, 3))
-    torch.testing.assert_close(bias[1, 0], -2.0 * torch.tensor([[0.0, 1, 2], [1, 2 ** 0.5, 5 ** 0.5],
-                                                                [2, 5 ** 0.5, 8 ** 0.5]]), atol=2e-3, rtol=0)
-    torch.testing.assert_close(bias[1, 1, 1], -1.0 * torch.tensor([1.5, 0.5, 0.5]), atol=2e-3, rtol=0)
-    assert not torch.allclose(fusion(encoded, index).pooled, plain(encoded, index).pooled)
+    focus[1, 0, :, 8] = 1.0  # image 1: the bottom-right cell
+    query = torch.zeros(2, 2, D)
+    query[:, :, 0] = torch.tensor([[1.0, 0.5], [0.0, 1.0]])
+    bias = fusion._distance_bias(query, focus, 0).view(2, 2, 2, 3, 3)  # (images, heads, tokens, rows, columns)
+    assert torch.equal(bias[:, 0], torch.zeros(2, 2, 3, 3))
+
+    def distance(squared):
+        return (torch.tensor(squared) + 1e-6).sqrt()
+
+    torch.testing.assert_close(bias[0, 1, 0], -2.0 * distance([[0.0, 1, 4], [1, 2, 5], [4, 5, 8]]))
+    torch.testing.assert_close(bias[0, 1, 1, 1], -1.0 * distance([2.25, 0.25, 0.25]))
+    torch.testing.assert_close(bias[1, 1, 0], torch.zeros(3, 3))  # its query feature is 0
+    torch.testing.assert_close(bias[1, 1, 1], -2.0 * distance([[8.0, 5, 4], [5, 2, 1], [4, 1, 0]]))
+    moved = fusion(encoded, index)
+    assert not torch.allclose(moved.pooled, plain(encoded, index).pooled) and torch.isfinite(moved.tokens).all()
     with pytest.raises(ValueError, match="grid"):
         fusion({"image": Encoded(images[:, :8], images.mean(1)), "text": encoded["text"]}, index)
+    with pytest.raises(ValueError, match="depth >= 2"):
+        CrossAttentionFusion(D, depth=1, heads=2, grid=(3, 3))
+
+
+def test_backbone_refuses_a_fusion_grid_unlike_its_encoders():
+    """The fusion's ``grid`` must be the image encoder's: 20x5 has the 100 cells of a 10x10 grid, but other distances."""
+    with pytest.raises(ValueError, match=r"grid: \[20, 5\], but the image encoder's grid is \[10, 10\]"):
+        _backbone(image="cnn_coordinates", fusion=CrossAttentionFusion(D, depth=2, heads=2, grid=(20, 5)))
+    _backbone(image="cnn_coordinates", fusion=CrossAttentionFusion(D, depth=2, heads=2, grid=(10, 10)))  # matches
 
 
 def test_cross_attention_trains_with_grid_distance(soc):
